@@ -1,0 +1,234 @@
+"""Circuit breaker: the state machine of one integration.
+
+CLOSED -> OPEN after ``failure_threshold`` consecutive failures, or when the
+failure rate (or slow-call rate) over the last ``window_size`` calls reaches
+its threshold once ``minimum_calls`` were made. OPEN refuses calls until
+``reset_timeout_s`` has passed, then HALF_OPEN admits at most
+``half_open_max_calls`` trial calls at once; ``success_threshold`` consecutive
+successes close it, any failure reopens it. Metrics are reset on every
+transition, as resilience4j does.
+
+The cell is not thread-safe by itself: the state store holds a lock around it.
+The retry budget lives here because it is measured over the breaker's window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .policy import MODE_FORCED_CLOSED, MODE_FORCED_OPEN, MODE_METRICS_ONLY, Policy
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half_open"
+STATES = (CLOSED, OPEN, HALF_OPEN)
+
+# What admit() decided.
+REFUSED = 0
+ADMITTED = 1
+TRIAL = 2  # admitted as one of the half-open trial calls: holds a slot
+
+# What a finished attempt was, for the breaker.
+SUCCESS = "success"
+FAILURE = "failure"
+IGNORED = "ignored"  # the caller's fault (client error, validation): counts as neither
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    integration: str
+    from_state: str
+    to_state: str
+    reason: str
+    at: float
+    by: str | None = None  # the operator, for manual transitions
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSnapshot:
+    integration: str
+    state: str
+    mode: str
+    opened_at: float | None
+    changed_at: float | None
+    consecutive_failures: int
+    consecutive_successes: int
+    half_open_in_flight: int
+    window_calls: int
+    window_failures: int
+    window_slow: int
+    window_retries: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def failure_rate(self) -> float | None:
+        return 100.0 * self.window_failures / self.window_calls if self.window_calls else None
+
+
+class BreakerCell:
+    __slots__ = (
+        "integration",
+        "state",
+        "opened_at",
+        "changed_at",
+        "consecutive_failures",
+        "consecutive_successes",
+        "half_open_in_flight",
+        "_ring",
+        "_pos",
+        "count",
+        "failures",
+        "slows",
+        "retries",
+    )
+
+    # Each ring slot packs one attempt: bit 0 failed, bit 1 slow, bit 2 retry.
+    def __init__(self, integration: str, window_size: int) -> None:
+        self.integration = integration
+        self.state = CLOSED
+        self.opened_at: float | None = None
+        self.changed_at: float | None = None
+        self.consecutive_failures = 0
+        self.consecutive_successes = 0
+        self.half_open_in_flight = 0
+        self._reset_window(window_size)
+
+    # -- decisions -----------------------------------------------------------
+
+    def admit(self, policy: Policy, now: float) -> tuple[int, Transition | None]:
+        mode = policy.mode
+        if mode == MODE_FORCED_OPEN:
+            return REFUSED, None
+        if mode == MODE_FORCED_CLOSED:
+            return ADMITTED, None
+        transition = None
+        if self.state == OPEN:
+            if now - self.opened_at < policy.reset_timeout_s:
+                return (ADMITTED if mode == MODE_METRICS_ONLY else REFUSED), None
+            transition = self._move(HALF_OPEN, "reset timeout elapsed", now)
+        if self.state == HALF_OPEN:
+            if self.half_open_in_flight >= policy.half_open_max_calls:
+                return (ADMITTED if mode == MODE_METRICS_ONLY else REFUSED), transition
+            self.half_open_in_flight += 1
+            return TRIAL, transition
+        return ADMITTED, transition
+
+    def retry_allowed(self, policy: Policy) -> bool:
+        """Whether one more retry stays within the retry budget."""
+        budget = policy.retry_budget_percent
+        if budget is None or self.count < policy.minimum_calls:
+            return True
+        calls = min(self.count + 1, len(self._ring))
+        return (self.retries + 1) * 100 <= budget * calls
+
+    def record(
+        self, policy: Policy, now: float, outcome: str, slow: bool, trial: bool, is_retry: bool
+    ) -> Transition | None:
+        if trial and self.half_open_in_flight > 0:
+            self.half_open_in_flight -= 1
+        if len(self._ring) != policy.window_size:
+            self._reset_window(policy.window_size)
+        if outcome == IGNORED:
+            return None
+        failed = outcome == FAILURE
+        self._push(failed, slow, is_retry)
+        if failed:
+            self.consecutive_failures += 1
+            self.consecutive_successes = 0
+        else:
+            self.consecutive_failures = 0
+            self.consecutive_successes += 1
+        if policy.mode in (MODE_FORCED_OPEN, MODE_FORCED_CLOSED):
+            return None
+        if self.state == HALF_OPEN:
+            if not (trial or policy.mode == MODE_METRICS_ONLY):
+                return None  # a straggler admitted before the trip says nothing of recovery
+            if failed:
+                return self._trip("trial call failed in half-open", now)
+            if self.consecutive_successes >= policy.success_threshold:
+                return self._move(CLOSED, f"{self.consecutive_successes} consecutive successes in half-open", now)
+            return None
+        if self.state == CLOSED:
+            return self._closed_verdict(policy, now)
+        return None
+
+    def _closed_verdict(self, policy: Policy, now: float) -> Transition | None:
+        if self.consecutive_failures >= policy.failure_threshold:
+            return self._trip(f"{self.consecutive_failures} consecutive failures", now)
+        if self.count < policy.minimum_calls:
+            return None
+        rate = policy.failure_rate_threshold
+        if rate and self.failures * 100 >= rate * self.count:
+            return self._trip(
+                f"failure rate {100 * self.failures / self.count:.0f}% >= {rate:g}% over {self.count} calls", now
+            )
+        slow_rate = policy.slow_call_rate_threshold
+        if slow_rate and self.slows * 100 >= slow_rate * self.count:
+            return self._trip(
+                f"slow call rate {100 * self.slows / self.count:.0f}% >= {slow_rate:g}% over {self.count} calls", now
+            )
+        return None
+
+    # -- operator actions ----------------------------------------------------
+
+    def reset(self, now: float, by: str | None, reason: str = "manual reset") -> Transition | None:
+        self.half_open_in_flight = 0
+        transition = self._move(CLOSED, reason, now, by)
+        return transition if transition.from_state != CLOSED else None
+
+    def snapshot(self, mode: str) -> BreakerSnapshot:
+        return BreakerSnapshot(
+            integration=self.integration,
+            state=self.state,
+            mode=mode,
+            opened_at=self.opened_at,
+            changed_at=self.changed_at,
+            consecutive_failures=self.consecutive_failures,
+            consecutive_successes=self.consecutive_successes,
+            half_open_in_flight=self.half_open_in_flight,
+            window_calls=self.count,
+            window_failures=self.failures,
+            window_slow=self.slows,
+            window_retries=self.retries,
+        )
+
+    # -- internals -----------------------------------------------------------
+
+    def _trip(self, reason: str, now: float) -> Transition:
+        self.opened_at = now
+        return self._move(OPEN, reason, now)
+
+    def _move(self, to_state: str, reason: str, now: float, by: str | None = None) -> Transition:
+        transition = Transition(self.integration, self.state, to_state, reason, now, by)
+        self.state = to_state
+        self.changed_at = now
+        self.consecutive_failures = 0
+        self.consecutive_successes = 0
+        if to_state != OPEN:
+            self.opened_at = self.opened_at if to_state == HALF_OPEN else None
+        self._reset_window(len(self._ring))
+        return transition
+
+    def _reset_window(self, size: int) -> None:
+        self._ring = [0] * max(size, 1)
+        self._pos = 0
+        self.count = 0
+        self.failures = 0
+        self.slows = 0
+        self.retries = 0
+
+    def _push(self, failed: bool, slow: bool, is_retry: bool) -> None:
+        ring = self._ring
+        if self.count == len(ring):
+            old = ring[self._pos]
+            self.failures -= old & 1
+            self.slows -= (old >> 1) & 1
+            self.retries -= (old >> 2) & 1
+        else:
+            self.count += 1
+        bits = failed | (slow << 1) | (is_retry << 2)
+        ring[self._pos] = bits
+        self.failures += failed
+        self.slows += slow
+        self.retries += is_retry
+        self._pos = (self._pos + 1) % len(ring)

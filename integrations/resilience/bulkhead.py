@@ -1,0 +1,83 @@
+"""Bulkhead: at most ``max_concurrent`` attempts of one integration in flight.
+
+Per process, like resilience4j's semaphore bulkhead. The excess waits up to
+``bulkhead_wait_ms`` (never past the call's deadline), then BULKHEAD_FULL.
+Sync and async callers share one counter; a slot is released when the
+operation really ends, so an attempt abandoned at its timeout keeps its slot
+until its thread finishes and a hung upstream makes the bulkhead shed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+
+
+class Bulkhead:
+    __slots__ = ("limit", "in_flight", "_lock", "_cond", "_async_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._async_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self.in_flight < self.limit:
+                self.in_flight += 1
+                return True
+            return False
+
+    def acquire(self, timeout: float) -> bool:
+        if self.try_acquire():
+            return True
+        if timeout <= 0:
+            return False
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.in_flight >= self.limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            self.in_flight += 1
+            return True
+
+    async def aacquire(self, timeout: float) -> bool:
+        if self.try_acquire():
+            return True
+        if timeout <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            waiter = loop.create_future()
+            with self._lock:
+                if self.in_flight < self.limit:
+                    self.in_flight += 1
+                    return True
+                self._async_waiters.append((loop, waiter))
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                return self.try_acquire()
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self._cond.notify()
+            waiters, self._async_waiters = self._async_waiters, deque()
+        for loop, waiter in waiters:
+            loop.call_soon_threadsafe(_wake, waiter)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

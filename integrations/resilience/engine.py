@@ -1,0 +1,481 @@
+"""The guarded-call pipeline.
+
+THE ORDER (written down once; docs/pipeline.md explains each step):
+
+    1. policy      the integration's cached policy (no query)
+    2. cache       a fresh cached response is served without the upstream
+    3. degraded    below full capacity, the excess share is shed (DEGRADED)
+    4. deadline    the overall timeout (timeout_ms) starts
+    5. attempts, each:
+         a. bulkhead    wait for a slot up to bulkhead_wait_ms (BULKHEAD_FULL)
+         b. state       breaker permission, retry budget and quota, in one
+                        atomic store operation (CIRCUIT_OPEN, QUOTA_EXCEEDED)
+         c. timeout     the operation runs for at most its attempt timeout,
+                        trimmed to the deadline
+         d. record      the outcome feeds the breaker
+         e. retry       a retryable failure is retried after backoff, unless
+                        the delay would end past the deadline
+    6. fallbacks   on failure or refusal, tried in order
+    7. dead letter a failed call's work is handed to the dead letter queue
+    8. events      CallFinished (and every StateTransition) to subscribers
+
+``_Call`` holds one call's state and makes every decision; ``Engine.execute``
+and ``Engine.aexecute`` are the two thin loops that run it, so the async
+twin mirrors the sync one instead of forking its logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from ..errors import ErrorCategory, ResilienceError, classify
+from . import breaker as br
+from . import fallback as fb
+from .bulkhead import Bulkhead
+from .cache import ResponseCache, key_material
+from .clock import SystemClock
+from .degraded import Shedder
+from .events import CallFinished, DeadLetterRequested, EventBus, StateTransition
+from .events import bus as default_bus
+from .policy import TIMEOUT_INLINE, Policy
+from .registry import PolicyRegistry
+from .retry import retry_delay_s, should_retry
+from .state import RETRY_BUDGET, LocalStore, StateStore
+from .timeouts import run_async, run_in_thread, run_inline
+
+logger = logging.getLogger("integrations.engine")
+
+LIVE = "live"
+CACHE = "cache"
+FALLBACK = "fallback"
+
+
+class CallResult:
+    """The outcome of a guarded call; ``execute`` returns it instead of raising."""
+
+    __slots__ = ("integration", "ok", "value", "error", "source", "fallback_used", "attempts", "latency_ms", "age_s")
+
+    def __init__(self, integration, ok, value, error, source, fallback_used, attempts, latency_ms, age_s=None):
+        self.integration = integration
+        self.ok = ok
+        self.value = value
+        self.error = error
+        self.source = source
+        self.fallback_used = fallback_used  # None | "cache" | "last_known" | "value" | "call"
+        self.attempts = attempts
+        self.latency_ms = latency_ms
+        self.age_s = age_s  # how old a cached or fallback value is; None for live values
+
+    def __repr__(self) -> str:
+        what = f"value={self.value!r}" if self.ok else f"error={self.error!r}"
+        return (f"CallResult({self.integration!r}, ok={self.ok}, {what}, source={self.source!r}, "
+                f"fallback_used={self.fallback_used!r}, attempts={self.attempts}, latency_ms={self.latency_ms:.2f})")
+
+    def unwrap(self) -> Any:
+        """The value, or raise the error: what ``@resilient`` returns."""
+        if self.ok:
+            return self.value
+        raise self.error
+
+
+class _Local:
+    """What one process keeps per integration whatever the store: bulkhead, shedder, pool, cache counts."""
+
+    __slots__ = ("bulkhead", "shedder", "_executor", "_executor_size", "lock", "cache_hits", "cache_misses")
+
+    def __init__(self, policy: Policy) -> None:
+        self.bulkhead = Bulkhead(policy.max_concurrent)
+        self.shedder = Shedder()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_size = 0
+        self.lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def executor(self, policy: Policy) -> ThreadPoolExecutor:
+        executor = self._executor
+        if executor is not None and self._executor_size == policy.max_concurrent:
+            return executor
+        with self.lock:
+            if self._executor is None or self._executor_size != policy.max_concurrent:
+                old = self._executor
+                self._executor = ThreadPoolExecutor(policy.max_concurrent, thread_name_prefix=f"guarded-{policy.name}")
+                self._executor_size = policy.max_concurrent
+                if old is not None:
+                    old.shutdown(wait=False)
+            return self._executor
+
+    def count_cache(self, hit: bool) -> None:
+        with self.lock:
+            if hit:
+                self.cache_hits += 1
+            else:
+                self.cache_misses += 1
+
+
+class _Call:
+    """One guarded call's state and decisions, shared by the sync and async loops."""
+
+    __slots__ = ("engine", "policy", "local", "fn", "args", "kwargs", "fallbacks", "dead_letter", "material",
+                 "cache_state", "started", "deadline", "attempts", "durations", "error", "value", "ok", "source",
+                 "fallback_used", "age_s", "stopped_by")
+
+    def __init__(self, engine: Engine, policy: Policy, fn, args, kwargs, fallbacks, dead_letter, cache_key) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.local = engine._local(policy)
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.fallbacks = fallbacks
+        self.dead_letter = dead_letter
+        self.started = engine.clock.monotonic()
+        self.deadline = self.started + policy.timeout_ms / 1000
+        self.attempts = 0
+        self.durations: list[float] = []
+        self.error: ResilienceError | None = None
+        self.value = None
+        self.ok = False
+        self.source = LIVE
+        self.fallback_used = None
+        self.age_s = None
+        self.stopped_by = None
+        self.cache_state = None
+        self.material = None
+        if policy.cache_ttl_s > 0 or any(f.kind in (fb.CACHE, fb.LAST_KNOWN) for f in fallbacks):
+            self.material = key_material(fn, args, kwargs, cache_key)
+
+    # -- steps 2 and 3: before any attempt -----------------------------------
+
+    def short_circuit(self) -> bool:
+        """Serve a fresh cache hit or shed the call; True when no attempt is to be made."""
+        policy = self.policy
+        if self.material is not None and policy.cache_ttl_s > 0:
+            hit = self.engine.cache.fresh(policy, self.material, self.engine.clock.time())
+            self.local.count_cache(hit is not None)
+            self.cache_state = "miss" if hit is None else "hit"
+            if hit is not None:
+                self.ok, self.source = True, CACHE
+                self.value, self.age_s = hit
+                return True
+        if not self.local.shedder.admit(policy.capacity):
+            self.refuse(ErrorCategory.DEGRADED, f"degraded mode: running at {policy.capacity:.0%} capacity")
+            return True
+        return False
+
+    # -- step 5: the attempts ------------------------------------------------
+
+    def time_left(self) -> float:
+        return self.deadline - self.engine.clock.monotonic()
+
+    def bulkhead_wait(self) -> float:
+        return min(self.policy.bulkhead_wait_ms / 1000, max(self.time_left(), 0.0))
+
+    def bulkhead_full(self) -> None:
+        self.refuse(ErrorCategory.BULKHEAD_FULL,
+                    f"{self.policy.max_concurrent} calls already in flight (waited {self.policy.bulkhead_wait_ms} ms)")
+
+    def permit(self):
+        """Ask the store for this attempt; None means stop (the reason is recorded)."""
+        left = self.time_left()
+        if left <= 0:
+            self.stop(ErrorCategory.TIMEOUT, f"overall timeout of {self.policy.timeout_ms} ms reached")
+            return None
+        is_retry = self.attempts > 0
+        permit = self.engine.store.acquire(self.policy, is_retry)
+        if permit.transition is not None:
+            self.engine.publish_transition(permit.transition)
+        if permit.allowed:
+            return permit
+        if permit.reason == RETRY_BUDGET:
+            self.stopped_by = "retry_budget"
+        elif is_retry:
+            self.stopped_by = permit.category.value  # the breaker opened or the quota ran out mid-call
+        else:
+            self.refuse(permit.category, permit.reason)
+        return None
+
+    def attempt_timeout(self) -> float:
+        return min(self.policy.attempt_timeout_ms / 1000, self.time_left())
+
+    def succeeded(self, permit, value, duration: float) -> None:
+        self.attempts += 1
+        self.durations.append(duration * 1000)
+        self._record(permit, br.SUCCESS, duration)
+        self.ok, self.value, self.error = True, value, None
+
+    def failed(self, permit, exc: BaseException, duration: float) -> float | None:
+        """Record a failed attempt; returns the delay before a retry, or None to stop."""
+        self.attempts += 1
+        self.durations.append(duration * 1000)
+        error = classify(exc, self.policy.name)
+        self.error = error
+        self._record(permit, br.FAILURE if error.category.counts_as_failure else br.IGNORED, duration)
+        if not should_retry(self.policy, self.attempts, error):
+            return None
+        delay = retry_delay_s(self.policy, self.attempts, error, self.engine.rng)
+        if delay >= self.time_left():
+            self.stopped_by = "deadline"
+            return None
+        return delay
+
+    def abandoned(self, permit) -> None:
+        """The caller went away mid-attempt (KeyboardInterrupt, cancellation): free the permit."""
+        self.engine.store.record(self.policy, permit, br.IGNORED, False, self.attempts > 0)
+
+    def _record(self, permit, outcome: str, duration: float) -> None:
+        slow = duration * 1000 > self.policy.slow_call_ms
+        transition = self.engine.store.record(self.policy, permit, outcome, slow, self.attempts > 1)
+        if transition is not None:
+            self.engine.publish_transition(transition)
+
+    def refuse(self, category: ErrorCategory, reason: str) -> None:
+        self.error = ResilienceError(category, reason, integration=self.policy.name)
+
+    def stop(self, category: ErrorCategory, reason: str) -> None:
+        if self.error is None:
+            self.refuse(category, reason)
+        else:
+            self.stopped_by = category.value
+
+    # -- step 6: fallbacks ---------------------------------------------------
+
+    def fallback_value(self, fallback: fb.Fallback):
+        """(True, value, age) when a non-call fallback yields, else (False, None, None)."""
+        engine, policy = self.engine, self.policy
+        if fallback.kind == fb.VALUE:
+            return True, fallback.payload, None
+        if self.material is None:
+            return False, None, None
+        now = engine.clock.time()
+        found = (engine.cache.stale(policy, self.material, now) if fallback.kind == fb.CACHE
+                 else engine.cache.last_known(policy, self.material, now))
+        if found is None:
+            return False, None, None
+        return True, found[0], found[1]
+
+    def serve_fallback(self, fallback: fb.Fallback, value, age) -> None:
+        self.ok, self.value, self.source, self.fallback_used, self.age_s = True, value, FALLBACK, fallback.kind, age
+
+    def fallback_failed(self, fallback: fb.Fallback) -> None:
+        logger.warning("fallback %r of %s raised; trying the next one", fallback, self.policy.name, exc_info=True)
+
+    # -- steps 7 and 8 -------------------------------------------------------
+
+    def finish(self) -> CallResult:
+        engine, policy = self.engine, self.policy
+        live_failed = self.error is not None
+        if self.ok and self.source == LIVE and self.material is not None:
+            keep_last_known = policy.cache_ttl_s > 0 or any(f.kind == fb.LAST_KNOWN for f in self.fallbacks)
+            engine.cache.store(policy, self.material, self.value, engine.clock.time(),
+                               response=policy.cache_ttl_s > 0, last_known=keep_last_known)
+        if self.error is not None and self.stopped_by is not None:
+            self.error.details.setdefault("stopped_by", self.stopped_by)
+        latency_ms = (engine.clock.monotonic() - self.started) * 1000
+        if live_failed and self.dead_letter is not None:
+            engine.request_dead_letter(self)
+        if engine.bus.has_subscribers(CallFinished):
+            engine.bus.publish(CallFinished(
+                integration=policy.name, ok=self.ok, source=self.source,
+                category=self.error.category.value if self.error is not None else None,
+                attempts=self.attempts, retries=max(self.attempts - 1, 0), latency_ms=latency_ms,
+                attempt_latencies_ms=tuple(self.durations), fallback_used=self.fallback_used,
+                cache=self.cache_state, at=engine.clock.time(),
+            ))
+        return CallResult(policy.name, self.ok, self.value, self.error, self.source, self.fallback_used,
+                          self.attempts, latency_ms, self.age_s)
+
+
+class Engine:
+    def __init__(
+        self,
+        registry: PolicyRegistry | None = None,
+        store: StateStore | None = None,
+        cache: ResponseCache | None = None,
+        clock=None,
+        rng: random.Random | None = None,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.clock = clock or SystemClock()
+        self.registry = registry or PolicyRegistry()
+        self.store = store or LocalStore(self.clock)
+        self.cache = cache or ResponseCache()
+        self.rng = rng or random.Random()
+        self.bus = bus or default_bus
+        self._locals: dict[str, _Local] = {}
+        self._locals_lock = threading.Lock()
+
+    def _local(self, policy: Policy) -> _Local:
+        local = self._locals.get(policy.name)
+        if local is None:
+            with self._locals_lock:
+                local = self._locals.setdefault(policy.name, _Local(policy))
+        if local.bulkhead.limit != policy.max_concurrent:
+            local.bulkhead.limit = policy.max_concurrent
+        return local
+
+    def _begin(self, name, fn, args, kwargs, cache_key, fallbacks, dead_letter) -> _Call:
+        if not callable(fn):
+            raise TypeError(f"execute({name!r}, ...) needs a callable operation, got {fn!r}")
+        return _Call(self, self.registry.get(name), fn, args, kwargs, fb.check_fallbacks(fallbacks),
+                     dead_letter, cache_key)
+
+    # -- the sync loop -------------------------------------------------------
+
+    def execute(self, name: str, fn: Callable, *args, cache_key=None, fallbacks=(), dead_letter=None, **kwargs):
+        if fb.is_async_callable(fn):
+            raise TypeError(f"{fn!r} is a coroutine function: use aexecute({name!r}, ...)")
+        call = self._begin(name, fn, args, kwargs, cache_key, fallbacks, dead_letter)
+        if not call.short_circuit():
+            self._attempts(call)
+        if not call.ok:
+            for fallback in call.fallbacks:
+                if fallback.kind == fb.CALL:
+                    try:
+                        value = fallback.fn(*args, **kwargs)
+                    except Exception:  # noqa: BLE001 - a failing fallback hands over to the next one (logged)
+                        call.fallback_failed(fallback)
+                        continue
+                    call.serve_fallback(fallback, value, None)
+                    break
+                found, value, age = call.fallback_value(fallback)
+                if found:
+                    call.serve_fallback(fallback, value, age)
+                    break
+        return call.finish()
+
+    def _attempts(self, call: _Call) -> None:
+        policy, local, clock = call.policy, call.local, self.clock
+        inline = policy.timeout_enforcement == TIMEOUT_INLINE
+        bulkhead = local.bulkhead
+        while True:
+            if not bulkhead.acquire(call.bulkhead_wait()):
+                call.bulkhead_full()
+                return
+            permit = call.permit()
+            if permit is None:
+                bulkhead.release()
+                return
+            timeout = call.attempt_timeout()
+            started = clock.monotonic()
+            try:
+                if inline:
+                    value = run_inline(call.fn, call.args, call.kwargs, timeout, bulkhead.release)
+                else:
+                    value = run_in_thread(local.executor(policy), call.fn, call.args, call.kwargs, timeout,
+                                          bulkhead.release)
+            except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on below
+                delay = call.failed(permit, exc, clock.monotonic() - started)
+                if delay is None:
+                    return
+                clock.sleep(delay)
+                continue
+            except BaseException:
+                call.abandoned(permit)
+                raise
+            call.succeeded(permit, value, clock.monotonic() - started)
+            return
+
+    # -- the async loop: the same steps, awaited ------------------------------
+
+    async def aexecute(self, name: str, fn: Callable, *args, cache_key=None, fallbacks=(), dead_letter=None,
+                       **kwargs):
+        if not self.registry.is_fresh(name):
+            from asgiref.sync import sync_to_async
+
+            await sync_to_async(self.registry.get, thread_sensitive=True)(name)
+        call = self._begin(name, fn, args, kwargs, cache_key, fallbacks, dead_letter)
+        if not call.short_circuit():
+            await self._aattempts(call)
+        if not call.ok:
+            for fallback in call.fallbacks:
+                if fallback.kind == fb.CALL:
+                    try:
+                        value = fallback.fn(*args, **kwargs)
+                        if hasattr(value, "__await__"):
+                            value = await value
+                    except Exception:  # noqa: BLE001 - a failing fallback hands over to the next one (logged)
+                        call.fallback_failed(fallback)
+                        continue
+                    call.serve_fallback(fallback, value, None)
+                    break
+                found, value, age = call.fallback_value(fallback)
+                if found:
+                    call.serve_fallback(fallback, value, age)
+                    break
+        return call.finish()
+
+    async def _aattempts(self, call: _Call) -> None:
+        policy, local, clock = call.policy, call.local, self.clock
+        is_coroutine = fb.is_async_callable(call.fn)
+        bulkhead = local.bulkhead
+        while True:
+            if not await bulkhead.aacquire(call.bulkhead_wait()):
+                call.bulkhead_full()
+                return
+            permit = call.permit()
+            if permit is None:
+                bulkhead.release()
+                return
+            timeout = call.attempt_timeout()
+            started = clock.monotonic()
+            try:
+                value = await run_async(local.executor(policy), call.fn, call.args, call.kwargs, timeout,
+                                        bulkhead.release, is_coroutine)
+            except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on below
+                delay = call.failed(permit, exc, clock.monotonic() - started)
+                if delay is None:
+                    return
+                await clock.asleep(delay)
+                continue
+            except BaseException:
+                call.abandoned(permit)
+                raise
+            call.succeeded(permit, value, clock.monotonic() - started)
+            return
+
+    # -- operator views and actions -------------------------------------------
+
+    def publish_transition(self, transition) -> None:
+        level = logging.WARNING if transition.to_state == br.OPEN else logging.INFO
+        logger.log(level, "breaker %s: %s -> %s (%s)", transition.integration, transition.from_state,
+                   transition.to_state, transition.reason)
+        self.bus.publish(StateTransition(transition))
+
+    def request_dead_letter(self, call: _Call) -> None:
+        dead_letter = call.dead_letter
+        event = DeadLetterRequested(
+            integration=call.policy.name, handler=dead_letter.handler, payload=dead_letter.payload,
+            error=call.error.as_dict(), attempts=call.attempts,
+        )
+        if not self.bus.has_subscribers(DeadLetterRequested):
+            logger.error("dead letter for %s (handler %s) not stored: no dead letter queue is installed",
+                         event.integration, event.handler)
+            return
+        self.bus.publish(event)
+
+    def breaker(self, name: str):
+        return self.store.snapshot(self.registry.get(name))
+
+    def quota(self, name: str):
+        return self.store.quota_usage(self.registry.get(name))
+
+    def cache_stats(self, name: str) -> dict:
+        local = self._locals.get(name)
+        hits, misses = (local.cache_hits, local.cache_misses) if local else (0, 0)
+        total = hits + misses
+        return {"integration": name, "hits": hits, "misses": misses, "hit_ratio": hits / total if total else None}
+
+    def reset_breaker(self, name: str, by: str | None = None, reason: str = "manual reset"):
+        transition = self.store.reset(self.registry.get(name), by, reason)
+        if transition is not None:
+            self.publish_transition(transition)
+        return transition
+
+    def in_flight(self, name: str) -> int:
+        local = self._locals.get(name)
+        return local.bulkhead.in_flight if local else 0

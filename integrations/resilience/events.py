@@ -1,0 +1,82 @@
+"""Events the engine publishes; monitoring and persistence subscribe.
+
+The engine imports neither the ORM nor monitoring: it publishes a
+``CallFinished`` per guarded call, a ``StateTransition`` per breaker
+transition, and a ``DeadLetterRequested`` when a failed call carries work to
+keep. Subscribers run synchronously in the caller's thread and must be quick;
+one that raises is logged and the others still run, because a monitoring bug
+must not fail the call it observes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .breaker import Transition
+
+logger = logging.getLogger("integrations.events")
+
+
+@dataclass(frozen=True, slots=True)
+class CallFinished:
+    integration: str
+    ok: bool
+    source: str  # live | cache | fallback
+    category: str | None  # the failure's ErrorCategory value, if any
+    attempts: int
+    retries: int
+    latency_ms: float
+    attempt_latencies_ms: tuple[float, ...]
+    fallback_used: str | None
+    cache: str | None  # hit | miss | None when the call was not cacheable
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StateTransition:
+    transition: Transition
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRequested:
+    integration: str
+    handler: str
+    payload: Any
+    error: dict
+    attempts: int
+    extra: dict = field(default_factory=dict)
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscribers: dict[type, tuple[Callable, ...]] = {}
+        self._lock = threading.Lock()
+
+    def subscribe(self, event_type: type, handler: Callable) -> Callable:
+        with self._lock:
+            current = self._subscribers.get(event_type, ())
+            if handler not in current:
+                self._subscribers[event_type] = current + (handler,)
+        return handler
+
+    def unsubscribe(self, event_type: type, handler: Callable) -> None:
+        with self._lock:
+            self._subscribers[event_type] = tuple(h for h in self._subscribers.get(event_type, ()) if h is not handler)
+
+    def has_subscribers(self, event_type: type) -> bool:
+        return bool(self._subscribers.get(event_type))
+
+    def publish(self, event: Any) -> None:
+        for handler in self._subscribers.get(type(event), ()):
+            try:
+                handler(event)
+            except Exception:  # noqa: BLE001 - see module docstring: observers must not fail the call
+                logger.exception("event subscriber %r failed on %s", handler, type(event).__name__)
+
+
+bus = EventBus()
+subscribe = bus.subscribe
+unsubscribe = bus.unsubscribe

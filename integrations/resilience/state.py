@@ -1,0 +1,147 @@
+"""Where breaker, quota and retry-budget state lives: one interface, two stores.
+
+``LocalStore`` keeps state per process (thread-safe); the Redis store shares
+it across processes and hosts behind the same interface. The engine calls
+``acquire`` before each attempt and ``record`` after it, and never knows which
+store it has. A store returns the transitions it caused; the engine publishes
+them as events.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+
+from ..errors import ErrorCategory
+from . import breaker as br
+from .breaker import BreakerCell, BreakerSnapshot, Transition
+from .clock import SystemClock
+from .policy import MODE_FORCED_OPEN, Policy
+from .quota import QuotaCell, QuotaUsage
+
+# Why a permit was refused, beyond an ErrorCategory.
+RETRY_BUDGET = "retry budget exhausted"
+
+
+class Permit:
+    """The store's answer to "may this attempt go to the upstream?"."""
+
+    __slots__ = ("allowed", "trial", "category", "reason", "transition")
+
+    def __init__(
+        self,
+        allowed: bool,
+        trial: bool = False,
+        category: ErrorCategory | None = None,
+        reason: str = "",
+        transition: Transition | None = None,
+    ) -> None:
+        self.allowed = allowed
+        self.trial = trial
+        self.category = category
+        self.reason = reason
+        self.transition = transition
+
+
+ADMITTED = Permit(True)
+
+
+class StateStore(abc.ABC):
+    """The state of every integration, as the engine needs it."""
+
+    shared = False
+
+    @abc.abstractmethod
+    def acquire(self, policy: Policy, is_retry: bool = False) -> Permit:
+        """Breaker permission, retry budget and quota for one attempt, atomically."""
+
+    @abc.abstractmethod
+    def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool, is_retry: bool) -> Transition | None:
+        """The attempt's outcome (breaker.SUCCESS, FAILURE or IGNORED) and the transition it caused."""
+
+    @abc.abstractmethod
+    def snapshot(self, policy: Policy) -> BreakerSnapshot: ...
+
+    @abc.abstractmethod
+    def quota_usage(self, policy: Policy) -> QuotaUsage: ...
+
+    @abc.abstractmethod
+    def reset(self, policy: Policy, by: str | None = None, reason: str = "manual reset") -> Transition | None:
+        """Close the breaker and clear its counts (an operator's action)."""
+
+
+class _Cell:
+    __slots__ = ("lock", "breaker", "quota")
+
+    def __init__(self, policy: Policy) -> None:
+        self.lock = threading.Lock()
+        self.breaker = BreakerCell(policy.name, policy.window_size)
+        self.quota = QuotaCell()
+
+
+class LocalStore(StateStore):
+    """Per-process state: what a single worker sees, guarded by one lock per integration."""
+
+    def __init__(self, clock=None) -> None:
+        self.clock = clock or SystemClock()
+        self._cells: dict[str, _Cell] = {}
+        self._cells_lock = threading.Lock()
+
+    def _cell(self, policy: Policy) -> _Cell:
+        cell = self._cells.get(policy.name)
+        if cell is None:
+            with self._cells_lock:
+                cell = self._cells.setdefault(policy.name, _Cell(policy))
+        return cell
+
+    def acquire(self, policy: Policy, is_retry: bool = False) -> Permit:
+        cell = self._cell(policy)
+        now = self.clock.time()
+        with cell.lock:
+            breaker = cell.breaker
+            if is_retry and not breaker.retry_allowed(policy):
+                return Permit(False, reason=RETRY_BUDGET)
+            decision, transition = breaker.admit(policy, now)
+            if decision == br.REFUSED:
+                return Permit(False, category=ErrorCategory.CIRCUIT_OPEN, reason=_open_reason(breaker, policy),
+                              transition=transition)
+            exhausted = cell.quota.consume(policy, now)
+            if exhausted is not None:
+                if decision == br.TRIAL:
+                    breaker.half_open_in_flight -= 1
+                return Permit(False, category=ErrorCategory.QUOTA_EXCEEDED, reason=f"{exhausted} quota reached",
+                              transition=transition)
+        if decision == br.ADMITTED and transition is None:
+            return ADMITTED
+        return Permit(True, trial=decision == br.TRIAL, transition=transition)
+
+    def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool, is_retry: bool) -> Transition | None:
+        cell = self._cell(policy)
+        now = self.clock.time()
+        with cell.lock:
+            return cell.breaker.record(policy, now, outcome, slow, permit.trial, is_retry)
+
+    def snapshot(self, policy: Policy) -> BreakerSnapshot:
+        cell = self._cell(policy)
+        with cell.lock:
+            return cell.breaker.snapshot(policy.mode)
+
+    def quota_usage(self, policy: Policy) -> QuotaUsage:
+        cell = self._cell(policy)
+        now = self.clock.time()
+        with cell.lock:
+            return cell.quota.usage(policy, now)
+
+    def reset(self, policy: Policy, by: str | None = None, reason: str = "manual reset") -> Transition | None:
+        cell = self._cell(policy)
+        now = self.clock.time()
+        with cell.lock:
+            return cell.breaker.reset(now, by, reason)
+
+
+def _open_reason(breaker: BreakerCell, policy: Policy) -> str:
+    if policy.mode == MODE_FORCED_OPEN:
+        return "breaker forced open by an operator"
+    if breaker.state == br.HALF_OPEN:
+        return f"breaker half-open: {policy.half_open_max_calls} trial call(s) already in flight"
+    return "breaker open"

@@ -1,0 +1,275 @@
+"""Settings for the resilience control plane.
+
+This module is the only place that reads the environment; every variable it
+reads is listed in the Configuration table of README.md. Unset variables give
+the embedded development setup: SQLite, local-memory cache, django-q on the ORM.
+"""
+
+import ipaddress
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+_TRUE_WORDS = {"1", "true", "yes"}
+_FALSE_WORDS = {"0", "false", "no"}
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def env_str(name, default=""):
+    """The variable's value, stripped; unset or blank gives the default."""
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def env_bool(name, default):
+    raw = env_str(name)
+    if not raw:
+        return default
+    word = raw.lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ImproperlyConfigured(
+        f"{name} must be one of 1, 0, true, false, yes, no; got {raw!r}."
+    )
+
+
+def env_int(name, default, minimum=0):
+    raw = env_str(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer; got {raw!r}.") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}; got {value}.")
+    return value
+
+
+def env_list(name, default=""):
+    """A comma-separated variable as a list, without blank items."""
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+def env_networks(name):
+    """Comma-separated CIDRs, validated now so a typo cannot open the door later."""
+    networks = []
+    for item in env_list(name):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name} must be comma-separated CIDRs such as 10.0.0.0/8; got {item!r}."
+            ) from None
+    return networks
+
+
+# Core
+
+DEBUG = env_bool("DEBUG", True)
+
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
+    SECRET_KEY = "django-insecure-development-only-never-use-this-key-in-production"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_q",
+    "django_prometheus",
+    "integrations.apps.IntegrationsConfig",
+    "monitoring.apps.MonitoringConfig",
+]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "resilience_site.urls"
+WSGI_APPLICATION = "resilience_site.wsgi.application"
+ASGI_APPLICATION = "resilience_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Database and cache
+
+DATABASES = {
+    "default": dj_database_url.config(
+        default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
+        conn_max_age=60,
+        conn_health_checks=True,
+    ),
+}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL")
+
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "resilience",
+            "OPTIONS": {
+                # Fail fast when Redis is away so callers fall back to
+                # per-process state instead of hanging on a dead socket.
+                "SOCKET_CONNECT_TIMEOUT": 2,
+                "SOCKET_TIMEOUT": 2,
+            },
+        },
+    }
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "resilience",
+        },
+    }
+
+# Background tasks (django-q2). A task is retried only after its timeout has
+# expired, so retry must stay above timeout.
+
+Q_CLUSTER = {
+    "name": "resilience",
+    "workers": 2,
+    "timeout": 120,
+    "retry": 180,
+    "catch_up": False,
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+# Authentication and API
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 50,
+}
+
+# Internationalization and static files
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# Logging
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in _LOG_LEVELS:
+    raise ImproperlyConfigured(
+        f"LOG_LEVEL must be one of {', '.join(sorted(_LOG_LEVELS))}; got {LOG_LEVEL!r}."
+    )
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+    },
+    "loggers": {
+        "integrations": {"handlers": ["console"], "level": LOG_LEVEL},
+        "monitoring": {"handlers": ["console"], "level": LOG_LEVEL},
+    },
+}
+
+# Resilience
+#
+# RESILIENCE_ADMIN_ALLOWED_IPS: CIDRs allowed to reach the operations console; empty allows any address.
+# RESILIENCE_METRICS_TOKEN: bearer token required on /metrics; empty leaves it open.
+# RESILIENCE_REQUEST_DEADLINE_MS: the longest a request may wait for an integration;
+#   `manage.py check` warns when an integration's overall timeout exceeds it.
+# RESILIENCE_POLICY_REFRESH_S: how long a process keeps an integration's policy before
+#   reloading it (saves in this process refresh it at once).
+# RESILIENCE_AUTO_REGISTER: an unknown integration name creates an Integration with the
+#   external_api preset instead of raising ImproperlyConfigured.
+# RESILIENCE_CACHE_ALIAS: the Django cache that holds cached responses and last known values.
+# RESILIENCE_CACHE_STALE_S: how long past its TTL a cached response may still be served
+#   by Fallback.cache().
+# RESILIENCE_LAST_KNOWN_TTL_S: how long a last known good value is kept for Fallback.last_known().
+
+RESILIENCE_ADMIN_ALLOWED_IPS = env_networks("RESILIENCE_ADMIN_ALLOWED_IPS")
+RESILIENCE_METRICS_TOKEN = env_str("RESILIENCE_METRICS_TOKEN")
+RESILIENCE_REQUEST_DEADLINE_MS = env_int("RESILIENCE_REQUEST_DEADLINE_MS", 60_000, minimum=1)
+RESILIENCE_POLICY_REFRESH_S = env_int("RESILIENCE_POLICY_REFRESH_S", 30)
+RESILIENCE_AUTO_REGISTER = env_bool("RESILIENCE_AUTO_REGISTER", False)
+RESILIENCE_CACHE_ALIAS = env_str("RESILIENCE_CACHE_ALIAS", "default")
+RESILIENCE_CACHE_STALE_S = env_int("RESILIENCE_CACHE_STALE_S", 3600)
+RESILIENCE_LAST_KNOWN_TTL_S = env_int("RESILIENCE_LAST_KNOWN_TTL_S", 604_800)
+
+if RESILIENCE_CACHE_ALIAS not in CACHES:
+    raise ImproperlyConfigured(
+        f"RESILIENCE_CACHE_ALIAS names the cache {RESILIENCE_CACHE_ALIAS!r}, "
+        f"which is not in CACHES ({', '.join(CACHES)})."
+    )
+
+# Production hardening
+
+if not DEBUG:
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = 31_536_000
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    X_FRAME_OPTIONS = "DENY"
+    SECURE_REFERRER_POLICY = "same-origin"
