@@ -1,7 +1,30 @@
 from django.apps import AppConfig
+from django.core import checks
+from django.db import transaction
+from django.db.models.signals import post_delete, post_save
 
 
 class IntegrationsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "integrations"
     verbose_name = "Integrations"
+
+    def ready(self):
+        from . import checks as integration_checks
+        from .models import Integration
+        from .resilience import get_engine, install_policy_source
+
+        install_policy_source(Integration.load_policy, Integration.register_default)
+
+        def refresh_policy(sender, instance, **kwargs):
+            # after commit: a rolled-back edit must not reach the engine
+            policy = instance.to_policy()
+            transaction.on_commit(lambda: get_engine().registry.put(policy))
+
+        def forget_policy(sender, instance, **kwargs):
+            name = instance.name
+            transaction.on_commit(lambda: get_engine().registry.invalidate(name))
+
+        post_save.connect(refresh_policy, sender=Integration, dispatch_uid="integrations.refresh_policy")
+        post_delete.connect(forget_policy, sender=Integration, dispatch_uid="integrations.forget_policy")
+        checks.register(integration_checks.check_integration_timeouts, "resilience")

@@ -10,6 +10,7 @@ parameters. A cache backend that fails is treated as a miss: the call goes on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +30,8 @@ def key_material(fn, args: tuple, kwargs: dict, cache_key: Any) -> str | None:
     """Canonical JSON of what identifies a call, or None when it cannot be cached.
 
     An explicit ``cache_key`` must be JSON-serialisable (a programming error
-    otherwise); without one, the call's arguments are used when they are.
+    otherwise); without one, a named function (or a partial of one) and its
+    arguments are used when the arguments are plain data.
     ``cache_key=False`` turns caching off for the call.
     """
     if cache_key is False:
@@ -39,9 +41,14 @@ def key_material(fn, args: tuple, kwargs: dict, cache_key: Any) -> str | None:
             return json.dumps(cache_key, sort_keys=True, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise TypeError(f"cache_key must be JSON-serialisable: {exc}") from exc
-    name = getattr(fn, "__qualname__", None) or repr(fn)
+    while isinstance(fn, functools.partial):
+        args, kwargs = fn.args + tuple(args), {**fn.keywords, **kwargs}
+        fn = fn.func
+    name = getattr(fn, "__qualname__", None)
+    if name is None or "<lambda>" in name:
+        return None  # a callable object or a lambda: nothing stable names it across processes
     try:
-        return json.dumps([getattr(fn, "__module__", ""), name, args, kwargs], sort_keys=True, separators=(",", ":"))
+        return json.dumps([fn.__module__, name, args, kwargs], sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError):
         return None  # arguments that are not plain data: this call is not cached
 

@@ -327,8 +327,14 @@ class Engine:
     # -- the sync loop -------------------------------------------------------
 
     def execute(self, name: str, fn: Callable, *args, cache_key=None, fallbacks=(), dead_letter=None, **kwargs):
+        return self.call(name, fn, args, kwargs, cache_key=cache_key, fallbacks=fallbacks, dead_letter=dead_letter)
+
+    def call(self, name: str, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, cache_key=None,
+             fallbacks=(), dead_letter=None) -> CallResult:
+        """``execute`` with the operation's arguments passed explicitly."""
         if fb.is_async_callable(fn):
             raise TypeError(f"{fn!r} is a coroutine function: use aexecute({name!r}, ...)")
+        kwargs = kwargs or {}
         call = self._begin(name, fn, args, kwargs, cache_key, fallbacks, dead_letter)
         if not call.short_circuit():
             self._attempts(call)
@@ -364,7 +370,7 @@ class Engine:
             started = clock.monotonic()
             try:
                 if inline:
-                    value = run_inline(call.fn, call.args, call.kwargs, timeout, bulkhead.release)
+                    value = run_inline(call.fn, call.args, call.kwargs, timeout, bulkhead.release, clock.monotonic)
                 else:
                     value = run_in_thread(local.executor(policy), call.fn, call.args, call.kwargs, timeout,
                                           bulkhead.release)
@@ -470,8 +476,8 @@ class Engine:
         total = hits + misses
         return {"integration": name, "hits": hits, "misses": misses, "hit_ratio": hits / total if total else None}
 
-    def reset_breaker(self, name: str, by: str | None = None, reason: str = "manual reset"):
-        transition = self.store.reset(self.registry.get(name), by, reason)
+    def reset_breaker(self, policy: Policy, by: str | None = None, reason: str = "manual reset"):
+        transition = self.store.reset(policy, by, reason)
         if transition is not None:
             self.publish_transition(transition)
         return transition

@@ -47,10 +47,13 @@ def _in_attempt(deadline: float, fn: Callable, args: tuple, kwargs: dict, releas
         release()
 
 
-def run_inline(fn: Callable, args: tuple, kwargs: dict, timeout_s: float, release: Callable[[], None]) -> Any:
-    started = time.monotonic()
-    value = _in_attempt(started + timeout_s, fn, args, kwargs, release)
-    if time.monotonic() - started > timeout_s:
+def run_inline(
+    fn: Callable, args: tuple, kwargs: dict, timeout_s: float, release: Callable[[], None],
+    now: Callable[[], float] = time.monotonic,
+) -> Any:
+    started = now()
+    value = _in_attempt(time.monotonic() + timeout_s, fn, args, kwargs, release)
+    if now() - started > timeout_s:
         raise AttemptTimeout(timeout_s, overrun=True)
     return value
 

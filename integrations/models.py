@@ -1,0 +1,183 @@
+"""Integrations: every upstream the site calls, and the policy each call runs under."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+
+from .resilience import get_engine
+from .resilience.policy import (
+    KIND_PRESETS,
+    KINDS,
+    KNOB_NAMES,
+    MODE_FORCED_CLOSED,
+    MODE_FORCED_OPEN,
+    MODE_NORMAL,
+    MODES,
+    TIMEOUT_INLINE,
+    TIMEOUT_THREAD,
+    Policy,
+)
+
+DEFAULT_KIND = "external_api"
+
+_positive = MinValueValidator(1, "Must be at least 1.")
+_percent = [MinValueValidator(0, "Must be between 0 and 100."), MaxValueValidator(100, "Must be between 0 and 100.")]
+
+
+def _above_zero(value):
+    if value is not None and value <= 0:
+        raise ValidationError("Must be greater than 0.", code="min_value")
+
+
+def _capacity(value):
+    if value is None or not 0 < value <= 1:
+        raise ValidationError("Capacity must be in (0, 1]: a share of calls, 1 meaning all of them.", code="range")
+
+
+class Integration(models.Model):
+    """One upstream and its policy. Unset knobs of a new row come from its kind's preset."""
+
+    KIND_CHOICES = [(kind, kind.replace("_", " ").title()) for kind in KINDS]
+    MODE_CHOICES = [(mode, mode.replace("_", " ")) for mode in MODES]
+    TIMEOUT_CHOICES = [
+        (TIMEOUT_THREAD, "thread: the caller never waits past the timeout"),
+        (TIMEOUT_INLINE, "inline: the operation enforces its own timeout"),
+    ]
+
+    name = models.CharField(
+        max_length=100, unique=True,
+        validators=[RegexValidator(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                                   "Letters, digits, '.', '_' and '-' only, starting with a letter or digit.")],
+        help_text="The name code passes to execute(), e.g. 'billing'.",
+    )
+    kind = models.CharField(max_length=20, choices=KIND_CHOICES, default=DEFAULT_KIND)
+    description = models.TextField(blank=True)
+
+    # Circuit breaker
+    mode = models.CharField(max_length=20, choices=MODE_CHOICES, default=MODE_NORMAL)
+    failure_threshold = models.PositiveIntegerField(validators=[_positive],
+                                                    help_text="Consecutive failures that open the breaker.")
+    failure_rate_threshold = models.FloatField(validators=_percent,
+                                               help_text="Failure rate (%) over the window that opens it; 0: off.")
+    slow_call_rate_threshold = models.FloatField(validators=_percent,
+                                                 help_text="Slow-call rate (%) over the window that opens it; 0: off.")
+    slow_call_ms = models.PositiveIntegerField(validators=[_positive], help_text="A call slower than this is slow.")
+    window_size = models.PositiveIntegerField(validators=[_positive], help_text="Calls the rates are measured over.")
+    minimum_calls = models.PositiveIntegerField(validators=[_positive],
+                                                help_text="Calls needed in the window before the rates count.")
+    reset_timeout_s = models.FloatField(validators=[_above_zero], help_text="Seconds open before half-open.")
+    half_open_max_calls = models.PositiveIntegerField(validators=[_positive],
+                                                      help_text="Trial calls let through at once when half-open.")
+    success_threshold = models.PositiveIntegerField(validators=[_positive],
+                                                    help_text="Consecutive half-open successes that close it.")
+    # Retry
+    max_retries = models.PositiveIntegerField(validators=[MaxValueValidator(20)])
+    base_delay_ms = models.PositiveIntegerField()
+    max_delay_ms = models.PositiveIntegerField()
+    backoff_multiplier = models.FloatField(validators=[MinValueValidator(1.0, "Must be at least 1.")])
+    jitter = models.BooleanField(help_text="Full jitter: each delay is drawn uniformly in [0, delay].")
+    retry_budget_percent = models.FloatField(null=True, blank=True, validators=_percent,
+                                             help_text="Retries allowed as a share (%) of calls; blank: no budget.")
+    # Timeouts
+    attempt_timeout_ms = models.PositiveIntegerField(validators=[_positive])
+    timeout_ms = models.PositiveIntegerField(validators=[_positive], help_text="The whole call, retries included.")
+    timeout_enforcement = models.CharField(max_length=10, choices=TIMEOUT_CHOICES)
+    # Bulkhead
+    max_concurrent = models.PositiveIntegerField(validators=[_positive], help_text="Calls in flight per process.")
+    bulkhead_wait_ms = models.PositiveIntegerField()
+    # Quota
+    hourly_limit = models.PositiveIntegerField(null=True, blank=True, validators=[_positive])
+    daily_limit = models.PositiveIntegerField(null=True, blank=True, validators=[_positive])
+    # Cache
+    cache_ttl_s = models.PositiveIntegerField(help_text="0: responses are not cached.")
+    cache_version = models.PositiveIntegerField(default=0, editable=False)
+    # Degraded mode
+    capacity = models.FloatField(validators=[_capacity], help_text="Share of calls let through, in (0, 1].")
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __init__(self, *args, **kwargs):
+        # A new row (keyword construction; rows from the database come positionally)
+        # takes every knob it was not given from its kind's preset.
+        if not args:
+            for knob, value in KIND_PRESETS.get(kwargs.get("kind") or DEFAULT_KIND, {}).items():
+                kwargs.setdefault(knob, value)
+        super().__init__(*args, **kwargs)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self):
+        errors = {}
+        if self.base_delay_ms is not None and self.max_delay_ms is not None and self.base_delay_ms > self.max_delay_ms:
+            errors["base_delay_ms"] = f"Base delay ({self.base_delay_ms} ms) must not exceed max delay ({self.max_delay_ms} ms)."
+        if (self.attempt_timeout_ms is not None and self.timeout_ms is not None
+                and self.attempt_timeout_ms > self.timeout_ms):
+            errors["attempt_timeout_ms"] = (f"Attempt timeout ({self.attempt_timeout_ms} ms) must not exceed the "
+                                            f"overall timeout ({self.timeout_ms} ms).")
+        if self.minimum_calls is not None and self.window_size is not None and self.minimum_calls > self.window_size:
+            errors["minimum_calls"] = (f"Minimum calls ({self.minimum_calls}) must not exceed the window size "
+                                       f"({self.window_size}): the rates would never be evaluated.")
+        if errors:
+            raise ValidationError(errors)
+
+    # -- the policy the engine runs on ----------------------------------------
+
+    def to_policy(self) -> Policy:
+        return Policy(name=self.name, kind=self.kind, cache_version=self.cache_version,
+                      **{knob: getattr(self, knob) for knob in KNOB_NAMES})
+
+    def apply_preset(self, kind: str | None = None) -> None:
+        """Set every knob to the preset of ``kind`` (default: this row's kind)."""
+        if kind is not None:
+            self.kind = kind
+        for knob, value in KIND_PRESETS[self.kind].items():
+            setattr(self, knob, value)
+
+    @classmethod
+    def load_policy(cls, name: str) -> Policy | None:
+        row = cls.objects.filter(name=name).first()
+        return None if row is None else row.to_policy()
+
+    @classmethod
+    def register_default(cls, name: str) -> Policy:
+        """Auto-registration (RESILIENCE_AUTO_REGISTER): a new name gets the default preset."""
+        row, _ = cls.objects.get_or_create(name=name, defaults={"kind": DEFAULT_KIND})
+        return row.to_policy()
+
+    # -- live state and operator actions (the admin, API and commands call these) --
+
+    def breaker_snapshot(self):
+        return get_engine().store.snapshot(self.to_policy())
+
+    def quota_usage(self):
+        return get_engine().store.quota_usage(self.to_policy())
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValidationError({"mode": f"Unknown breaker mode {mode!r}; expected one of {', '.join(MODES)}."})
+        self.mode = mode
+        self.save(update_fields=["mode", "updated_at"])
+
+    def force_open(self) -> None:
+        self.set_mode(MODE_FORCED_OPEN)
+
+    def force_closed(self) -> None:
+        self.set_mode(MODE_FORCED_CLOSED)
+
+    def reset_breaker(self, by: str | None = None):
+        """Back to normal mode and a closed breaker with clear counts."""
+        if self.mode in (MODE_FORCED_OPEN, MODE_FORCED_CLOSED):
+            self.set_mode(MODE_NORMAL)
+        return get_engine().reset_breaker(self.to_policy(), by)
+
+    def clear_cache(self) -> None:
+        """Every cached response and last known value of this integration becomes unreachable."""
+        self.cache_version += 1
+        self.save(update_fields=["cache_version", "updated_at"])

@@ -1,0 +1,93 @@
+import random
+
+import pytest
+from django.core.cache import caches
+
+from integrations.resilience import Engine, Policy, set_engine, use_engine
+from integrations.resilience.cache import ResponseCache
+from integrations.resilience.clock import FakeClock
+from integrations.resilience.events import EventBus
+from integrations.resilience.registry import PolicyRegistry
+from integrations.resilience.state import LocalStore
+
+
+@pytest.fixture(autouse=True)
+def fresh_default_engine():
+    """Every test starts with a new process engine: no breaker or cache counts leak between tests."""
+    set_engine(None)
+    yield
+    set_engine(None)
+
+
+@pytest.fixture(autouse=True)
+def clean_cache():
+    cache = caches["default"]
+    if hasattr(cache, "delete_pattern"):  # django-redis: only our keys, not the whole Redis database
+        cache.delete_pattern("resilience:*")
+    else:
+        cache.clear()
+    yield
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def bus():
+    return EventBus()
+
+
+@pytest.fixture
+def make_engine(clock, bus):
+    """An engine on a FakeClock and a seeded random source, with policies given directly.
+
+    ``make_engine(name="svc", **knobs)`` registers that policy and installs the
+    engine as the process engine, so ``execute()`` uses it too. Attempts run
+    inline by default: these tests drive time themselves.
+    """
+    registry = PolicyRegistry()
+    engine = Engine(registry=registry, store=LocalStore(clock), cache=ResponseCache(), clock=clock,
+                    rng=random.Random(7), bus=bus)
+    contexts = []
+
+    def build(name="svc", **knobs):
+        knobs.setdefault("timeout_enforcement", "inline")
+        registry.put(Policy(name=name, **knobs))
+        if not contexts:
+            context = use_engine(engine)
+            context.__enter__()
+            contexts.append(context)
+        return engine
+
+    yield build
+    for context in contexts:
+        context.__exit__(None, None, None)
+
+
+class Upstream:
+    """A scripted operation: each call pops the next step (a value, or an exception to raise)."""
+
+    def __init__(self, *steps, clock=None, takes=0.0, name="upstream"):
+        # a callable object names itself, as a function would, so its calls can be cached by arguments
+        self.__qualname__ = name
+        self.__module__ = "tests"
+        self.steps = list(steps)
+        self.calls = 0
+        self.clock = clock
+        self.takes = takes
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.clock is not None and self.takes:
+            self.clock.advance(self.takes)
+        step = self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+        if isinstance(step, BaseException) or (isinstance(step, type) and issubclass(step, BaseException)):
+            raise step
+        return step
+
+
+@pytest.fixture
+def upstream():
+    return Upstream
