@@ -11,15 +11,24 @@ class IntegrationsConfig(AppConfig):
 
     def ready(self):
         from . import checks as integration_checks
-        from .models import Integration
+        from .models import Integration, policy_changed
         from .resilience import get_engine, install_policy_source
 
         install_policy_source(Integration.load_policy, Integration.register_default)
 
         def refresh_policy(sender, instance, **kwargs):
-            # after commit: a rolled-back edit must not reach the engine
-            policy = instance.to_policy()
-            transaction.on_commit(lambda: get_engine().registry.put(policy))
+            # After commit (a rolled-back edit must not reach the engine), and from
+            # the committed row: the instance may be stale or saved in part.
+            name = instance.name
+
+            def reload():
+                policy = Integration.load_policy(name)
+                if policy is None:
+                    get_engine().registry.invalidate(name)
+                else:
+                    get_engine().registry.put(policy)
+
+            transaction.on_commit(reload)
 
         def forget_policy(sender, instance, **kwargs):
             name = instance.name
@@ -27,4 +36,5 @@ class IntegrationsConfig(AppConfig):
 
         post_save.connect(refresh_policy, sender=Integration, dispatch_uid="integrations.refresh_policy")
         post_delete.connect(forget_policy, sender=Integration, dispatch_uid="integrations.forget_policy")
+        policy_changed.connect(refresh_policy, sender=Integration, dispatch_uid="integrations.policy_changed")
         checks.register(integration_checks.check_integration_timeouts, "resilience")

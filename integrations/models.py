@@ -5,6 +5,9 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
+from django.db.models import F
+from django.db.models.functions import Now
+from django.dispatch import Signal
 
 from .resilience import get_engine
 from .resilience.policy import (
@@ -21,6 +24,9 @@ from .resilience.policy import (
 )
 
 DEFAULT_KIND = "external_api"
+
+# Sent when an integration's policy changed without a save() (a queryset update).
+policy_changed = Signal()
 
 _positive = MinValueValidator(1, "Must be at least 1.")
 _percent = [MinValueValidator(0, "Must be between 0 and 100."), MaxValueValidator(100, "Must be between 0 and 100.")]
@@ -178,6 +184,11 @@ class Integration(models.Model):
         return get_engine().reset_breaker(self.to_policy(), by)
 
     def clear_cache(self) -> None:
-        """Every cached response and last known value of this integration becomes unreachable."""
-        self.cache_version += 1
-        self.save(update_fields=["cache_version", "updated_at"])
+        """Every cached response and last known value of this integration becomes unreachable.
+
+        The version is bumped in the database, not from this instance, so two
+        operators clearing at once (or a stale instance) still move it on.
+        """
+        Integration.objects.filter(pk=self.pk).update(cache_version=F("cache_version") + 1, updated_at=Now())
+        self.refresh_from_db(fields=["cache_version", "updated_at"])
+        policy_changed.send(sender=Integration, instance=self)
