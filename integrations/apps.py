@@ -12,7 +12,9 @@ class IntegrationsConfig(AppConfig):
     def ready(self):
         from . import checks as integration_checks
         from .models import Integration, policy_changed
+        from .persistence import on_transition
         from .resilience import get_engine, install_policy_source
+        from .resilience.events import StateTransition, subscribe
 
         install_policy_source(Integration.load_policy, Integration.register_default)
 
@@ -38,3 +40,4 @@ class IntegrationsConfig(AppConfig):
         post_delete.connect(forget_policy, sender=Integration, dispatch_uid="integrations.forget_policy")
         policy_changed.connect(refresh_policy, sender=Integration, dispatch_uid="integrations.policy_changed")
         checks.register(integration_checks.check_integration_timeouts, "resilience")
+        subscribe(StateTransition, on_transition)

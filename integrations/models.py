@@ -192,3 +192,35 @@ class Integration(models.Model):
         Integration.objects.filter(pk=self.pk).update(cache_version=F("cache_version") + 1, updated_at=Now())
         self.refresh_from_db(fields=["cache_version", "updated_at"])
         policy_changed.send(sender=Integration, instance=self)
+
+
+class BreakerState(models.Model):
+    """The breaker of one integration as of its last transition (written at transitions only)."""
+
+    integration = models.OneToOneField(Integration, on_delete=models.CASCADE, related_name="breaker_state")
+    state = models.CharField(max_length=10, default="closed")
+    opened_at = models.DateTimeField(null=True, blank=True)
+    changed_at = models.DateTimeField(null=True, blank=True)
+    last_reason = models.CharField(max_length=200, blank=True)
+    transitions = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.integration.name}: {self.state}"
+
+
+class BreakerEvent(models.Model):
+    """One breaker transition: the history that survives restarts."""
+
+    integration = models.ForeignKey(Integration, on_delete=models.CASCADE, related_name="breaker_events")
+    from_state = models.CharField(max_length=10)
+    to_state = models.CharField(max_length=10)
+    reason = models.CharField(max_length=200)
+    at = models.DateTimeField(db_index=True)
+    by = models.CharField(max_length=150, blank=True, help_text="The operator, for manual transitions.")
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["integration", "-at"])]
+
+    def __str__(self) -> str:
+        return f"{self.integration.name}: {self.from_state} -> {self.to_state} ({self.reason})"

@@ -50,6 +50,15 @@ class DeadLetterRequested:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class SharedStateChanged:
+    """Shared state (Redis) was lost or came back; while lost, state is per process."""
+
+    shared: bool
+    reason: str
+    at: float
+
+
 class EventBus:
     def __init__(self) -> None:
         self._subscribers: dict[type, tuple[Callable, ...]] = {}
