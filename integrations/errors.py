@@ -7,7 +7,7 @@ itself; anything else it raises is turned into one by :func:`classify`.
 from __future__ import annotations
 
 import enum
-import time
+from time import time as _now
 from typing import Any
 
 import httpx
@@ -72,14 +72,16 @@ class ResilienceError(Exception):
         retry_after: float | None = None,
         **details: Any,
     ) -> None:
-        self.category = ErrorCategory(category)
-        self.message = message or self.category.value.replace("_", " ")
-        self.code = code or self.category.value
+        if category.__class__ is not ErrorCategory:
+            category = ErrorCategory(category)
+        self.category = category
+        self.message = message or category.value.replace("_", " ")
+        self.code = code or category.value
         self.integration = integration
         self.retry_after = retry_after
         self.details = details
-        self.timestamp = time.time()
-        super().__init__(self.message)
+        self.timestamp = _now()
+        Exception.__init__(self, self.message)
 
     @property
     def retryable(self) -> bool:

@@ -16,7 +16,7 @@ from collections import deque
 
 
 class Bulkhead:
-    __slots__ = ("limit", "in_flight", "_lock", "_cond", "_async_waiters")
+    __slots__ = ("limit", "in_flight", "_lock", "_cond", "_async_waiters", "_sync_waiters")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -24,6 +24,7 @@ class Bulkhead:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._async_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self._sync_waiters = 0
 
     def try_acquire(self) -> bool:
         with self._lock:
@@ -39,13 +40,17 @@ class Bulkhead:
             return False
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self.in_flight >= self.limit:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            self.in_flight += 1
-            return True
+            self._sync_waiters += 1
+            try:
+                while self.in_flight >= self.limit:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                self.in_flight += 1
+                return True
+            finally:
+                self._sync_waiters -= 1
 
     async def aacquire(self, timeout: float) -> bool:
         if self.try_acquire():
@@ -72,7 +77,10 @@ class Bulkhead:
     def release(self) -> None:
         with self._lock:
             self.in_flight -= 1
-            self._cond.notify()
+            if self._sync_waiters:
+                self._cond.notify()
+            if not self._async_waiters:
+                return
             waiters, self._async_waiters = self._async_waiters, deque()
         for loop, waiter in waiters:
             loop.call_soon_threadsafe(_wake, waiter)

@@ -146,7 +146,7 @@ class _Call:
         self.stopped_by = None
         self.cache_state = None
         self.material = None
-        if policy.cache_ttl_s > 0 or any(f.kind in (fb.CACHE, fb.LAST_KNOWN) for f in fallbacks):
+        if policy.cache_ttl_s > 0 or (fallbacks and any(f.kind in (fb.CACHE, fb.LAST_KNOWN) for f in fallbacks)):
             self.material = key_material(fn, args, kwargs, cache_key)
 
     # -- steps 2 and 3: before any attempt -----------------------------------
@@ -162,7 +162,7 @@ class _Call:
                 self.ok, self.source = True, CACHE
                 self.value, self.age_s = hit
                 return True
-        if not self.local.shedder.admit(policy.capacity):
+        if policy.capacity < 1.0 and not self.local.shedder.admit(policy.capacity):
             self.refuse(ErrorCategory.DEGRADED, f"degraded mode: running at {policy.capacity:.0%} capacity")
             return True
         return False
@@ -172,23 +172,23 @@ class _Call:
     def time_left(self) -> float:
         return self.deadline - self.engine.clock.monotonic()
 
-    def bulkhead_wait(self) -> float:
-        return min(self.policy.bulkhead_wait_ms / 1000, max(self.time_left(), 0.0))
+    def bulkhead_wait(self, left: float) -> float:
+        wait = self.policy.bulkhead_wait_ms
+        return 0.0 if wait == 0 or left <= 0 else min(wait / 1000, left)
 
     def bulkhead_full(self) -> None:
         self.refuse(ErrorCategory.BULKHEAD_FULL,
                     f"{self.policy.max_concurrent} calls already in flight (waited {self.policy.bulkhead_wait_ms} ms)")
 
-    def permit(self):
+    def permit(self, left: float):
         """Ask the store for this attempt; None means stop (the reason is recorded)."""
-        left = self.time_left()
         if left <= 0:
             self.stop(ErrorCategory.TIMEOUT, f"overall timeout of {self.policy.timeout_ms} ms reached")
             return None
         is_retry = self.attempts > 0
         permit = self.engine.store.acquire(self.policy, is_retry)
-        if permit.transition is not None:
-            self.engine.publish_transition(permit.transition)
+        for transition in permit.transitions:
+            self.engine.publish_transition(transition)
         if permit.allowed:
             return permit
         if permit.reason == RETRY_BUDGET:
@@ -199,8 +199,8 @@ class _Call:
             self.refuse(permit.category, permit.reason)
         return None
 
-    def attempt_timeout(self) -> float:
-        return min(self.policy.attempt_timeout_ms / 1000, self.time_left())
+    def attempt_timeout(self, left: float) -> float:
+        return min(self.policy.attempt_timeout_ms / 1000, left)
 
     def succeeded(self, permit, value, duration: float) -> None:
         self.attempts += 1
@@ -269,7 +269,7 @@ class _Call:
     def finish(self) -> CallResult:
         engine, policy = self.engine, self.policy
         live_failed = self.error is not None
-        if self.ok and self.source == LIVE and self.material is not None:
+        if self.material is not None and self.ok and self.source == LIVE:
             keep_last_known = policy.cache_ttl_s > 0 or any(f.kind == fb.LAST_KNOWN for f in self.fallbacks)
             engine.cache.store(policy, self.material, self.value, engine.clock.time(),
                                response=policy.cache_ttl_s > 0, last_known=keep_last_known)
@@ -318,11 +318,28 @@ class Engine:
             local.bulkhead.limit = policy.max_concurrent
         return local
 
-    def _begin(self, name, fn, args, kwargs, cache_key, fallbacks, dead_letter) -> _Call:
+    def _begin(self, policy, fn, args, kwargs, cache_key, fallbacks, dead_letter) -> _Call:
         if not callable(fn):
-            raise TypeError(f"execute({name!r}, ...) needs a callable operation, got {fn!r}")
-        return _Call(self, self.registry.get(name), fn, args, kwargs, fb.check_fallbacks(fallbacks),
-                     dead_letter, cache_key)
+            raise TypeError(f"execute({policy.name!r}, ...) needs a callable operation, got {fn!r}")
+        return _Call(self, policy, fn, args, kwargs, fb.check_fallbacks(fallbacks) if fallbacks else (), dead_letter,
+                     cache_key)
+
+    def _fail_fast(self, policy: Policy, fallbacks, dead_letter) -> CallResult | None:
+        """A call that a known-open breaker refuses, answered before any per-call work.
+
+        Only for calls with nothing else to do on refusal: no fallbacks, no
+        dead letter, no cache to serve from, no degraded share to apply.
+        """
+        if fallbacks or dead_letter is not None or policy.cache_ttl_s or policy.capacity < 1.0:
+            return None
+        reason = self.store.refusal(policy)
+        if reason is None:
+            return None
+        error = ResilienceError(ErrorCategory.CIRCUIT_OPEN, reason, integration=policy.name)
+        if self.bus.has_subscribers(CallFinished):
+            self.bus.publish(CallFinished(policy.name, False, LIVE, error.category.value, 0, 0, 0.0, (), None, None,
+                                          error.timestamp))
+        return CallResult(policy.name, False, None, error, LIVE, None, 0, 0.0)
 
     # -- the sync loop -------------------------------------------------------
 
@@ -332,10 +349,13 @@ class Engine:
     def call(self, name: str, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, cache_key=None,
              fallbacks=(), dead_letter=None) -> CallResult:
         """``execute`` with the operation's arguments passed explicitly."""
+        policy = self.registry.get(name)
+        refused = self._fail_fast(policy, fallbacks, dead_letter)
+        if refused is not None:
+            return refused
         if fb.is_async_callable(fn):
             raise TypeError(f"{fn!r} is a coroutine function: use aexecute({name!r}, ...)")
-        kwargs = kwargs or {}
-        call = self._begin(name, fn, args, kwargs, cache_key, fallbacks, dead_letter)
+        call = self._begin(policy, fn, args, kwargs or {}, cache_key, fallbacks, dead_letter)
         if not call.short_circuit():
             self._attempts(call)
         if not call.ok:
@@ -359,14 +379,15 @@ class Engine:
         inline = policy.timeout_enforcement == TIMEOUT_INLINE
         bulkhead = local.bulkhead
         while True:
-            if not bulkhead.acquire(call.bulkhead_wait()):
+            left = call.deadline - clock.monotonic()
+            if not bulkhead.acquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
-            permit = call.permit()
+            permit = call.permit(left)
             if permit is None:
                 bulkhead.release()
                 return
-            timeout = call.attempt_timeout()
+            timeout = call.attempt_timeout(left)
             started = clock.monotonic()
             try:
                 if inline:
@@ -394,7 +415,11 @@ class Engine:
             from asgiref.sync import sync_to_async
 
             await sync_to_async(self.registry.get, thread_sensitive=True)(name)
-        call = self._begin(name, fn, args, kwargs, cache_key, fallbacks, dead_letter)
+        policy = self.registry.get(name)
+        refused = self._fail_fast(policy, fallbacks, dead_letter)
+        if refused is not None:
+            return refused
+        call = self._begin(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter)
         if not call.short_circuit():
             await self._aattempts(call)
         if not call.ok:
@@ -420,14 +445,15 @@ class Engine:
         is_coroutine = fb.is_async_callable(call.fn)
         bulkhead = local.bulkhead
         while True:
-            if not await bulkhead.aacquire(call.bulkhead_wait()):
+            left = call.deadline - clock.monotonic()
+            if not await bulkhead.aacquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
-            permit = call.permit()
+            permit = call.permit(left)
             if permit is None:
                 bulkhead.release()
                 return
-            timeout = call.attempt_timeout()
+            timeout = call.attempt_timeout(left)
             started = clock.monotonic()
             try:
                 value = await run_async(local.executor(policy), call.fn, call.args, call.kwargs, timeout,

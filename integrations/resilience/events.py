@@ -20,19 +20,29 @@ from .breaker import Transition
 logger = logging.getLogger("integrations.events")
 
 
-@dataclass(frozen=True, slots=True)
 class CallFinished:
-    integration: str
-    ok: bool
-    source: str  # live | cache | fallback
-    category: str | None  # the failure's ErrorCategory value, if any
-    attempts: int
-    retries: int
-    latency_ms: float
-    attempt_latencies_ms: tuple[float, ...]
-    fallback_used: str | None
-    cache: str | None  # hit | miss | None when the call was not cacheable
-    at: float
+    """One guarded call's outcome. A plain slots class: it is built on every call."""
+
+    __slots__ = ("integration", "ok", "source", "category", "attempts", "retries", "latency_ms",
+                 "attempt_latencies_ms", "fallback_used", "cache", "at")
+
+    def __init__(self, integration: str, ok: bool, source: str, category: str | None, attempts: int, retries: int,
+                 latency_ms: float, attempt_latencies_ms: tuple, fallback_used: str | None, cache: str | None,
+                 at: float) -> None:
+        self.integration = integration
+        self.ok = ok
+        self.source = source  # live | cache | fallback
+        self.category = category  # the failure's ErrorCategory value, if any
+        self.attempts = attempts
+        self.retries = retries
+        self.latency_ms = latency_ms
+        self.attempt_latencies_ms = attempt_latencies_ms
+        self.fallback_used = fallback_used
+        self.cache = cache  # hit | miss | None when the call was not cacheable
+        self.at = at
+
+    def __repr__(self) -> str:
+        return f"CallFinished({self.integration!r}, ok={self.ok}, source={self.source!r}, category={self.category!r})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,4 +69,7 @@ def check_fallbacks(fallbacks) -> tuple[Fallback, ...]:
 
 
 def is_async_callable(fn: Callable) -> bool:
+    code = getattr(fn, "__code__", None)  # plain functions and bound methods: read the flag directly
+    if code is not None:
+        return bool(code.co_flags & inspect.CO_COROUTINE)
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))

@@ -68,13 +68,17 @@ class QuotaUsage:
 class QuotaCell:
     """Per-process counters of one integration's two windows (not locked itself)."""
 
-    __slots__ = ("hour", "hour_used", "day", "day_used")
+    __slots__ = ("hour", "hour_used", "day", "day_used", "_rolls_at")
 
     def __init__(self) -> None:
         self.hour = self.day = -1
         self.hour_used = self.day_used = 0
+        self._rolls_at = float("-inf")  # the next hour boundary: nothing to recompute before it
 
     def _roll(self, now: float) -> None:
+        if self._rolls_at > now >= self.hour:
+            return
+        self._rolls_at = window_start(now, HOUR) + HOUR
         hour = window_start(now, HOUR)
         if hour != self.hour:
             self.hour, self.hour_used = hour, 0

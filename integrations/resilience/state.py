@@ -16,17 +16,19 @@ from ..errors import ErrorCategory
 from . import breaker as br
 from .breaker import BreakerCell, BreakerSnapshot, Transition
 from .clock import SystemClock
-from .policy import MODE_FORCED_OPEN, Policy
+from .policy import MODE_FORCED_OPEN, MODE_NORMAL, Policy
 from .quota import QuotaCell, QuotaUsage
 
 # Why a permit was refused, beyond an ErrorCategory.
 RETRY_BUDGET = "retry budget exhausted"
+FORCED_OPEN_REASON = "breaker forced open by an operator"
+OPEN_REASON = "breaker open"
 
 
 class Permit:
     """The store's answer to "may this attempt go to the upstream?"."""
 
-    __slots__ = ("allowed", "trial", "category", "reason", "transition")
+    __slots__ = ("allowed", "trial", "category", "reason", "transitions", "shared")
 
     def __init__(
         self,
@@ -34,13 +36,15 @@ class Permit:
         trial: bool = False,
         category: ErrorCategory | None = None,
         reason: str = "",
-        transition: Transition | None = None,
+        transitions: tuple[Transition, ...] = (),
+        shared: bool = False,
     ) -> None:
         self.allowed = allowed
         self.trial = trial
         self.category = category
         self.reason = reason
-        self.transition = transition
+        self.transitions = transitions
+        self.shared = shared  # issued by the shared store (its record must go there too)
 
 
 ADMITTED = Permit(True)
@@ -50,6 +54,14 @@ class StateStore(abc.ABC):
     """The state of every integration, as the engine needs it."""
 
     shared = False
+
+    def refusal(self, policy: Policy) -> str | None:
+        """Why a call would be refused right now, judged without a lock or a round trip.
+
+        Only a forced-open mode or a breaker known to be open within its reset
+        timeout; None means "ask acquire()". Used to fail fast before any work.
+        """
+        return FORCED_OPEN_REASON if policy.mode == MODE_FORCED_OPEN else None
 
     @abc.abstractmethod
     def acquire(self, policy: Policy, is_retry: bool = False) -> Permit:
@@ -94,6 +106,19 @@ class LocalStore(StateStore):
                 cell = self._cells.setdefault(policy.name, _Cell(policy))
         return cell
 
+    def refusal(self, policy: Policy) -> str | None:
+        if policy.mode != MODE_NORMAL:
+            return super().refusal(policy)
+        cell = self._cells.get(policy.name)
+        if cell is None:
+            return None
+        breaker = cell.breaker
+        opened_at = breaker.opened_at  # read before the state: a racing close clears it
+        if breaker.state == br.OPEN and opened_at is not None and \
+                self.clock.time() - opened_at < policy.reset_timeout_s:
+            return OPEN_REASON
+        return None
+
     def acquire(self, policy: Policy, is_retry: bool = False) -> Permit:
         cell = self._cell(policy)
         now = self.clock.time()
@@ -102,18 +127,19 @@ class LocalStore(StateStore):
             if is_retry and not breaker.retry_allowed(policy):
                 return Permit(False, reason=RETRY_BUDGET)
             decision, transition = breaker.admit(policy, now)
+            transitions = () if transition is None else (transition,)
             if decision == br.REFUSED:
                 return Permit(False, category=ErrorCategory.CIRCUIT_OPEN, reason=_open_reason(breaker, policy),
-                              transition=transition)
+                              transitions=transitions)
             exhausted = cell.quota.consume(policy, now)
             if exhausted is not None:
                 if decision == br.TRIAL:
                     breaker.half_open_in_flight -= 1
                 return Permit(False, category=ErrorCategory.QUOTA_EXCEEDED, reason=f"{exhausted} quota reached",
-                              transition=transition)
-        if decision == br.ADMITTED and transition is None:
+                              transitions=transitions)
+        if decision == br.ADMITTED and not transitions:
             return ADMITTED
-        return Permit(True, trial=decision == br.TRIAL, transition=transition)
+        return Permit(True, trial=decision == br.TRIAL, transitions=transitions)
 
     def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool, is_retry: bool) -> Transition | None:
         cell = self._cell(policy)
@@ -141,7 +167,7 @@ class LocalStore(StateStore):
 
 def _open_reason(breaker: BreakerCell, policy: Policy) -> str:
     if policy.mode == MODE_FORCED_OPEN:
-        return "breaker forced open by an operator"
+        return FORCED_OPEN_REASON
     if breaker.state == br.HALF_OPEN:
         return f"breaker half-open: {policy.half_open_max_calls} trial call(s) already in flight"
-    return "breaker open"
+    return OPEN_REASON

@@ -1,0 +1,261 @@
+"""Per-call overhead of the guarded-call pipeline, next to pybreaker and tenacity.
+
+    .venv/bin/python benchmarks/bench_overhead.py [--quick] [--json FILE]
+
+Every row calls the same no-op operation (``op() -> 1``) N times in a loop
+and reports microseconds per call:
+
+    baseline            op() called directly
+    pybreaker           CircuitBreaker(fail_max=5, reset_timeout=30).call(op)
+    tenacity            a function decorated with @retry(stop_after_attempt(4),
+                        wait_exponential_jitter(multiplier=0.5, max=10),
+                        retry_if_exception_type((OSError, TimeoutError)))
+                        that returns op(): what a user writes
+    tenacity+pybreaker  the same @retry function returning breaker.call(op)
+    ours                engine.execute("bench", op): PolicyRegistry, LocalStore,
+                        SystemClock, inline timeouts, 3 retries, quota,
+                        bulkhead and breaker on, no cache, an EventBus without
+                        subscribers (events off)
+    ours +1 subscriber  the same with one no-op CallFinished subscriber
+    ours module execute integrations.resilience.execute("bench", op) under
+                        use_engine(): the process-engine lookup on top of "ours"
+    ours thread timeout the same policy with timeout_enforcement="thread": each
+                        attempt is handed to a worker thread (N/10 calls)
+    open: ours          engine.execute on a tripped breaker: ok=False, CIRCUIT_OPEN
+    open: pybreaker     breaker.call(op) on a tripped breaker, raising
+                        CircuitBreakerError (caught)
+
+Method: each repeat runs every row once, in turn, so machine noise falls on
+all rows alike; gc.collect() runs before each row and gc is off while it is
+timed. The figure kept per row is the best (minimum) of the repeats.
+
+Columns: "us/call" is the raw best time, loop included; "overhead" subtracts
+the baseline row, which is what the wrapper itself costs; "x stacked" is
+overhead / the overhead of tenacity+pybreaker. Both targets compare overheads:
+
+    (a) ours (no events) <= 0.5 x tenacity+pybreaker
+    (b) open-breaker fail-fast: ours < pybreaker
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from importlib.metadata import version
+from itertools import repeat
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "resilience_site.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+import pybreaker  # noqa: E402
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter  # noqa: E402
+
+from integrations import resilience  # noqa: E402
+from integrations.errors import ErrorCategory  # noqa: E402
+from integrations.resilience import Engine, Policy, use_engine  # noqa: E402
+from integrations.resilience.cache import ResponseCache  # noqa: E402
+from integrations.resilience.clock import SystemClock  # noqa: E402
+from integrations.resilience.events import CallFinished, EventBus  # noqa: E402
+from integrations.resilience.registry import PolicyRegistry  # noqa: E402
+from integrations.resilience.state import LocalStore  # noqa: E402
+
+REPEATS = 5
+STACKED = "tenacity+pybreaker"
+OURS = "ours (events off)"
+OPEN_OURS = "open: ours"
+OPEN_PYBREAKER = "open: pybreaker"
+BENCH_POLICY = Policy(name="bench", timeout_enforcement="inline", max_retries=3, hourly_limit=10**9,
+                      daily_limit=10**9, max_concurrent=100, cache_ttl_s=0)
+
+
+def op():
+    return 1
+
+
+def broken():
+    raise ValueError("upstream bug")  # not retryable, counts as a breaker failure: one call trips it
+
+
+def build_engine(policy: Policy, bus: EventBus | None = None) -> Engine:
+    registry = PolicyRegistry()
+    registry.put(policy)
+    clock = SystemClock()
+    return Engine(registry=registry, store=LocalStore(clock), cache=ResponseCache(), clock=clock,
+                  bus=bus or EventBus())
+
+
+def tenacity_retry():
+    return retry(stop=stop_after_attempt(4), wait=wait_exponential_jitter(multiplier=0.5, max=10),
+                 retry=retry_if_exception_type((OSError, TimeoutError)))
+
+
+def build_rows(n: int):
+    """(name, calls, fn, args) per row, each checked once so a row never times the wrong path."""
+    breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30)
+
+    @tenacity_retry()
+    def tenacity_op():
+        return op()
+
+    @tenacity_retry()
+    def stacked_op():
+        return breaker.call(op)
+
+    ours = build_engine(BENCH_POLICY)
+    with_subscriber = EventBus()
+    with_subscriber.subscribe(CallFinished, lambda event: None)
+    ours_events = build_engine(BENCH_POLICY, with_subscriber)
+    ours_thread = build_engine(BENCH_POLICY.replace(timeout_enforcement="thread"))
+
+    open_ours = build_engine(BENCH_POLICY.replace(failure_threshold=1, reset_timeout_s=1e9))
+    open_ours.execute("bench", broken)
+    open_pybreaker = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=1e9)
+    try:
+        open_pybreaker.call(broken)
+    except (ValueError, pybreaker.CircuitBreakerError):
+        pass
+
+    rows = [
+        ("baseline", n, op, ()),
+        ("pybreaker", n, breaker.call, (op,)),
+        ("tenacity", n, tenacity_op, ()),
+        (STACKED, n, stacked_op, ()),
+        (OURS, n, ours.execute, ("bench", op)),
+        ("ours (+1 subscriber)", n, ours_events.execute, ("bench", op)),
+        ("ours module execute", n, resilience.execute, ("bench", op)),
+        ("ours thread timeout", n // 10, ours_thread.execute, ("bench", op)),
+        (OPEN_OURS, n, open_ours.execute, ("bench", op)),
+        (OPEN_PYBREAKER, n, open_pybreaker.call, (op,)),
+    ]
+    with use_engine(ours):
+        for name, _, fn, args in rows:
+            check(name, fn, args)
+    return rows, ours
+
+
+def check(name, fn, args) -> None:
+    if name == OPEN_PYBREAKER:
+        try:
+            fn(*args)
+        except pybreaker.CircuitBreakerError:
+            return
+        raise AssertionError("pybreaker's breaker is not open")
+    result = fn(*args)
+    if name == OPEN_OURS:
+        assert not result.ok and result.error.category == ErrorCategory.CIRCUIT_OPEN, result
+    elif name.startswith("ours"):
+        assert result.ok and result.value == 1 and result.attempts == 1, result
+    else:
+        assert result == 1, (name, result)
+
+
+def time_row(fn, args, calls: int) -> float:
+    """Microseconds per call of fn(*args) over one timed loop."""
+    gc.collect()
+    gc.disable()
+    try:
+        started = time.perf_counter_ns()
+        for _ in repeat(None, calls):
+            try:
+                fn(*args)
+            except pybreaker.CircuitBreakerError:
+                pass
+        elapsed = time.perf_counter_ns() - started
+    finally:
+        gc.enable()
+    return elapsed / calls / 1000
+
+
+def measure(rows) -> dict[str, list[float]]:
+    times = {name: [] for name, *_ in rows}
+    for _ in range(REPEATS):
+        for name, calls, fn, args in rows:
+            times[name].append(time_row(fn, args, calls))
+    return times
+
+
+def summarize(rows, times) -> dict:
+    best = {name: min(samples) for name, samples in times.items()}
+    overhead = {name: us - best["baseline"] for name, us in best.items()}
+    stacked = overhead[STACKED]
+    figures = {
+        name: {
+            "calls": calls,
+            "us_per_call": best[name],
+            "overhead_us": overhead[name],
+            "x_stacked": None if name == "baseline" or name.startswith("open") else overhead[name] / stacked,
+            "samples_us": times[name],
+        }
+        for name, calls, *_ in rows
+    }
+    fail_fast_ratio = overhead[OPEN_OURS] / overhead[OPEN_PYBREAKER]
+    return {
+        "figures": figures,
+        "fail_fast_ratio": fail_fast_ratio,
+        "targets": {
+            "a_ours_le_half_stacked": figures[OURS]["x_stacked"] <= 0.5,
+            "b_fail_fast_faster_than_pybreaker": fail_fast_ratio < 1,
+        },
+    }
+
+
+def machine() -> dict:
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "pybreaker": version("pybreaker"),
+        "tenacity": version("tenacity"),
+    }
+
+
+def report(summary: dict, about: dict, n: int) -> None:
+    print(f"Python {about['python']} ({about['implementation']}) on {about['platform']}, "
+          f"{about['processor']}, {about['cpu_count']} CPUs; "
+          f"pybreaker {about['pybreaker']}, tenacity {about['tenacity']}")
+    print(f"N={n} calls per row ({n // 10} for the thread row), best of {REPEATS} interleaved repeats\n")
+    print(f"{'row':<22}{'calls':>8}{'us/call':>10}{'overhead':>10}{'x stacked':>11}")
+    for name, row in summary["figures"].items():
+        ratio = "" if row["x_stacked"] is None else f"{row['x_stacked']:.2f}"
+        print(f"{name:<22}{row['calls']:>8}{row['us_per_call']:>10.3f}{row['overhead_us']:>10.3f}{ratio:>11}")
+    figures, targets = summary["figures"], summary["targets"]
+    print(f"\nfail-fast ratio ours/pybreaker: {summary['fail_fast_ratio']:.2f}")
+    print(f"(a) ours (events off) <= 0.5 x stacked: {figures[OURS]['x_stacked']:.2f} -> "
+          f"{'PASS' if targets['a_ours_le_half_stacked'] else 'FAIL'}")
+    print(f"(b) fail-fast ours < pybreaker: {figures[OPEN_OURS]['overhead_us']:.3f} vs "
+          f"{figures[OPEN_PYBREAKER]['overhead_us']:.3f} us -> "
+          f"{'PASS' if targets['b_fail_fast_faster_than_pybreaker'] else 'FAIL'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20,000 calls per row instead of 200,000")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    options = parser.parse_args()
+    n = 20_000 if options.quick else 200_000
+
+    rows, ours = build_rows(n)
+    with use_engine(ours):
+        times = measure(rows)
+    summary = summarize(rows, times)
+    about = machine()
+    report(summary, about, n)
+    if options.json:
+        Path(options.json).write_text(json.dumps({"machine": about, "n": n, "repeats": REPEATS, **summary},
+                                                 indent=2))
+
+
+if __name__ == "__main__":
+    main()
