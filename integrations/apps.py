@@ -25,10 +25,12 @@ class IntegrationsConfig(AppConfig):
 
             def reload():
                 policy = Integration.load_policy(name)
+                engine = get_engine()
                 if policy is None:
-                    get_engine().registry.invalidate(name)
+                    engine.registry.invalidate(name)
                 else:
-                    get_engine().registry.put(policy)
+                    engine.registry.put(policy)
+                    engine.store.publish_policy(policy)  # other processes see the mode at once
 
             transaction.on_commit(reload)
 

@@ -136,7 +136,8 @@ class Integration(models.Model):
     # -- the policy the engine runs on ----------------------------------------
 
     def to_policy(self) -> Policy:
-        return Policy(name=self.name, kind=self.kind, cache_version=self.cache_version,
+        revision = self.updated_at.timestamp() if self.updated_at else 0.0
+        return Policy(name=self.name, kind=self.kind, cache_version=self.cache_version, revision=revision,
                       **{knob: getattr(self, knob) for knob in KNOB_NAMES})
 
     def apply_preset(self, kind: str | None = None) -> None:

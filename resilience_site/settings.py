@@ -138,6 +138,14 @@ DATABASES = {
     ),
 }
 
+# django_prometheus's wrappers of the same backends count connections, queries and errors.
+_PROMETHEUS_DB_ENGINES = {
+    "django.db.backends.postgresql": "django_prometheus.db.backends.postgresql",
+    "django.db.backends.sqlite3": "django_prometheus.db.backends.sqlite3",
+}
+DATABASES["default"]["ENGINE"] = _PROMETHEUS_DB_ENGINES.get(DATABASES["default"]["ENGINE"],
+                                                            DATABASES["default"]["ENGINE"])
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL")
@@ -145,7 +153,8 @@ REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django_redis.cache.RedisCache",
+            # django_redis's backend, counting gets, hits and misses for Prometheus.
+            "BACKEND": "django_prometheus.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": "resilience",
             "OPTIONS": {
@@ -245,6 +254,9 @@ LOGGING = {
 # RESILIENCE_CACHE_STALE_S: how long past its TTL a cached response may still be served
 #   by Fallback.cache().
 # RESILIENCE_LAST_KNOWN_TTL_S: how long a last known good value is kept for Fallback.last_known().
+# RESILIENCE_REDIS_URL: where breaker, quota and rate-limit state is shared by every process
+#   and host (default: REDIS_URL); unset, that state is per process.
+# RESILIENCE_KEY_PREFIX: the site's prefix on every shared-state key in Redis.
 
 RESILIENCE_ADMIN_ALLOWED_IPS = env_networks("RESILIENCE_ADMIN_ALLOWED_IPS")
 RESILIENCE_METRICS_TOKEN = env_str("RESILIENCE_METRICS_TOKEN")
@@ -254,11 +266,25 @@ RESILIENCE_AUTO_REGISTER = env_bool("RESILIENCE_AUTO_REGISTER", False)
 RESILIENCE_CACHE_ALIAS = env_str("RESILIENCE_CACHE_ALIAS", "default")
 RESILIENCE_CACHE_STALE_S = env_int("RESILIENCE_CACHE_STALE_S", 3600)
 RESILIENCE_LAST_KNOWN_TTL_S = env_int("RESILIENCE_LAST_KNOWN_TTL_S", 604_800)
+RESILIENCE_REDIS_URL = env_str("RESILIENCE_REDIS_URL", REDIS_URL)
+RESILIENCE_KEY_PREFIX = env_str("RESILIENCE_KEY_PREFIX", "resilience")
 
 if RESILIENCE_CACHE_ALIAS not in CACHES:
     raise ImproperlyConfigured(
         f"RESILIENCE_CACHE_ALIAS names the cache {RESILIENCE_CACHE_ALIAS!r}, "
         f"which is not in CACHES ({', '.join(CACHES)})."
+    )
+
+# Metrics
+#
+# PROMETHEUS_MULTIPROC_DIR: where prometheus_client's multiprocess mode keeps each worker's
+#   values so /metrics can merge them (deploy/gunicorn.conf.py sets it); prometheus_client
+#   reads it too, at import. Unset: one process, metrics in memory (runserver, tests).
+
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
+if PROMETHEUS_MULTIPROC_DIR and not Path(PROMETHEUS_MULTIPROC_DIR).is_dir():
+    raise ImproperlyConfigured(
+        f"PROMETHEUS_MULTIPROC_DIR names {PROMETHEUS_MULTIPROC_DIR!r}, which is not a directory."
     )
 
 # Production hardening

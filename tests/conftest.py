@@ -1,22 +1,33 @@
 import random
+import uuid
 
 import pytest
+import redis
+from django.conf import settings
 from django.core.cache import caches
 
 from integrations.resilience import Engine, Policy, set_engine, use_engine
 from integrations.resilience.cache import ResponseCache
 from integrations.resilience.clock import FakeClock
 from integrations.resilience.events import EventBus
+from integrations.resilience.redis_store import RedisStore
 from integrations.resilience.registry import PolicyRegistry
 from integrations.resilience.state import LocalStore
 
 
 @pytest.fixture(autouse=True)
-def fresh_default_engine():
-    """Every test starts with a new process engine: no breaker or cache counts leak between tests."""
+def fresh_default_engine(settings):
+    """Every test starts with a new process engine and its own shared-state keys: nothing leaks between tests."""
+    settings.RESILIENCE_KEY_PREFIX = f"test-{uuid.uuid4().hex[:12]}"
     set_engine(None)
     yield
     set_engine(None)
+    if redis_url():
+        client = redis.Redis.from_url(redis_url())
+        keys = list(client.scan_iter(f"{settings.RESILIENCE_KEY_PREFIX}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 @pytest.fixture(autouse=True)
@@ -40,15 +51,40 @@ def bus():
 
 
 @pytest.fixture
-def make_engine(clock, bus):
+def store_kind(request):
+    """Which state store make_engine uses: "local" unless a module parametrizes it (indirect)."""
+    return getattr(request, "param", "local")
+
+
+def redis_url():
+    return settings.RESILIENCE_REDIS_URL
+
+
+@pytest.fixture
+def state_store(store_kind, clock, bus):
+    if store_kind == "local":
+        yield LocalStore(clock)
+        return
+    if not redis_url():
+        pytest.skip("needs Redis: set REDIS_URL (the second run of .ci/run does)")
+    store = RedisStore(redis_url(), prefix=f"test-{uuid.uuid4().hex[:12]}", clock=clock, bus=bus)
+    yield store
+    keys = list(store.client.scan_iter(f"{store.prefix}:*"))
+    if keys:
+        store.client.delete(*keys)
+
+
+@pytest.fixture
+def make_engine(clock, bus, state_store):
     """An engine on a FakeClock and a seeded random source, with policies given directly.
 
     ``make_engine(name="svc", **knobs)`` registers that policy and installs the
     engine as the process engine, so ``execute()`` uses it too. Attempts run
-    inline by default: these tests drive time themselves.
+    inline by default: these tests drive time themselves. The store is the
+    per-process one, or the Redis one where a module parametrizes store_kind.
     """
     registry = PolicyRegistry()
-    engine = Engine(registry=registry, store=LocalStore(clock), cache=ResponseCache(), clock=clock,
+    engine = Engine(registry=registry, store=state_store, cache=ResponseCache(), clock=clock,
                     rng=random.Random(7), bus=bus)
     contexts = []
 
@@ -91,3 +127,10 @@ class Upstream:
 @pytest.fixture
 def upstream():
     return Upstream
+
+
+def pytest_generate_tests(metafunc):
+    """A module with ``STORE_KINDS = ["local", "redis"]`` runs each engine test on each store."""
+    kinds = getattr(metafunc.module, "STORE_KINDS", None)
+    if kinds and "store_kind" in metafunc.fixturenames:
+        metafunc.parametrize("store_kind", kinds, indirect=True)

@@ -11,6 +11,9 @@ from integrations.resilience.breaker import BreakerCell
 from integrations.resilience.events import StateTransition
 from integrations.resilience.policy import Policy
 
+# every engine test runs on the per-process store and on the shared Redis store
+STORE_KINDS = ["local", "redis"]
+
 
 def fail():
     raise ConnectionError("connection refused")

@@ -16,6 +16,9 @@ from integrations.resilience.quota import CRITICAL, HEALTHY, WARNING
 
 # -- the result -----------------------------------------------------------------
 
+# every engine test runs on the per-process store and on the shared Redis store
+STORE_KINDS = ["local", "redis"]
+
 
 def test_a_live_success_reports_its_value_and_source(make_engine):
     make_engine()
@@ -77,7 +80,9 @@ def real_time_engine(make_engine):
     def build(**knobs):
         engine = make_engine(**knobs)
         engine.clock = SystemClock()
-        engine.store.clock = engine.clock
+        for store in (engine.store, getattr(engine.store, "local", None)):
+            if store is not None:
+                store.clock = engine.clock
         return engine
 
     return build

@@ -9,6 +9,9 @@ from integrations.resilience import execute
 from integrations.resilience.policy import Policy
 from integrations.resilience.retry import parse_retry_after, retry_delay_s
 
+# every engine test runs on the per-process store and on the shared Redis store
+STORE_KINDS = ["local", "redis"]
+
 
 def err(category, **kwargs):
     return ResilienceError(category, category.value, **kwargs)

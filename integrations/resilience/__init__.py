@@ -54,7 +54,12 @@ def _build_default_engine() -> Engine:
         stale_s=settings.RESILIENCE_CACHE_STALE_S,
         last_known_ttl_s=settings.RESILIENCE_LAST_KNOWN_TTL_S,
     )
-    return Engine(registry=registry, cache=cache)
+    store = None
+    if settings.RESILIENCE_REDIS_URL:
+        from .redis_store import RedisStore
+
+        store = RedisStore(settings.RESILIENCE_REDIS_URL, prefix=settings.RESILIENCE_KEY_PREFIX)
+    return Engine(registry=registry, cache=cache, store=store)
 
 
 def get_engine() -> Engine:

@@ -229,8 +229,7 @@ class _Call:
 
     def _record(self, permit, outcome: str, duration: float) -> None:
         slow = duration * 1000 > self.policy.slow_call_ms
-        transition = self.engine.store.record(self.policy, permit, outcome, slow, self.attempts > 1)
-        if transition is not None:
+        for transition in self.engine.store.record(self.policy, permit, outcome, slow, self.attempts > 1):
             self.engine.publish_transition(transition)
 
     def refuse(self, category: ErrorCategory, reason: str) -> None:
@@ -306,6 +305,7 @@ class Engine:
         self.cache = cache or ResponseCache()
         self.rng = rng or random.Random()
         self.bus = bus or default_bus
+        self.store.on_stale_policy = self.registry.invalidate
         self._locals: dict[str, _Local] = {}
         self._locals_lock = threading.Lock()
 

@@ -64,6 +64,7 @@ class Policy:
     # Cache
     cache_ttl_s: int = 0
     cache_version: int = 0  # bumped to clear the integration's cache without scanning keys
+    revision: float = 0.0  # when the policy was last saved: a shared store tells processes holding an older one
     # Degraded mode: share of calls let through, in (0, 1]
     capacity: float = 1.0
 
@@ -85,7 +86,7 @@ class Policy:
         return dataclasses.replace(self, **changes)
 
 
-KNOB_NAMES = tuple(f.name for f in dataclasses.fields(Policy) if f.name not in ("name", "kind", "cache_version"))
+KNOB_NAMES = tuple(f.name for f in dataclasses.fields(Policy) if f.name not in ("name", "kind", "cache_version", "revision"))
 
 _BASE = {name: Policy.__dataclass_fields__[name].default for name in KNOB_NAMES}
 

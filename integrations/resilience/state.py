@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import threading
+from collections import deque
 
 from ..errors import ErrorCategory
 from . import breaker as br
@@ -28,7 +29,7 @@ OPEN_REASON = "breaker open"
 class Permit:
     """The store's answer to "may this attempt go to the upstream?"."""
 
-    __slots__ = ("allowed", "trial", "category", "reason", "transitions", "shared")
+    __slots__ = ("allowed", "trial", "category", "reason", "transitions", "shared", "lease")
 
     def __init__(
         self,
@@ -38,6 +39,7 @@ class Permit:
         reason: str = "",
         transitions: tuple[Transition, ...] = (),
         shared: bool = False,
+        lease: str = "",
     ) -> None:
         self.allowed = allowed
         self.trial = trial
@@ -45,6 +47,7 @@ class Permit:
         self.reason = reason
         self.transitions = transitions
         self.shared = shared  # issued by the shared store (its record must go there too)
+        self.lease = lease  # the shared store's half-open probe lease, released by record()
 
 
 ADMITTED = Permit(True)
@@ -54,6 +57,9 @@ class StateStore(abc.ABC):
     """The state of every integration, as the engine needs it."""
 
     shared = False
+    # Called with an integration's name when the store learns that a newer
+    # policy was saved elsewhere; the engine points it at its registry.
+    on_stale_policy = None
 
     def refusal(self, policy: Policy) -> str | None:
         """Why a call would be refused right now, judged without a lock or a round trip.
@@ -68,8 +74,9 @@ class StateStore(abc.ABC):
         """Breaker permission, retry budget and quota for one attempt, atomically."""
 
     @abc.abstractmethod
-    def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool, is_retry: bool) -> Transition | None:
-        """The attempt's outcome (breaker.SUCCESS, FAILURE or IGNORED) and the transition it caused."""
+    def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool,
+               is_retry: bool) -> tuple[Transition, ...]:
+        """The attempt's outcome (breaker.SUCCESS, FAILURE or IGNORED) and the transitions it caused."""
 
     @abc.abstractmethod
     def snapshot(self, policy: Policy) -> BreakerSnapshot: ...
@@ -80,6 +87,28 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def reset(self, policy: Policy, by: str | None = None, reason: str = "manual reset") -> Transition | None:
         """Close the breaker and clear its counts (an operator's action)."""
+
+    @abc.abstractmethod
+    def hit(self, key: str, limit: int, window_s: float) -> RateLimit:
+        """Count one request against a sliding-window limit; refused requests are not counted."""
+
+    def publish_policy(self, policy: Policy) -> None:
+        """A policy was saved: make its mode and revision known to every process (shared stores)."""
+
+
+class RateLimit:
+    """The answer to one request against a sliding-window limit (for X-RateLimit-* headers)."""
+
+    __slots__ = ("allowed", "limit", "remaining", "reset_at")
+
+    def __init__(self, allowed: bool, limit: int, remaining: int, reset_at: float) -> None:
+        self.allowed = allowed
+        self.limit = limit
+        self.remaining = remaining
+        self.reset_at = reset_at  # when the oldest counted request leaves the window
+
+    def __repr__(self) -> str:
+        return f"RateLimit(allowed={self.allowed}, {self.remaining}/{self.limit} left, reset_at={self.reset_at:.3f})"
 
 
 class _Cell:
@@ -98,6 +127,8 @@ class LocalStore(StateStore):
         self.clock = clock or SystemClock()
         self._cells: dict[str, _Cell] = {}
         self._cells_lock = threading.Lock()
+        self._windows: dict[str, deque] = {}
+        self._windows_lock = threading.Lock()
 
     def _cell(self, policy: Policy) -> _Cell:
         cell = self._cells.get(policy.name)
@@ -141,11 +172,13 @@ class LocalStore(StateStore):
             return ADMITTED
         return Permit(True, trial=decision == br.TRIAL, transitions=transitions)
 
-    def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool, is_retry: bool) -> Transition | None:
+    def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool,
+               is_retry: bool) -> tuple[Transition, ...]:
         cell = self._cell(policy)
         now = self.clock.time()
         with cell.lock:
-            return cell.breaker.record(policy, now, outcome, slow, permit.trial, is_retry)
+            transition = cell.breaker.record(policy, now, outcome, slow, permit.trial, is_retry)
+        return () if transition is None else (transition,)
 
     def snapshot(self, policy: Policy) -> BreakerSnapshot:
         cell = self._cell(policy)
@@ -163,6 +196,19 @@ class LocalStore(StateStore):
         now = self.clock.time()
         with cell.lock:
             return cell.breaker.reset(now, by, reason)
+
+
+    def hit(self, key: str, limit: int, window_s: float) -> RateLimit:
+        now = self.clock.time()
+        with self._windows_lock:
+            stamps = self._windows.setdefault(key, deque())
+            while stamps and stamps[0] <= now - window_s:
+                stamps.popleft()
+            allowed = len(stamps) < limit
+            if allowed:
+                stamps.append(now)
+            reset_at = (stamps[0] if stamps else now) + window_s
+            return RateLimit(allowed, limit, max(limit - len(stamps), 0), reset_at)
 
 
 def _open_reason(breaker: BreakerCell, policy: Policy) -> str:

@@ -1,0 +1,389 @@
+"""Shared state in Redis: one breaker, one quota and one rate limit for the whole fleet.
+
+Every decision and every recorded outcome, with any transition it causes, is
+one atomic Lua script (``state.lua``), so processes on many hosts behave as
+one breaker: a trip happens exactly once, and half-open trial calls are
+limited cluster-wide by expiring probe leases (a crashed process's lease
+lapses after its attempt timeout).
+
+Cost: one round trip per guarded call in the closed state. ``acquire`` is the
+round trip; a fast success in the closed state is not sent on its own but
+carried by the next ``acquire`` of the process (or by a flusher thread within
+``flush_interval_s`` when no call follows). Failures, slow calls and half-open
+outcomes are recorded at once, since they can move the breaker.
+
+A change by any process (a trip, an operator's reset, a saved policy) is seen
+by every other process at its next call, which reads the shared state. A
+saved policy's mode is written to Redis and used by the script at once; its
+other knobs are reloaded by a process whose policy is older than the
+revision the script returns.
+
+Outage: if Redis cannot be reached, calls go on with per-process state (a
+LocalStore), with one warning per outage in the log and a SharedStateChanged
+event; Redis is tried again every ``retry_interval_s`` and shared state
+resumes by itself. No exception reaches a caller because Redis is down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from ..errors import ErrorCategory
+from . import breaker as br
+from .breaker import BreakerSnapshot, Transition
+from .events import EventBus, SharedStateChanged
+from .events import bus as default_bus
+from .policy import MODE_FORCED_OPEN, MODE_NORMAL, Policy
+from .quota import DAY, HOUR, QuotaUsage, window_start
+from .state import FORCED_OPEN_REASON, OPEN_REASON, RETRY_BUDGET, LocalStore, Permit, RateLimit, StateStore
+
+logger = logging.getLogger("integrations.shared_state")
+
+_LUA_DIR = Path(__file__).with_name("lua")
+_OUTCOME_CODES = {br.SUCCESS: "s", br.FAILURE: "f", br.IGNORED: "i"}
+# Errors that mean "Redis is not there": anything else (a script error) is a bug and is raised.
+_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# How long this process trusts a breaker it saw open without asking again (fail fast).
+_OPEN_VIEW_TTL_S = 1.0
+
+
+class _Pending:
+    """Fast successes of one integration not yet sent: they ride on the next round trip."""
+
+    __slots__ = ("policy", "ok", "ok_retry", "since")
+
+    def __init__(self, policy: Policy, since: float) -> None:
+        self.policy = policy
+        self.ok = 0
+        self.ok_retry = 0
+        self.since = since
+
+
+class RedisStore(StateStore):
+    shared = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: redis.Redis | None = None,
+        prefix: str = "resilience",
+        clock=None,
+        bus: EventBus | None = None,
+        retry_interval_s: float = 1.0,
+        flush_interval_s: float = 0.5,
+        socket_timeout_s: float = 0.5,
+    ) -> None:
+        self.local = LocalStore(clock)  # per-process state while Redis is away
+        self.clock = self.local.clock
+        self.client = client or redis.Redis.from_url(
+            url, socket_connect_timeout=socket_timeout_s, socket_timeout=socket_timeout_s)
+        self.prefix = prefix
+        self.bus = bus or default_bus
+        self.retry_interval_s = retry_interval_s
+        self.flush_interval_s = flush_interval_s
+        self._state_script = self.client.register_script((_LUA_DIR / "state.lua").read_text())
+        self._rate_script = self.client.register_script((_LUA_DIR / "rate_limit.lua").read_text())
+        self._lease_ids = itertools.count()
+        self._lease_prefix = f"{socket.gethostname()}:{os.getpid()}:"
+        self.available = True
+        self._retry_at = 0.0
+        self._down_since = 0.0
+        self._outage_lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._pending_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._flusher_pid = 0
+        self._seen_state: dict[str, str] = {}  # the breaker state each integration had at our last round trip
+        self._open_until: dict[str, tuple[float, float]] = {}  # name -> (open until, seen at), wall time
+
+    # -- keys -------------------------------------------------------------------
+
+    def _keys(self, policy: Policy, now: float) -> list[str]:
+        # {name} is a hash tag: one integration's keys stay on one Redis Cluster slot
+        base = f"{self.prefix}:{{{policy.name}}}"
+        return [f"{base}:breaker", f"{base}:leases", f"{base}:quota:h:{window_start(now, HOUR)}",
+                f"{base}:quota:d:{window_start(now, DAY)}"]
+
+    def _args(self, op: str, policy: Policy, now: float, *, is_retry=False, pending=(0, 0), outcome="i",
+              slow=False, trial=False, lease="", extra="", extra2="") -> list:
+        budget = -1 if policy.retry_budget_percent is None else policy.retry_budget_percent
+        return [
+            op, repr(now), policy.mode, policy.failure_threshold, f"{policy.failure_rate_threshold:g}",
+            f"{policy.slow_call_rate_threshold:g}", policy.window_size, policy.minimum_calls,
+            repr(float(policy.reset_timeout_s)), policy.half_open_max_calls, policy.success_threshold, budget,
+            -1 if policy.hourly_limit is None else policy.hourly_limit,
+            -1 if policy.daily_limit is None else policy.daily_limit,
+            lease, repr(policy.attempt_timeout_ms / 1000 + 1.0), self._key_ttl(policy), int(is_retry),
+            pending[0], pending[1], outcome, int(slow), int(trial), extra, extra2,
+        ]
+
+    @staticmethod
+    def _key_ttl(policy: Policy) -> int:
+        # state idle this long is forgotten: a day, or longer than the breaker can stay open
+        return int(max(DAY, policy.reset_timeout_s * 2))
+
+    # -- the round trip, and what happens when it fails ----------------------------
+
+    def _eval(self, keys: list[str], args: list):
+        """Run the state script; None when Redis is unreachable (the caller goes local)."""
+        if not self.available and time.monotonic() < self._retry_at:
+            return None
+        try:
+            result = self._state_script(keys=keys, args=args)
+        except _UNREACHABLE as exc:
+            self._lost(exc)
+            return None
+        if not self.available:
+            self._regained()
+        return result
+
+    def _lost(self, exc: Exception) -> None:
+        with self._outage_lock:
+            self._retry_at = time.monotonic() + self.retry_interval_s
+            if not self.available:
+                return
+            self.available = False
+            self._down_since = time.monotonic()
+        logger.warning("shared state unavailable (%s: %s); breakers, quotas and rate limits are per process "
+                       "until Redis is back", type(exc).__name__, exc)
+        self.bus.publish(SharedStateChanged(shared=False, reason=str(exc), at=self.clock.time()))
+
+    def _regained(self) -> None:
+        with self._outage_lock:
+            if self.available:
+                return
+            self.available = True
+            outage = time.monotonic() - self._down_since
+        logger.warning("shared state back after %.1f s; breakers, quotas and rate limits are shared again", outage)
+        self.bus.publish(SharedStateChanged(shared=True, reason=f"back after {outage:.1f} s", at=self.clock.time()))
+
+    # -- deferred successes -----------------------------------------------------------
+
+    def _defer(self, policy: Policy, is_retry: bool) -> None:
+        with self._pending_lock:
+            pending = self._pending.get(policy.name)
+            if pending is None:
+                pending = self._pending[policy.name] = _Pending(policy, time.monotonic())
+            pending.policy = policy
+            if is_retry:
+                pending.ok_retry += 1
+            else:
+                pending.ok += 1
+        if self._flusher_pid != os.getpid():
+            self._start_flusher()
+
+    def _take_pending(self, name: str) -> tuple[int, int]:
+        if not self._pending:
+            return (0, 0)
+        with self._pending_lock:
+            pending = self._pending.pop(name, None)
+        return (0, 0) if pending is None else (pending.ok, pending.ok_retry)
+
+    def _start_flusher(self) -> None:
+        with self._pending_lock:
+            if self._flusher_pid == os.getpid():
+                return
+            self._flusher_pid = os.getpid()  # a forked child starts its own
+            self._flusher = threading.Thread(target=self._flush_forever, name="shared-state-flusher", daemon=True)
+            self._flusher.start()
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(self.flush_interval_s)
+            try:
+                self.flush(older_than_s=self.flush_interval_s)
+            except Exception:  # noqa: BLE001 - the flusher must outlive any one failure; it is logged
+                logger.exception("flushing deferred outcomes to shared state failed")
+
+    def flush(self, older_than_s: float = 0.0) -> None:
+        """Send deferred successes now (those waiting at least ``older_than_s``)."""
+        now_mono = time.monotonic()
+        with self._pending_lock:
+            due = [p for p in self._pending.values() if now_mono - p.since >= older_than_s]
+            for pending in due:
+                del self._pending[pending.policy.name]
+        for pending in due:
+            now = self.clock.time()
+            result = self._eval(self._keys(pending.policy, now),
+                                self._args("f", pending.policy, now, pending=(pending.ok, pending.ok_retry)))
+            if result is not None:
+                self._observe(pending.policy.name, result)
+                self._publish(_transitions(pending.policy.name, result[5:]))
+
+    def _publish(self, transitions) -> None:
+        from .events import StateTransition
+
+        for transition in transitions:
+            self.bus.publish(StateTransition(transition))
+
+    def _observe(self, name: str, result) -> None:
+        state, opened_at = _text(result[2]), _text(result[3])
+        self._seen_state[name] = state
+        if state == br.OPEN and opened_at:
+            self._open_until[name] = (float(opened_at), self.clock.time())
+        else:
+            self._open_until.pop(name, None)
+
+    # -- the StateStore interface ------------------------------------------------------
+
+    def refusal(self, policy: Policy) -> str | None:
+        if not self.available:
+            return self.local.refusal(policy)
+        if policy.mode == MODE_FORCED_OPEN:
+            return FORCED_OPEN_REASON
+        seen = self._open_until.get(policy.name)
+        if seen is None or policy.mode != MODE_NORMAL:
+            return None
+        opened_at, seen_at = seen
+        now = self.clock.time()
+        if now - seen_at < _OPEN_VIEW_TTL_S and now - opened_at < policy.reset_timeout_s:
+            return OPEN_REASON
+        return None
+
+    def acquire(self, policy: Policy, is_retry: bool = False) -> Permit:
+        now = self.clock.time()
+        lease = f"{self._lease_prefix}{next(self._lease_ids)}"
+        pending = self._take_pending(policy.name)
+        result = self._eval(self._keys(policy, now),
+                            self._args("a", policy, now, is_retry=is_retry, pending=pending, lease=lease))
+        if result is None:
+            return self.local.acquire(policy, is_retry)
+        self._observe(policy.name, result)
+        decision, reason, rev = int(result[0]), _text(result[1]), float(result[4])
+        transitions = _transitions(policy.name, result[5:])
+        if rev > policy.revision:
+            self._stale_policy(policy)
+        if decision == 0:
+            if reason == "budget":
+                return Permit(False, reason=RETRY_BUDGET, transitions=transitions, shared=True)
+            if reason.startswith("quota:"):
+                return Permit(False, category=ErrorCategory.QUOTA_EXCEEDED,
+                              reason=f"{reason[6:]} quota reached", transitions=transitions, shared=True)
+            return Permit(False, category=ErrorCategory.CIRCUIT_OPEN, reason=_refusal_text(reason, policy),
+                          transitions=transitions, shared=True)
+        return Permit(True, trial=decision == 2, transitions=transitions, shared=True, lease=lease)
+
+    def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool,
+               is_retry: bool) -> tuple[Transition, ...]:
+        if not permit.shared:
+            return self.local.record(policy, permit, outcome, slow, is_retry)
+        if outcome == br.SUCCESS and not slow and not permit.trial and \
+                self._seen_state.get(policy.name) == br.CLOSED:
+            self._defer(policy, is_retry)
+            return ()
+        if outcome == br.IGNORED and not permit.trial:
+            return ()  # counts as neither, and holds no lease: nothing to tell Redis
+        now = self.clock.time()
+        result = self._eval(self._keys(policy, now), self._args(
+            "r", policy, now, is_retry=is_retry, pending=self._take_pending(policy.name),
+            outcome=_OUTCOME_CODES[outcome], slow=slow, trial=permit.trial, lease=permit.lease))
+        if result is None:
+            return ()  # Redis left mid-call: this outcome goes with the outage
+        self._observe(policy.name, result)
+        return _transitions(policy.name, result[5:])
+
+    def snapshot(self, policy: Policy) -> BreakerSnapshot:
+        now = self.clock.time()
+        result = self._eval(self._keys(policy, now),
+                            self._args("s", policy, now, pending=self._take_pending(policy.name)))
+        if result is None:
+            local = self.local.snapshot(policy)
+            local.extra["shared"] = False
+            return local
+        self._observe(policy.name, result)
+        fields = result[5]
+        values = dict(zip(map(_text, fields[0::2]), map(_text, fields[1::2])))
+        return BreakerSnapshot(
+            integration=policy.name, state=values["st"], mode=values["mode"],
+            opened_at=_float_or_none(values["oa"]), changed_at=_float_or_none(values["ca"]),
+            consecutive_failures=int(values["cf"]), consecutive_successes=int(values["cs"]),
+            half_open_in_flight=int(values["leases"]), window_calls=int(values["cnt"]),
+            window_failures=int(values["nf"]), window_slow=int(values["ns"]), window_retries=int(values["nr"]),
+            extra={"shared": True},
+        )
+
+    def quota_usage(self, policy: Policy) -> QuotaUsage:
+        now = self.clock.time()
+        if self.available or time.monotonic() >= self._retry_at:
+            _, _, hour_key, day_key = self._keys(policy, now)
+            try:
+                hourly, daily = self.client.mget(hour_key, day_key)
+            except _UNREACHABLE as exc:
+                self._lost(exc)
+            else:
+                if not self.available:
+                    self._regained()
+                return QuotaUsage(policy.name, int(hourly or 0), policy.hourly_limit, int(daily or 0),
+                                  policy.daily_limit, window_start(now, HOUR) + HOUR, window_start(now, DAY) + DAY)
+        return self.local.quota_usage(policy)
+
+    def reset(self, policy: Policy, by: str | None = None, reason: str = "manual reset") -> Transition | None:
+        self._take_pending(policy.name)  # the window is cleared: successes still waiting say nothing more
+        local = self.local.reset(policy, by, reason)  # the per-process view too, for when Redis is away
+        now = self.clock.time()
+        result = self._eval(self._keys(policy, now), self._args("x", policy, now, extra=by or "", extra2=reason))
+        if result is None:
+            return local
+        self._observe(policy.name, result)
+        transitions = _transitions(policy.name, result[5:])
+        return transitions[0] if transitions else None
+
+    def publish_policy(self, policy: Policy) -> None:
+        now = self.clock.time()
+        self._eval(self._keys(policy, now), self._args("p", policy, now, extra=policy.mode,
+                                                       extra2=repr(policy.revision)))
+
+    def hit(self, key: str, limit: int, window_s: float) -> RateLimit:
+        if not self.available and time.monotonic() < self._retry_at:
+            return self.local.hit(key, limit, window_s)
+        now = self.clock.time()
+        try:
+            allowed, remaining, reset_at = self._rate_script(
+                keys=[f"{self.prefix}:ratelimit:{key}"],
+                args=[repr(now), repr(float(window_s)), limit, f"{self._lease_prefix}{next(self._lease_ids)}"])
+        except _UNREACHABLE as exc:
+            self._lost(exc)
+            return self.local.hit(key, limit, window_s)
+        if not self.available:
+            self._regained()
+        return RateLimit(bool(int(allowed)), limit, int(remaining), float(reset_at))
+
+    def _stale_policy(self, policy: Policy) -> None:
+        if self.on_stale_policy is not None:
+            self.on_stale_policy(policy.name)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _float_or_none(value: str) -> float | None:
+    return float(value) if value else None
+
+
+def _transitions(name: str, flat) -> tuple[Transition, ...]:
+    if not flat or not isinstance(flat[0], (bytes, str)):
+        return ()
+    items = [_text(v) for v in flat]
+    return tuple(
+        Transition(name, items[i], items[i + 1], items[i + 2], float(items[i + 3]), items[i + 4] or None)
+        for i in range(0, len(items) - 4, 5)
+    )
+
+
+def _refusal_text(reason: str, policy: Policy) -> str:
+    if reason == "forced":
+        return FORCED_OPEN_REASON
+    if reason == "half_open":
+        return f"breaker half-open: {policy.half_open_max_calls} trial call(s) already in flight"
+    return OPEN_REASON
+
