@@ -51,8 +51,10 @@ _LUA_DIR = Path(__file__).with_name("lua")
 _OUTCOME_CODES = {br.SUCCESS: "s", br.FAILURE: "f", br.IGNORED: "i"}
 # Errors that mean "Redis is not there": anything else (a script error) is a bug and is raised.
 _UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-# How long this process trusts a breaker it saw open without asking again (fail fast).
-_OPEN_VIEW_TTL_S = 1.0
+# How long this process trusts a breaker it saw open without asking Redis again, so
+# that a flood of calls on an open breaker fails fast without a round trip each.
+# Half the 1 s within which every process must see another's change (a reset).
+_OPEN_VIEW_TTL_S = 0.5
 
 
 class _Pending:
