@@ -6,17 +6,20 @@ one breaker: a trip happens exactly once, and half-open trial calls are
 limited cluster-wide by expiring probe leases (a crashed process's lease
 lapses after its attempt timeout).
 
-Cost: one round trip per guarded call in the closed state. ``acquire`` is the
-round trip; a fast success in the closed state is not sent on its own but
-carried by the next ``acquire`` of the process (or by a flusher thread within
-``flush_interval_s`` when no call follows). Failures, slow calls and half-open
-outcomes are recorded at once, since they can move the breaker.
+Cost: at most one round trip per guarded call in the closed state.
+``acquire`` is that round trip when a quota must be taken (atomically) or the
+call is a retry (the budget is counted in Redis); otherwise a process that saw
+the breaker closed less than 0.5 s ago admits on its own. A fast success in
+the closed state is not sent on its own but carried by the process's next
+round trip (or by a flusher thread within ``flush_interval_s``). Failures,
+slow calls and half-open outcomes are recorded at once, since they can move
+the breaker: a trip is decided in Redis, exactly once.
 
-A change by any process (a trip, an operator's reset, a saved policy) is seen
-by every other process at its next call, which reads the shared state. A
-saved policy's mode is written to Redis and used by the script at once; its
-other knobs are reloaded by a process whose policy is older than the
-revision the script returns.
+A change by any process (a trip, an operator's reset, a saved policy's mode)
+is seen by every other process within 1 s: what a process last saw of a
+breaker is trusted for 0.5 s at most. A saved policy's mode is written to
+Redis and used by the script at once; its other knobs are reloaded by a
+process whose policy is older than the revision the script returns.
 
 Outage: if Redis cannot be reached, calls go on with per-process state (a
 LocalStore), with one warning per outage in the log and a SharedStateChanged
@@ -51,10 +54,13 @@ _LUA_DIR = Path(__file__).with_name("lua")
 _OUTCOME_CODES = {br.SUCCESS: "s", br.FAILURE: "f", br.IGNORED: "i"}
 # Errors that mean "Redis is not there": anything else (a script error) is a bug and is raised.
 _UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-# How long this process trusts a breaker it saw open without asking Redis again, so
-# that a flood of calls on an open breaker fails fast without a round trip each.
-# Half the 1 s within which every process must see another's change (a reset).
-_OPEN_VIEW_TTL_S = 0.5
+# How long this process trusts what it last saw of a breaker (open: fail fast; closed:
+# admit) without asking Redis, so a flood of calls costs no round trip each. Half the
+# 1 s within which every process must see another's change (a trip, a reset, a mode).
+_VIEW_TTL_S = 0.5
+
+
+_SHARED_ADMITTED = Permit(True, shared=True)
 
 
 class _Pending:
@@ -105,7 +111,8 @@ class RedisStore(StateStore):
         self._flusher: threading.Thread | None = None
         self._flusher_pid = 0
         self._seen_state: dict[str, str] = {}  # the breaker state each integration had at our last round trip
-        self._open_until: dict[str, tuple[float, float]] = {}  # name -> (open until, seen at), wall time
+        self._open_until: dict[str, tuple[float, float]] = {}  # name -> (opened at, seen at), wall time
+        self._closed_seen_at: dict[str, float | None] = {}  # name -> when last seen closed (monotonic)
 
     # -- keys -------------------------------------------------------------------
 
@@ -219,7 +226,7 @@ class RedisStore(StateStore):
                                 self._args("f", pending.policy, now, pending=(pending.ok, pending.ok_retry)))
             if result is not None:
                 self._observe(pending.policy.name, result)
-                self._publish(_transitions(pending.policy.name, result[5:]))
+                self._publish(_transitions(pending.policy.name, result[6:]))
 
     def _publish(self, transitions) -> None:
         from .events import StateTransition
@@ -228,12 +235,25 @@ class RedisStore(StateStore):
             self.bus.publish(StateTransition(transition))
 
     def _observe(self, name: str, result) -> None:
-        state, opened_at = _text(result[2]), _text(result[3])
+        state, opened_at, mode = _text(result[2]), _text(result[3]), _text(result[5])
+        # closed and not forced open fleet-wide: this process may admit on its own for a while
+        self._closed_seen_at[name] = time.monotonic() if state == br.CLOSED and mode != MODE_FORCED_OPEN else None
         self._seen_state[name] = state
         if state == br.OPEN and opened_at:
             self._open_until[name] = (float(opened_at), self.clock.time())
         else:
             self._open_until.pop(name, None)
+
+    def _admits_locally(self, policy: Policy, is_retry: bool) -> bool:
+        """A closed breaker seen within the view TTL needs no round trip to admit a first attempt.
+
+        Not for retries (the budget is counted in Redis) nor quotas (units are
+        taken atomically in Redis): those always ask.
+        """
+        if is_retry or policy.hourly_limit is not None or policy.daily_limit is not None:
+            return False
+        seen_at = self._closed_seen_at.get(policy.name)
+        return seen_at is not None and time.monotonic() - seen_at < _VIEW_TTL_S
 
     # -- the StateStore interface ------------------------------------------------------
 
@@ -247,11 +267,13 @@ class RedisStore(StateStore):
             return None
         opened_at, seen_at = seen
         now = self.clock.time()
-        if now - seen_at < _OPEN_VIEW_TTL_S and now - opened_at < policy.reset_timeout_s:
+        if now - seen_at < _VIEW_TTL_S and now - opened_at < policy.reset_timeout_s:
             return OPEN_REASON
         return None
 
     def acquire(self, policy: Policy, is_retry: bool = False) -> Permit:
+        if self.available and self._admits_locally(policy, is_retry):
+            return _SHARED_ADMITTED
         now = self.clock.time()
         lease = f"{self._lease_prefix}{next(self._lease_ids)}"
         pending = self._take_pending(policy.name)
@@ -261,7 +283,7 @@ class RedisStore(StateStore):
             return self.local.acquire(policy, is_retry)
         self._observe(policy.name, result)
         decision, reason, rev = int(result[0]), _text(result[1]), float(result[4])
-        transitions = _transitions(policy.name, result[5:])
+        transitions = _transitions(policy.name, result[6:])
         if rev > policy.revision:
             self._stale_policy(policy)
         if decision == 0:
@@ -291,7 +313,7 @@ class RedisStore(StateStore):
         if result is None:
             return ()  # Redis left mid-call: this outcome goes with the outage
         self._observe(policy.name, result)
-        return _transitions(policy.name, result[5:])
+        return _transitions(policy.name, result[6:])
 
     def snapshot(self, policy: Policy) -> BreakerSnapshot:
         now = self.clock.time()
@@ -302,7 +324,7 @@ class RedisStore(StateStore):
             local.extra["shared"] = False
             return local
         self._observe(policy.name, result)
-        fields = result[5]
+        fields = result[6]
         values = dict(zip(map(_text, fields[0::2]), map(_text, fields[1::2])))
         return BreakerSnapshot(
             integration=policy.name, state=values["st"], mode=values["mode"],
@@ -336,7 +358,7 @@ class RedisStore(StateStore):
         if result is None:
             return local
         self._observe(policy.name, result)
-        transitions = _transitions(policy.name, result[5:])
+        transitions = _transitions(policy.name, result[6:])
         return transitions[0] if transitions else None
 
     def publish_policy(self, policy: Policy) -> None:

@@ -11,8 +11,8 @@
 --       14 daily (-1)  15 lease id  16 lease ttl s  17 key ttl s  18 is_retry
 --       19 deferred successes  20 deferred successes that were retries
 --       21 outcome (s f i)  22 slow  23 trial  24 by | mode  25 reason | revision
--- Returns {decision, reason, state, opened_at, revision, transitions...}; a
--- transition is 5 items: from, to, reason, at, by. Snapshot returns the
+-- Returns {decision, reason, state, opened_at, revision, mode, transitions...};
+-- a transition is 5 items: from, to, reason, at, by. Snapshot returns the
 -- fields as a flat list in place of transitions.
 
 local bk, lk, hk, dk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -169,10 +169,10 @@ end
 
 if op == 's' then
   local leases = redis.call('ZCOUNT', lk, now, '+inf')
-  return {0, '', st, oa, rev, {'st', st, 'oa', oa, 'ca', ca, 'cf', cf, 'cs', cs, 'cnt', cnt, 'nf', nf,
+  return {0, '', st, oa, rev, mode, {'st', st, 'oa', oa, 'ca', ca, 'cf', cf, 'cs', cs, 'cnt', cnt, 'nf', nf,
                                'ns', ns, 'nr', nr, 'mode', mode, 'leases', leases}}
 end
 
-local reply = {decision, reason, st, oa, rev}
+local reply = {decision, reason, st, oa, rev, mode}
 for i = 1, #out do reply[#reply + 1] = out[i] end
 return reply
