@@ -6,14 +6,16 @@ one breaker: a trip happens exactly once, and half-open trial calls are
 limited cluster-wide by expiring probe leases (a crashed process's lease
 lapses after its attempt timeout).
 
-Cost: at most one round trip per guarded call in the closed state.
-``acquire`` is that round trip when a quota must be taken (atomically) or the
-call is a retry (the budget is counted in Redis); otherwise a process that saw
-the breaker closed less than 0.5 s ago admits on its own. A fast success in
-the closed state is not sent on its own but carried by the process's next
-round trip (or by a flusher thread within ``flush_interval_s``). Failures,
-slow calls and half-open outcomes are recorded at once, since they can move
-the breaker: a trip is decided in Redis, exactly once.
+Cost: at most one round trip per guarded call in the closed state. A process
+that saw the breaker closed less than 0.5 s ago admits a first attempt on its
+own; if the integration has a quota, the one round trip is a small script
+that takes a unit atomically. Otherwise (a stale view, a retry, whose budget
+is counted in Redis, a half-open or open breaker) ``acquire`` runs the full
+state script. A fast success in the closed state is not sent on its own but
+carried by the process's next state round trip (or by a flusher thread within
+``flush_interval_s``). Failures, slow calls and half-open outcomes are
+recorded at once, since they can move the breaker: a trip is decided in
+Redis, exactly once.
 
 A change by any process (a trip, an operator's reset, a saved policy's mode)
 is seen by every other process within 1 s: what a process last saw of a
@@ -100,6 +102,7 @@ class RedisStore(StateStore):
         self.flush_interval_s = flush_interval_s
         self._state_script = self.client.register_script((_LUA_DIR / "state.lua").read_text())
         self._rate_script = self.client.register_script((_LUA_DIR / "rate_limit.lua").read_text())
+        self._quota_script = self.client.register_script((_LUA_DIR / "quota.lua").read_text())
         self._lease_ids = itertools.count()
         self._lease_prefix = f"{socket.gethostname()}:{os.getpid()}:"
         self.available = True
@@ -244,16 +247,31 @@ class RedisStore(StateStore):
         else:
             self._open_until.pop(name, None)
 
-    def _admits_locally(self, policy: Policy, is_retry: bool) -> bool:
-        """A closed breaker seen within the view TTL needs no round trip to admit a first attempt.
+    def _seen_closed(self, policy: Policy, is_retry: bool) -> bool:
+        """Whether this process saw the breaker closed within the view TTL (first attempts only).
 
-        Not for retries (the budget is counted in Redis) nor quotas (units are
-        taken atomically in Redis): those always ask.
+        Such an attempt needs no breaker round trip; a retry always asks,
+        since the retry budget is counted in Redis.
         """
-        if is_retry or policy.hourly_limit is not None or policy.daily_limit is not None:
+        if is_retry:
             return False
         seen_at = self._closed_seen_at.get(policy.name)
         return seen_at is not None and time.monotonic() - seen_at < _VIEW_TTL_S
+
+    def _take_quota(self, policy: Policy) -> Permit | None:
+        """One unit of quota in one small script; None when Redis is unreachable."""
+        _, _, hour_key, day_key = self._keys(policy, self.clock.time())
+        try:
+            full = self._quota_script(keys=[hour_key, day_key], args=[
+                -1 if policy.hourly_limit is None else policy.hourly_limit,
+                -1 if policy.daily_limit is None else policy.daily_limit])
+        except _UNREACHABLE as exc:
+            self._lost(exc)
+            return None
+        if full:
+            return Permit(False, category=ErrorCategory.QUOTA_EXCEEDED, reason=f"{_text(full)} quota reached",
+                          shared=True)
+        return _SHARED_ADMITTED
 
     # -- the StateStore interface ------------------------------------------------------
 
@@ -272,8 +290,13 @@ class RedisStore(StateStore):
         return None
 
     def acquire(self, policy: Policy, is_retry: bool = False) -> Permit:
-        if self.available and self._admits_locally(policy, is_retry):
-            return _SHARED_ADMITTED
+        if self.available and self._seen_closed(policy, is_retry):
+            if policy.hourly_limit is None and policy.daily_limit is None:
+                return _SHARED_ADMITTED
+            permit = self._take_quota(policy)
+            if permit is not None:
+                return permit
+            return self.local.acquire(policy, is_retry)
         now = self.clock.time()
         lease = f"{self._lease_prefix}{next(self._lease_ids)}"
         pending = self._take_pending(policy.name)

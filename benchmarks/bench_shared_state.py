@@ -1,0 +1,147 @@
+"""A guarded call with shared state in Redis, next to one raw round trip and pybreaker's Redis storage.
+
+    .venv/bin/python benchmarks/bench_shared_state.py [--redis-url URL] [--calls N] [--json FILE]
+
+Rows (each a no-op operation, N calls, best of 5 interleaved repeats):
+
+    raw EVALSHA          one EVALSHA of a trivial script ("return 1"): one round trip
+    ours, breaker        execute() on the RedisStore: breaker, retry, bulkhead, no quota
+    ours, with quota     the same with an hourly and daily limit: every call takes a
+                         unit of quota atomically in Redis, so every call is a round trip
+    pybreaker + Redis    pybreaker.CircuitBreaker with CircuitRedisStorage
+
+"round trips" counts the requests written to Redis per call (a pipeline is
+one), from redis-py's connection in this process; "x EVALSHA" is time per
+call over the raw EVALSHA time. Targets: ours <= 1.05 round trips' worth of
+time per call, and >= 2x pybreaker's throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "resilience_site.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+import pybreaker  # noqa: E402
+import redis  # noqa: E402
+from redis.connection import Connection  # noqa: E402
+
+from integrations.resilience import Engine, Policy  # noqa: E402
+from integrations.resilience.events import EventBus  # noqa: E402
+from integrations.resilience.redis_store import RedisStore  # noqa: E402
+from integrations.resilience.registry import PolicyRegistry  # noqa: E402
+
+REPEATS = 5
+_writes = 0
+_send = Connection.send_packed_command
+
+
+def _counting_send(self, command, check_health=True):
+    global _writes
+    _writes += 1
+    return _send(self, command, check_health)
+
+
+Connection.send_packed_command = _counting_send
+
+
+def op():
+    return 1
+
+
+def build_rows(url: str) -> dict:
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(url)
+    trivial = client.register_script("return 1")
+    trivial()  # load it: every timed call is an EVALSHA
+
+    def ours(policy: Policy):
+        registry = PolicyRegistry()
+        registry.put(policy)
+        bus = EventBus()
+        engine = Engine(registry=registry, store=RedisStore(url, prefix=prefix, bus=bus), bus=bus)
+        return lambda: engine.execute(policy.name, op)
+
+    breaker_only = ours(Policy(name="breaker", timeout_enforcement="inline", max_concurrent=100))
+    with_quota = ours(Policy(name="quota", timeout_enforcement="inline", max_concurrent=100,
+                             hourly_limit=10**9, daily_limit=10**9))
+    storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, redis.Redis.from_url(url),
+                                            namespace=f"{prefix}-pybreaker")
+    breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30, state_storage=storage)
+    return {
+        "raw EVALSHA": trivial,
+        "ours, breaker": breaker_only,
+        "ours, with quota": with_quota,
+        "pybreaker + Redis": lambda: breaker.call(op),
+    }, client, prefix
+
+
+def time_row(fn, calls: int) -> tuple[float, float]:
+    """(µs per call, round trips per call)."""
+    global _writes
+    gc.collect()
+    gc.disable()
+    try:
+        _writes = 0
+        started = time.perf_counter_ns()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter_ns() - started
+        return elapsed / calls / 1000, _writes / calls
+    finally:
+        gc.enable()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0")
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+
+    rows, client, prefix = build_rows(args.redis_url)
+    for fn in rows.values():  # warm up: scripts loaded, connections open, policies seen
+        for _ in range(200):
+            fn()
+    best = {name: (float("inf"), 0.0) for name in rows}
+    for _ in range(REPEATS):
+        for name, fn in rows.items():
+            micros, trips = time_row(fn, args.calls)
+            if micros < best[name][0]:
+                best[name] = (micros, trips)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+
+    raw = best["raw EVALSHA"][0]
+    pyb = best["pybreaker + Redis"][0]
+    print(f"Redis at {args.redis_url}, {args.calls} calls per row, best of {REPEATS}\n")
+    print(f"{'row':20} {'µs/call':>9} {'round trips':>12} {'x EVALSHA':>10} {'calls/s':>9}")
+    summary = {}
+    for name, (micros, trips) in best.items():
+        summary[name] = {"us_per_call": round(micros, 2), "round_trips_per_call": round(trips, 3),
+                         "x_evalsha": round(micros / raw, 3), "calls_per_s": round(1e6 / micros)}
+        print(f"{name:20} {micros:9.2f} {trips:12.3f} {micros / raw:10.2f} {1e6 / micros:9.0f}")
+    print()
+    for name in ("ours, breaker", "ours, with quota"):
+        micros = best[name][0]
+        worth, speedup = micros / raw, pyb / micros
+        print(f"{name}: {worth:.2f} round trips' worth (target <= 1.05: {'PASS' if worth <= 1.05 else 'FAIL'}), "
+              f"{speedup:.1f}x pybreaker's throughput (target >= 2: {'PASS' if speedup >= 2 else 'FAIL'})")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
