@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from django.core.exceptions import ValidationError
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
-from django.db import models
+from django.db import models, transaction
 from django.db.models import F
 from django.db.models.functions import Now
 from django.dispatch import Signal
+from django.utils import timezone
 
 from .resilience import get_engine
 from .resilience.policy import (
@@ -23,7 +28,10 @@ from .resilience.policy import (
     Policy,
 )
 
+logger = logging.getLogger("integrations.faults")
+
 DEFAULT_KIND = "external_api"
+MAX_FAULT_MINUTES = 24 * 60
 
 # Sent when an integration's policy changed without a save() (a queryset update).
 policy_changed = Signal()
@@ -102,6 +110,11 @@ class Integration(models.Model):
     # Degraded mode
     capacity = models.FloatField(validators=[_capacity], help_text="Share of calls let through, in (0, 1].")
 
+    # Game-day fault injection in force (history: FaultInjection); see inject_fault().
+    fault_error_percent = models.FloatField(default=0, editable=False)
+    fault_latency_ms = models.PositiveIntegerField(default=0, editable=False)
+    fault_until = models.DateTimeField(null=True, blank=True, editable=False)
+
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -138,6 +151,8 @@ class Integration(models.Model):
     def to_policy(self) -> Policy:
         revision = self.updated_at.timestamp() if self.updated_at else 0.0
         return Policy(name=self.name, kind=self.kind, cache_version=self.cache_version, revision=revision,
+                      fault_until=self.fault_until.timestamp() if self.fault_until else 0.0,
+                      fault_error_percent=self.fault_error_percent, fault_latency_ms=self.fault_latency_ms,
                       **{knob: getattr(self, knob) for knob in KNOB_NAMES})
 
     def apply_preset(self, kind: str | None = None) -> None:
@@ -184,6 +199,54 @@ class Integration(models.Model):
             self.set_mode(MODE_NORMAL)
         return get_engine().reset_breaker(self.to_policy(), by)
 
+    def inject_fault(self, *, error_percent: float = 0, latency_ms: int = 0, minutes: float = 10,
+                     by: str = "") -> FaultInjection:
+        """Inject errors into ``error_percent`` % of calls and/or ``latency_ms`` into each, for ``minutes``.
+
+        Refused unless RESILIENCE_FAULT_INJECTION is on. Expires by itself.
+        """
+        if not settings.RESILIENCE_FAULT_INJECTION:
+            raise PermissionDenied("Fault injection is off: set RESILIENCE_FAULT_INJECTION=true to allow it.")
+        injection = FaultInjection(integration=self, error_percent=error_percent, latency_ms=latency_ms,
+                                   starts_at=timezone.now(), created_by=by)
+        injection.ends_at = injection.starts_at + timedelta(minutes=minutes) if minutes and minutes > 0 else None
+        errors = {}
+        if not 0 <= error_percent <= 100:
+            errors["error_percent"] = "Must be between 0 and 100."
+        if latency_ms is None or latency_ms < 0:
+            errors["latency_ms"] = "Must be 0 or more."
+        if not error_percent and not latency_ms:
+            errors["error_percent"] = "Inject errors, latency, or both."
+        if not minutes or not 0 < minutes <= MAX_FAULT_MINUTES:
+            errors["minutes"] = f"Must be more than 0 and at most {MAX_FAULT_MINUTES} (an injection always ends)."
+        if errors:
+            raise ValidationError(errors)
+        with transaction.atomic():
+            injection.save()
+            Integration.objects.filter(pk=self.pk).update(
+                fault_error_percent=error_percent, fault_latency_ms=latency_ms, fault_until=injection.ends_at,
+                updated_at=Now())
+        self.refresh_from_db(fields=["fault_error_percent", "fault_latency_ms", "fault_until", "updated_at"])
+        logger.warning("fault injection on %s by %s: %s%% errors, %s ms latency, until %s", self.name,
+                       by or "(unknown)", error_percent, latency_ms, injection.ends_at.isoformat())
+        policy_changed.send(sender=Integration, instance=self)
+        return injection
+
+    def stop_fault(self, by: str = "") -> None:
+        """End the fault injection in force now."""
+        now = timezone.now()
+        with transaction.atomic():
+            FaultInjection.objects.filter(integration=self, ends_at__gt=now).update(ends_at=now, stopped_by=by)
+            Integration.objects.filter(pk=self.pk).update(fault_error_percent=0, fault_latency_ms=0, fault_until=None,
+                                                          updated_at=Now())
+        self.refresh_from_db(fields=["fault_error_percent", "fault_latency_ms", "fault_until", "updated_at"])
+        logger.warning("fault injection on %s stopped by %s", self.name, by or "(unknown)")
+        policy_changed.send(sender=Integration, instance=self)
+
+    @property
+    def fault_active(self) -> bool:
+        return self.fault_until is not None and self.fault_until > timezone.now()
+
     def clear_cache(self) -> None:
         """Every cached response and last known value of this integration becomes unreachable.
 
@@ -225,3 +288,25 @@ class BreakerEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.integration.name}: {self.from_state} -> {self.to_state} ({self.reason})"
+
+
+class FaultInjection(models.Model):
+    """A game-day injection of errors or latency: the log of every one, by whom and for how long."""
+
+    integration = models.ForeignKey(Integration, on_delete=models.CASCADE, related_name="fault_injections")
+    error_percent = models.FloatField(default=0, validators=_percent)
+    latency_ms = models.PositiveIntegerField(default=0)
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    created_by = models.CharField(max_length=150, blank=True)
+    stopped_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-starts_at"]
+
+    def __str__(self) -> str:
+        return f"{self.integration.name}: {self.error_percent:g}% errors, {self.latency_ms} ms until {self.ends_at}"
+
+    @property
+    def active(self) -> bool:
+        return self.starts_at <= timezone.now() < self.ends_at

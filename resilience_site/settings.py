@@ -257,6 +257,8 @@ LOGGING = {
 # RESILIENCE_REDIS_URL: where breaker, quota and rate-limit state is shared by every process
 #   and host (default: REDIS_URL); unset, that state is per process.
 # RESILIENCE_KEY_PREFIX: the site's prefix on every shared-state key in Redis.
+# RESILIENCE_FAULT_INJECTION: operators may inject errors or latency into an integration's
+#   calls for a limited time (game days); off by default.
 
 RESILIENCE_ADMIN_ALLOWED_IPS = env_networks("RESILIENCE_ADMIN_ALLOWED_IPS")
 RESILIENCE_METRICS_TOKEN = env_str("RESILIENCE_METRICS_TOKEN")
@@ -268,6 +270,7 @@ RESILIENCE_CACHE_STALE_S = env_int("RESILIENCE_CACHE_STALE_S", 3600)
 RESILIENCE_LAST_KNOWN_TTL_S = env_int("RESILIENCE_LAST_KNOWN_TTL_S", 604_800)
 RESILIENCE_REDIS_URL = env_str("RESILIENCE_REDIS_URL", REDIS_URL)
 RESILIENCE_KEY_PREFIX = env_str("RESILIENCE_KEY_PREFIX", "resilience")
+RESILIENCE_FAULT_INJECTION = env_bool("RESILIENCE_FAULT_INJECTION", False)
 
 if RESILIENCE_CACHE_ALIAS not in CACHES:
     raise ImproperlyConfigured(

@@ -59,7 +59,7 @@ def _build_default_engine() -> Engine:
         from .redis_store import RedisStore
 
         store = RedisStore(settings.RESILIENCE_REDIS_URL, prefix=settings.RESILIENCE_KEY_PREFIX)
-    return Engine(registry=registry, cache=cache, store=store)
+    return Engine(registry=registry, cache=cache, store=store, faults_enabled=settings.RESILIENCE_FAULT_INJECTION)
 
 
 def get_engine() -> Engine:

@@ -11,7 +11,8 @@ THE ORDER (written down once; docs/pipeline.md explains each step):
          b. state       breaker permission, retry budget and quota, in one
                         atomic store operation (CIRCUIT_OPEN, QUOTA_EXCEEDED)
          c. timeout     the operation runs for at most its attempt timeout,
-                        trimmed to the deadline
+                        trimmed to the deadline (with any game-day fault
+                        injected into it: faults.py)
          d. record      the outcome feeds the breaker
          e. retry       a retryable failure is retried after backoff, unless
                         the delay would end past the deadline
@@ -35,6 +36,7 @@ from typing import Any, Callable
 from ..errors import ErrorCategory, ResilienceError, classify
 from . import breaker as br
 from . import fallback as fb
+from . import faults
 from .bulkhead import Bulkhead
 from .cache import ResponseCache, key_material
 from .clock import SystemClock
@@ -148,6 +150,9 @@ class _Call:
         self.material = None
         if policy.cache_ttl_s > 0 or (fallbacks and any(f.kind in (fb.CACHE, fb.LAST_KNOWN) for f in fallbacks)):
             self.material = key_material(fn, args, kwargs, cache_key)
+        if policy.fault_until and engine.faults_enabled and faults.fault_active(policy, engine.clock.time()):
+            self.fn = (faults.with_async_fault(fn, policy, engine.rng, engine.clock.asleep)
+                       if fb.is_async_callable(fn) else faults.with_fault(fn, policy, engine.rng, engine.clock.sleep))
 
     # -- steps 2 and 3: before any attempt -----------------------------------
 
@@ -298,8 +303,10 @@ class Engine:
         clock=None,
         rng: random.Random | None = None,
         bus: EventBus | None = None,
+        faults_enabled: bool = False,
     ) -> None:
         self.clock = clock or SystemClock()
+        self.faults_enabled = faults_enabled  # RESILIENCE_FAULT_INJECTION: game-day faults are applied
         self.registry = registry or PolicyRegistry()
         self.store = store or LocalStore(self.clock)
         self.cache = cache or ResponseCache()

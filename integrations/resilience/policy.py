@@ -65,6 +65,11 @@ class Policy:
     cache_ttl_s: int = 0
     cache_version: int = 0  # bumped to clear the integration's cache without scanning keys
     revision: float = 0.0  # when the policy was last saved: a shared store tells processes holding an older one
+    # Fault injection for game days (set from an active FaultInjection; applied only when
+    # RESILIENCE_FAULT_INJECTION is on): until when, errors in what % of attempts, added latency.
+    fault_until: float = 0.0
+    fault_error_percent: float = 0.0
+    fault_latency_ms: int = 0
     # Degraded mode: share of calls let through, in (0, 1]
     capacity: float = 1.0
 
@@ -86,7 +91,8 @@ class Policy:
         return dataclasses.replace(self, **changes)
 
 
-KNOB_NAMES = tuple(f.name for f in dataclasses.fields(Policy) if f.name not in ("name", "kind", "cache_version", "revision"))
+NOT_KNOBS = ("name", "kind", "cache_version", "revision", "fault_until", "fault_error_percent", "fault_latency_ms")
+KNOB_NAMES = tuple(f.name for f in dataclasses.fields(Policy) if f.name not in NOT_KNOBS)
 
 _BASE = {name: Policy.__dataclass_fields__[name].default for name in KNOB_NAMES}
 
