@@ -44,11 +44,23 @@ def raise_for_category(response: httpx.Response, integration: str) -> httpx.Resp
     )
 
 
+_DEAD_LETTER = "resilience.dead_letter"  # request extension carrying the request's DeadLetter
+
+
 class Client(httpx.Client):
     def __init__(self, integration: str, *, fallbacks=(), **kwargs) -> None:
         super().__init__(**kwargs)
         self.integration = integration
         self.fallbacks = tuple(fallbacks)
+
+    def request(self, method: str, url, *, dead_letter=None, **kwargs) -> httpx.Response:
+        """httpx's ``request``, plus ``dead_letter=DeadLetter(...)``: kept if the request finally fails.
+
+            client.request("POST", "/charges", json=order, dead_letter=DeadLetter("billing.charge", order))
+        """
+        if dead_letter is not None:
+            kwargs["extensions"] = {**(kwargs.get("extensions") or {}), _DEAD_LETTER: dead_letter}
+        return super().request(method, url, **kwargs)
 
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
         if stream:
@@ -65,5 +77,7 @@ class Client(httpx.Client):
             cache_key = {"method": request.method, "url": str(request.url), "headers": sorted(request.headers.items())}
         else:
             cache_key = False  # a POST's response is never served to another POST
-        result = get_engine().call(self.integration, attempt, cache_key=cache_key, fallbacks=self.fallbacks)
+        dead_letter = request.extensions.get(_DEAD_LETTER)
+        result = get_engine().call(self.integration, attempt, cache_key=cache_key, fallbacks=self.fallbacks,
+                                   dead_letter=dead_letter)
         return result.unwrap()

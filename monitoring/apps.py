@@ -5,3 +5,26 @@ class MonitoringConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "monitoring"
     verbose_name = "Monitoring"
+
+    def ready(self):
+        from .metrics import install  # Prometheus metrics subscribe to the engine's events
+        install()
+        self.install_monitoring()
+
+    def install_monitoring(self):
+        """Call statistics subscribe to the engine's events and the schedules are declared.
+
+        The dead letter handler of notifications is in ``dead_letters.py``, which the DLQ app imports.
+        """
+        from integrations.resilience.events import CallFinished, subscribe
+        from integrations.schedules import register_schedule
+
+        from . import stats
+
+        subscribe(CallFinished, stats.buffer.record)
+        register_schedule("monitoring.watchdog", "monitoring.tasks.run_watchdog", minutes=1,
+                          description="Watchdog rules over the call statistics; raises and resolves alerts.")
+        register_schedule("monitoring.health_checks", "monitoring.tasks.run_due_health_checks", minutes=1,
+                          description="Runs the health checks whose interval has passed.")
+        register_schedule("monitoring.prune", "monitoring.tasks.prune", minutes=60,
+                          description="Deletes call statistics and health check results past their retention.")

@@ -7,6 +7,7 @@ the embedded development setup: SQLite, local-memory cache, django-q on the ORM.
 
 import ipaddress
 import os
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -94,6 +95,7 @@ INSTALLED_APPS = [
     "django_q",
     "django_prometheus",
     "integrations.apps.IntegrationsConfig",
+    "integrations.dlq.apps.DlqConfig",
     "monitoring.apps.MonitoringConfig",
 ]
 
@@ -146,6 +148,13 @@ _PROMETHEUS_DB_ENGINES = {
 DATABASES["default"]["ENGINE"] = _PROMETHEUS_DB_ENGINES.get(DATABASES["default"]["ENGINE"],
                                                             DATABASES["default"]["ENGINE"])
 
+# SQLite's test database in a file, not in memory, so processes a test starts (a django-q
+# cluster) can share it; named after this process so parallel test runs do not collide.
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    DATABASES["default"]["TEST"] = {
+        "NAME": str(Path(tempfile.gettempdir()) / f"resilience-test-{os.getpid()}.sqlite3"),
+    }
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL")
@@ -182,6 +191,8 @@ Q_CLUSTER = {
     "timeout": 120,
     "retry": 180,
     "catch_up": False,
+    # django-q2 reads Q_CLUSTER_NAME (a separate queue, e.g. per test run) only when this key exists.
+    "ALT_CLUSTERS": {},
 }
 if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
@@ -205,6 +216,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
+    # Errors as {"error": {"code", "message", ...}} (CONTRACT.md).
+    "EXCEPTION_HANDLER": "integrations.api_common.exception_handler",
 }
 
 # Internationalization and static files
@@ -278,6 +291,34 @@ if RESILIENCE_CACHE_ALIAS not in CACHES:
         f"which is not in CACHES ({', '.join(CACHES)})."
     )
 
+# Dead letter queue (integrations.dlq; docs/dlq.md)
+#
+# RESILIENCE_DLQ_MAX_REDRIVES: redrives of an entry before it is dead, unless its DeadLetter asks otherwise.
+# RESILIENCE_DLQ_BACKOFF_BASE_MS, RESILIENCE_DLQ_BACKOFF_MAX_MS: the wait before redrive n + 1 is
+#   min(base x 2^(n-1), max), drawn between half and all of it; the first redrive waits base.
+# RESILIENCE_DLQ_LEASE_S: how long a worker holds the entries it claimed (at least the integration's
+#   overall timeout plus 5 s); a crashed worker's entries are redriven once it has passed.
+# RESILIENCE_DLQ_RATE_PER_MINUTE: entries redriven per integration per minute; 0: no cap.
+# RESILIENCE_DLQ_BATCH_SIZE: entries claimed at once by a redrive.
+# RESILIENCE_DLQ_REDRIVE_EVERY_MIN: how often the scheduled redrive (dlq.redrive) runs.
+# RESILIENCE_DLQ_HANDLER_MODULES: comma-separated modules that register dead letter handlers,
+#   imported at start-up besides each app's dead_letters module.
+
+RESILIENCE_DLQ_MAX_REDRIVES = env_int("RESILIENCE_DLQ_MAX_REDRIVES", 10, minimum=1)
+RESILIENCE_DLQ_BACKOFF_BASE_MS = env_int("RESILIENCE_DLQ_BACKOFF_BASE_MS", 60_000, minimum=1)
+RESILIENCE_DLQ_BACKOFF_MAX_MS = env_int("RESILIENCE_DLQ_BACKOFF_MAX_MS", 6 * 3_600_000, minimum=1)
+RESILIENCE_DLQ_LEASE_S = env_int("RESILIENCE_DLQ_LEASE_S", 300, minimum=1)
+RESILIENCE_DLQ_RATE_PER_MINUTE = env_int("RESILIENCE_DLQ_RATE_PER_MINUTE", 600)
+RESILIENCE_DLQ_BATCH_SIZE = env_int("RESILIENCE_DLQ_BATCH_SIZE", 100, minimum=1)
+RESILIENCE_DLQ_REDRIVE_EVERY_MIN = env_int("RESILIENCE_DLQ_REDRIVE_EVERY_MIN", 5, minimum=1)
+RESILIENCE_DLQ_HANDLER_MODULES = env_list("RESILIENCE_DLQ_HANDLER_MODULES")
+
+if RESILIENCE_DLQ_BACKOFF_BASE_MS > RESILIENCE_DLQ_BACKOFF_MAX_MS:
+    raise ImproperlyConfigured(
+        f"RESILIENCE_DLQ_BACKOFF_BASE_MS ({RESILIENCE_DLQ_BACKOFF_BASE_MS}) must not exceed "
+        f"RESILIENCE_DLQ_BACKOFF_MAX_MS ({RESILIENCE_DLQ_BACKOFF_MAX_MS})."
+    )
+
 # Metrics
 #
 # PROMETHEUS_MULTIPROC_DIR: where prometheus_client's multiprocess mode keeps each worker's
@@ -290,6 +331,40 @@ if PROMETHEUS_MULTIPROC_DIR and not Path(PROMETHEUS_MULTIPROC_DIR).is_dir():
         f"PROMETHEUS_MULTIPROC_DIR names {PROMETHEUS_MULTIPROC_DIR!r}, which is not a directory."
     )
 
+# Monitoring: call statistics and watchdog thresholds (the monitoring app)
+#
+# RESILIENCE_STATS_FLUSH_S: how often each process writes its buffered call statistics
+#   (it also writes them at exit); 0: no background writer, call monitoring.stats.flush().
+# RESILIENCE_STATS_RETENTION_DAYS: call statistics and health check results are kept this long.
+# RESILIENCE_WATCHDOG_<NAME>: each threshold below, e.g. RESILIENCE_WATCHDOG_MIN_CALLS=50.
+#   Rates are over WINDOW_MINUTES (error spike, slow calls, fallbacks, traffic average) or
+#   RECENT_MINUTES (unavailable, traffic spike), once MIN_CALLS calls were made; percents are
+#   "above" except quota's ("from"). DLQ_PENDING: dead letters still waiting after DLQ_MINUTES.
+
+RESILIENCE_STATS_FLUSH_S = env_int("RESILIENCE_STATS_FLUSH_S", 10)
+RESILIENCE_STATS_RETENTION_DAYS = env_int("RESILIENCE_STATS_RETENTION_DAYS", 7, minimum=1)
+RESILIENCE_WATCHDOG = {
+    name: env_int(f"RESILIENCE_WATCHDOG_{name.upper()}", default, minimum=1)
+    for name, default in {
+        "window_minutes": 60,
+        "recent_minutes": 5,
+        "min_calls": 20,
+        "error_warning_percent": 30,
+        "error_critical_percent": 70,
+        "slow_percent": 50,
+        "open_minutes": 5,
+        "unavailable_failure_percent": 50,
+        "unavailable_timeout_percent": 30,
+        "quota_warning_percent": 80,
+        "quota_critical_percent": 95,
+        "dlq_pending": 100,
+        "dlq_minutes": 10,
+        "traffic_factor": 3,
+        "fallback_warning_percent": 50,
+        "fallback_critical_percent": 70,
+    }.items()
+}
+
 # Production hardening
 
 if not DEBUG:
@@ -297,6 +372,9 @@ if not DEBUG:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_HSTS_SECONDS = 31_536_000
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    # Only the header's "preload" token (check --deploy's W021): the domain joins browsers'
+    # preload list only when its owner submits it at hstspreload.org, a lasting step (docs/inbound.md).
+    SECURE_HSTS_PRELOAD = True
     SECURE_CONTENT_TYPE_NOSNIFF = True
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True

@@ -15,6 +15,12 @@ from integrations.resilience.registry import PolicyRegistry
 from integrations.resilience.state import LocalStore
 
 
+def pytest_configure(config):
+    # No background flusher of call statistics inside the test process: it would write
+    # from another thread while tests hold the database; tests flush explicitly.
+    settings.RESILIENCE_STATS_FLUSH_S = 0
+
+
 @pytest.fixture(autouse=True)
 def fresh_default_engine(settings):
     """Every test starts with a new process engine and its own shared-state keys: nothing leaks between tests."""

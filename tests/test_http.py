@@ -415,3 +415,19 @@ def test_the_client_refuses_streaming():
         with pytest.raises(ValueError, match="streaming"):
             with http.stream("GET", "/ok"):
                 pass
+
+
+@pytest.mark.django_db
+def test_a_request_that_finally_fails_leaves_its_dead_letter(closed_port):
+    import dlq_test_handlers  # noqa: F401 - registers the dlq_test.* handlers
+    from integrations.dlq import DeadLetter
+    from integrations.dlq.models import DeadLetter as DeadLetterEntry
+
+    integration("upstream", max_retries=0)
+    with Client("upstream", base_url=f"http://127.0.0.1:{closed_port}") as http:
+        with pytest.raises(ResilienceError):
+            http.request("POST", "/charges", json={"order": 7},
+                         dead_letter=DeadLetter("dlq_test.noop", {"order": 7}, idempotency_key="order-7"))
+    entry = DeadLetterEntry.objects.get()
+    assert (entry.handler_name, entry.payload, entry.idempotency_key) == ("dlq_test.noop", {"order": 7}, "order-7")
+    assert (entry.integration_name, entry.last_error_category) == ("upstream", "network")

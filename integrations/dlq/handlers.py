@@ -26,6 +26,8 @@ from typing import Callable
 
 from django.core.exceptions import ImproperlyConfigured
 
+from integrations.resilience.fallback import is_async_callable
+
 
 class UnknownHandler(ImproperlyConfigured):
     """No handler is registered under that name in this process."""
@@ -65,6 +67,9 @@ def dead_letter_handler(name: str, *, takes_context: bool = False) -> Callable[[
     def register(fn: Callable) -> Callable:
         if not callable(fn):
             raise TypeError(f"dead letter handler {name!r} must be callable, got {fn!r}")
+        if is_async_callable(fn):
+            raise TypeError(f"dead letter handler {name!r} is a coroutine function: redrives call handlers "
+                            f"synchronously; register a sync function (asgiref's async_to_sync can wrap it)")
         current = _HANDLERS.get(name)
         # A module imported again (autoreload, importlib.reload) re-registers its own function: allowed.
         if current is not None and _origin(current.fn) != _origin(fn):

@@ -328,6 +328,9 @@ class Engine:
     def _begin(self, policy, fn, args, kwargs, cache_key, fallbacks, dead_letter) -> _Call:
         if not callable(fn):
             raise TypeError(f"execute({policy.name!r}, ...) needs a callable operation, got {fn!r}")
+        if dead_letter is not None and not (hasattr(dead_letter, "handler") and hasattr(dead_letter, "payload")):
+            raise TypeError(f"dead_letter must be integrations.dlq.DeadLetter(handler_name, payload), "
+                            f"got {dead_letter!r}")
         return _Call(self, policy, fn, args, kwargs, fb.check_fallbacks(fallbacks) if fallbacks else (), dead_letter,
                      cache_key)
 
@@ -489,7 +492,7 @@ class Engine:
         dead_letter = call.dead_letter
         event = DeadLetterRequested(
             integration=call.policy.name, handler=dead_letter.handler, payload=dead_letter.payload,
-            error=call.error.as_dict(), attempts=call.attempts,
+            error=call.error.as_dict(), attempts=call.attempts, extra=dict(getattr(dead_letter, "extra", None) or {}),
         )
         if not self.bus.has_subscribers(DeadLetterRequested):
             logger.error("dead letter for %s (handler %s) not stored: no dead letter queue is installed",

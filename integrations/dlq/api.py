@@ -1,0 +1,91 @@
+"""The dead letter queue's HTTP API (CONTRACT.md): thin views over the model's methods.
+
+    GET    /api/dlq/stats/
+    GET    /api/dlq/?status=&integration=&limit=
+    POST   /api/dlq/retry/        {"ids": [...]} or {"all": true}
+    DELETE /api/dlq/?status=
+"""
+
+from __future__ import annotations
+
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from integrations.api_common import StaffReadsModelPermissionActs, StrictIntegerField
+
+from .models import STATUSES, DeadLetter, check_purgeable
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+
+
+class ListQuery(serializers.Serializer):
+    status = serializers.ChoiceField(choices=STATUSES, required=False)
+    integration = serializers.CharField(required=False, max_length=100)
+    limit = serializers.IntegerField(required=False, default=DEFAULT_LIMIT, min_value=1, max_value=MAX_LIMIT)
+
+
+class PurgeQuery(serializers.Serializer):
+    status = serializers.CharField()
+
+    def validate_status(self, value):
+        try:
+            return check_purgeable(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+
+
+class RetryRequest(serializers.Serializer):
+    ids = serializers.ListField(child=StrictIntegerField(min_value=1), required=False, allow_empty=False,
+                                max_length=MAX_LIMIT * 10)
+    all = serializers.BooleanField(required=False)
+
+    def validate(self, data):
+        if ("ids" in data) == bool(data.get("all")):
+            raise serializers.ValidationError({"ids": "Give either ids (a list of entry ids) or all: true."})
+        return data
+
+
+def _valid(serializer_class, data) -> dict:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+class DeadLetterAPIView(APIView):
+    permission_classes = [StaffReadsModelPermissionActs]
+    permission_model = DeadLetter
+
+
+class DeadLetterListView(DeadLetterAPIView):
+    def get(self, request):
+        query = _valid(ListQuery, request.query_params)
+        entries = DeadLetter.objects.all()
+        if "status" in query:
+            entries = entries.filter(status=query["status"])
+        if "integration" in query:
+            entries = entries.filter(integration_name=query["integration"])
+        return Response({"count": entries.count(), "limit": query["limit"],
+                         "results": [entry.as_dict() for entry in entries[:query["limit"]]]})
+
+    def delete(self, request):
+        query = _valid(PurgeQuery, request.query_params)
+        return Response({"deleted": DeadLetter.objects.filter(status=query["status"]).purge()})
+
+
+class DeadLetterStatsView(DeadLetterAPIView):
+    def get(self, request):
+        return Response(DeadLetter.objects.stats())
+
+
+class DeadLetterRetryView(DeadLetterAPIView):
+    def post(self, request):
+        data = _valid(RetryRequest, request.data)
+        try:
+            chosen = (DeadLetter.objects.waiting() if data.get("all")
+                      else DeadLetter.objects.with_ids(data["ids"]).check_retryable())
+        except (LookupError, ValueError) as exc:
+            raise serializers.ValidationError({"ids": [str(exc)]}) from exc
+        retrying = chosen.retry_now(by=request.user.get_username())
+        return Response({"retrying": retrying}, status=status.HTTP_202_ACCEPTED)

@@ -1,0 +1,87 @@
+"""Dead letters into the queue: the subscriber of the engine's DeadLetterRequested.
+
+The row is written in the caller's thread and transaction, inside a
+savepoint: if the caller's transaction rolls back, the work the dead letter
+describes was rolled back with it, and so is the dead letter (a
+transactional outbox). Under a running event loop (aexecute) the ORM must not
+block the loop, so the write goes to a writer thread, as breaker events do.
+
+A dead letter whose write fails is not lost silently: it is logged at ERROR
+on the ``integrations.dlq`` logger with everything needed to store it again,
+``DeadLetter.enqueue(**entry)`` with the logged JSON. It is not re-raised:
+the call it came from has already finished, and the event bus would only log
+it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from django.db import connections
+
+from integrations.resilience.events import DeadLetterRequested
+
+logger = logging.getLogger("integrations.dlq")
+
+_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dead-letters")
+
+
+def entry_from(event: DeadLetterRequested) -> dict:
+    """The arguments of ``DeadLetter.enqueue`` for the event, secrets of the error redacted."""
+    from .models import error_record
+
+    return {
+        "integration": event.integration,
+        "handler": event.handler,
+        "payload": event.payload,
+        "error": error_record(event.error),
+        "attempts": event.attempts,
+        "idempotency_key": event.extra.get("idempotency_key"),
+        "max_redrives": event.extra.get("max_redrives"),
+    }
+
+
+def store(entry: dict) -> None:
+    from .models import DeadLetter
+
+    try:
+        dead_letter, created = DeadLetter.enqueue(**entry)
+    except Exception:  # noqa: BLE001 - see module docstring: logged in full so it can be recovered
+        logger.error("dead letter NOT STORED; recover it with DeadLetter.enqueue(**entry), entry=%s",
+                     json.dumps(entry, default=repr, sort_keys=True), exc_info=True)
+        return
+    if created:
+        logger.info("dead letter #%s stored for %s (handler %s)", dead_letter.pk, entry["integration"],
+                    entry["handler"])
+    else:
+        logger.info("dead letter for %s (handler %s) already queued as #%s (idempotency key %r)",
+                    entry["integration"], entry["handler"], dead_letter.pk, entry["idempotency_key"])
+
+
+def _store_in_thread(entry: dict) -> None:
+    try:
+        store(entry)
+    finally:
+        connections.close_all()  # dead letters are rare: hold no connection between them
+
+
+def on_dead_letter_requested(event: DeadLetterRequested) -> None:
+    try:
+        entry = entry_from(event)
+    except Exception:  # noqa: BLE001 - see module docstring: the event itself is logged so it can be recovered
+        logger.error("dead letter NOT STORED (unreadable event): %r", event, exc_info=True)
+        return
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        store(entry)  # plain sync caller: in its thread and transaction
+        return
+    _writer.submit(_store_in_thread, entry)
+
+
+def wait_for_pending_writes(timeout_s: float = 10.0) -> None:
+    """Block until the writer thread has stored what was handed to it (tests, shutdown)."""
+    _writer.submit(lambda: None).result(timeout_s)

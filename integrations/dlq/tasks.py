@@ -1,0 +1,30 @@
+"""The dead letter queue's django-q tasks.
+
+``redrive`` is the scheduled task "dlq.redrive" (every
+RESILIENCE_DLQ_REDRIVE_EVERY_MIN minutes; ``manage.py resilience schedules``
+installs it). Its steps are those of ``Redriver.run`` (redrive.py).
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+
+from .redrive import Redriver
+
+
+def run_budget_s() -> float | None:
+    """Half the cluster's task timeout: no entry is started later, so the task ends before it is killed."""
+    timeout = settings.Q_CLUSTER.get("timeout")
+    return timeout / 2 if timeout else None
+
+
+def redrive() -> dict:
+    """One redrive run over the whole queue; returns its report (kept as the task's result)."""
+    return Redriver.from_settings(budget_s=run_budget_s()).run().as_dict()
+
+
+def queue_redrive() -> str:
+    """Ask the cluster for a redrive run now (operators' "retry now"); returns the task id."""
+    from django_q.tasks import async_task
+
+    return async_task("integrations.dlq.tasks.redrive")

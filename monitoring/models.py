@@ -1,0 +1,620 @@
+"""Monitoring: call statistics, alerts, health checks and notification channels.
+
+Behaviour lives on the models (``Alert.raise_or_update``, ``alert.acknowledge``,
+``alert.resolve``, ``check.run``, ``channel.notify``) so the watchdog, the
+admin, the API and the commands all call the same methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import datetime, timedelta
+from functools import partial
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator, validate_email
+from django.db import IntegrityError, models, transaction
+from django.db.models import Count, F, Q, Sum, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from integrations.models import Integration
+
+from . import notifications
+from .counters import COUNTER_COLUMNS, ERROR_COLUMNS, FALLBACK_COLUMNS, LATENCY_SUM_COLUMN, REJECTION_COLUMNS
+from .healthchecks import probe, registered_checks
+from .histogram import BUCKET_NAMES, percentiles
+
+logger = logging.getLogger("monitoring.models")
+
+WARNING = "warning"
+CRITICAL = "critical"
+SEVERITY_CHOICES = [(WARNING, "Warning"), (CRITICAL, "Critical")]
+SEVERITY_RANK = {WARNING: 1, CRITICAL: 2}
+
+
+def _now(now: datetime | None) -> datetime:
+    return now or timezone.now()
+
+
+# -- call statistics ---------------------------------------------------------------------------
+
+class CallStatsQuerySet(models.QuerySet):
+    def between(self, since: datetime, until: datetime) -> CallStatsQuerySet:
+        return self.filter(minute__gte=since, minute__lt=until)
+
+    def totals(self) -> dict:
+        """Every counter summed over the rows, with the error rate and p50/p95/p99 latency."""
+        sums = self.aggregate(**{column: Coalesce(Sum(column), Value(0)) for column in COUNTER_COLUMNS},
+                              **{LATENCY_SUM_COLUMN: Coalesce(Sum(LATENCY_SUM_COLUMN), Value(0.0))})
+        return describe(sums)
+
+    def totals_by_integration(self) -> dict[int, dict]:
+        """``totals()`` per integration id."""
+        # an annotation may not take the name of the column it sums: "sum_" prefixes, removed by describe()
+        rows = self.order_by().values("integration_id").annotate(
+            **{f"sum_{column}": Sum(column) for column in (*COUNTER_COLUMNS, LATENCY_SUM_COLUMN)})
+        return {row["integration_id"]: describe(row, prefix="sum_") for row in rows}
+
+
+def describe(sums: dict, prefix: str = "") -> dict:
+    """Summed counters (keyed ``prefix + column``; missing or None: 0) plus what operators read from them:
+    errors, rates, latency percentiles."""
+    counts = {column: sums.get(prefix + column) or 0 for column in (*COUNTER_COLUMNS, LATENCY_SUM_COLUMN)}
+    calls = counts["calls"]
+    rejected = sum(counts[column] for column in REJECTION_COLUMNS.values())
+    errors = sum(counts[column] for column in ERROR_COLUMNS)
+    fallbacks = sum(counts[column] for column in FALLBACK_COLUMNS.values())
+    buckets = [counts[name] for name in BUCKET_NAMES]
+    upstream_calls = sum(buckets)
+    return {
+        **counts,
+        "errors": errors,
+        "rejected": rejected,
+        "fallbacks": fallbacks,
+        "upstream_calls": upstream_calls,
+        # errors are measured over the calls the pipeline let through: refusals have rules of their own
+        "error_rate": errors / (calls - rejected) if calls - rejected else None,
+        "fallback_rate": fallbacks / calls if calls else None,
+        "latency_buckets": buckets,
+        "latency_avg_ms": counts[LATENCY_SUM_COLUMN] / upstream_calls if upstream_calls else None,
+        **{f"latency_{name}_ms": value for name, value in percentiles(buckets).items()},
+    }
+
+
+class _Counters(models.Model):
+    class Meta:
+        abstract = True
+
+
+for _column in COUNTER_COLUMNS:
+    _Counters.add_to_class(_column, models.PositiveIntegerField(default=0))
+
+
+class CallStats(_Counters):
+    """One integration's calls during one UTC minute, summed over every process and host.
+
+    The counter columns are listed once, in ``monitoring.counters``; the
+    latency columns are per-bucket counts of ``monitoring.histogram``.
+    """
+
+    integration = models.ForeignKey(Integration, on_delete=models.CASCADE, related_name="call_stats")
+    minute = models.DateTimeField(help_text="Start of the UTC minute.")
+    latency_sum_ms = models.FloatField(default=0.0)
+
+    objects = CallStatsQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "call statistics"
+        verbose_name_plural = "call statistics"
+        ordering = ["-minute", "integration_id"]
+        constraints = [models.UniqueConstraint(fields=["integration", "minute"],
+                                               name="monitoring_callstats_one_row_per_minute")]
+        indexes = [models.Index(fields=["minute"], name="monitoring_callstats_minute")]
+
+    def __str__(self) -> str:
+        return f"{self.integration_id} @ {self.minute:%Y-%m-%d %H:%M}: {self.calls} calls"
+
+    def summary(self) -> dict:
+        return describe({column: getattr(self, column) for column in (*COUNTER_COLUMNS, LATENCY_SUM_COLUMN)})
+
+
+# -- alerts -----------------------------------------------------------------------------------
+
+class AlertQuerySet(models.QuerySet):
+    def active(self) -> AlertQuerySet:
+        """Open or acknowledged: the condition has not cleared yet."""
+        return self.filter(status__in=Alert.ACTIVE)
+
+    def open_counts_by_severity(self) -> dict[str, int]:
+        """Active alerts per severity, every severity present (0 when none): for gauges and reports."""
+        counts = dict(self.active().order_by().values_list("severity").annotate(n=Count("id")))
+        return {severity: counts.get(severity, 0) for severity, _ in SEVERITY_CHOICES}
+
+
+class Alert(models.Model):
+    """Something operators must know about; one active alert per kind and integration.
+
+    A repeat of the condition counts an occurrence on the active alert; a
+    worse severity escalates it (and re-opens it if it was acknowledged); it
+    never de-escalates while active, and resolves when the condition clears.
+    New, escalated and resolved alerts are sent to the notification channels.
+    """
+
+    ERROR_SPIKE = "error_spike"
+    SLOW_CALLS = "slow_calls"
+    UNAVAILABLE = "unavailable"
+    QUOTA = "quota"
+    DLQ_BACKLOG = "dlq_backlog"
+    TRAFFIC_SPIKE = "traffic_spike"
+    DEGRADED_SERVICE = "degraded_service"
+    HEALTH_CHECK = "health_check"
+    KIND_CHOICES = [
+        (ERROR_SPIKE, "Error spike"),
+        (SLOW_CALLS, "Slow calls"),
+        (UNAVAILABLE, "Unavailable"),
+        (QUOTA, "Quota"),
+        (DLQ_BACKLOG, "Dead letter backlog"),
+        (TRAFFIC_SPIKE, "Traffic spike"),
+        (DEGRADED_SERVICE, "Degraded service"),
+        (HEALTH_CHECK, "Health check"),
+    ]
+
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+    STATUS_CHOICES = [(OPEN, "Open"), (ACKNOWLEDGED, "Acknowledged"), (RESOLVED, "Resolved")]
+    ACTIVE = (OPEN, ACKNOWLEDGED)
+
+    # What happened to an alert, as notified.
+    NEW = "new"
+    ESCALATED = "escalated"
+    REPEATED = "repeated"
+    RESOLVED_EVENT = "resolved"
+
+    kind = models.CharField(max_length=30, choices=KIND_CHOICES)
+    severity = models.CharField(max_length=10, choices=SEVERITY_CHOICES)
+    integration = models.ForeignKey(Integration, null=True, blank=True, on_delete=models.CASCADE,
+                                    related_name="alerts", help_text="Blank for alerts about the whole site.")
+    message = models.CharField(max_length=500)
+    details = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=15, choices=STATUS_CHOICES, default=OPEN)
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    occurrences = models.PositiveIntegerField(default=1)
+    acknowledged_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                        related_name="+")
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolution = models.CharField(max_length=200, blank=True, help_text="Why it was resolved, and by whom.")
+
+    objects = AlertQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-last_seen", "-id"]
+        constraints = [
+            # NULL integrations (site-wide alerts) must collide too: hence the Coalesce.
+            models.UniqueConstraint("kind", Coalesce("integration", Value(0)),
+                                    condition=Q(status__in=("open", "acknowledged")),
+                                    name="monitoring_one_active_alert_per_kind_and_integration"),
+        ]
+        indexes = [models.Index(fields=["status", "severity"], name="monitoring_alert_status")]
+
+    def __str__(self) -> str:
+        where = f" {self.integration.name}" if self.integration_id else ""
+        return f"[{self.severity}] {self.get_kind_display()}{where}: {self.message}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @classmethod
+    def raise_or_update(cls, kind: str, severity: str, message: str, *, integration: Integration | None = None,
+                        details: dict | None = None, now: datetime | None = None) -> tuple[Alert, str]:
+        """Raise a new alert, or count one more occurrence of the active one; returns (alert, what happened).
+
+        What happened is NEW, ESCALATED or REPEATED. Two processes raising the
+        same alert at once end with one alert: the constraint refuses the
+        second insert, which then updates the first.
+        """
+        if severity not in SEVERITY_RANK:
+            raise ValueError(f"unknown alert severity {severity!r}; expected one of {', '.join(SEVERITY_RANK)}")
+        now = _now(now)
+        details = details or {}
+        with transaction.atomic():
+            alert = cls._active_for_update(kind, integration)
+            if alert is None:
+                try:
+                    with transaction.atomic():
+                        alert = cls.objects.create(kind=kind, severity=severity, integration=integration,
+                                                   message=message[:500], details=details, first_seen=now,
+                                                   last_seen=now)
+                except IntegrityError:
+                    # another process raised it between our read and our insert: update theirs
+                    alert = cls._active_for_update(kind, integration)
+                    if alert is None:
+                        raise
+                else:
+                    alert._notify_after_commit(cls.NEW)
+                    return alert, cls.NEW
+            change = cls.ESCALATED if SEVERITY_RANK[severity] > SEVERITY_RANK[alert.severity] else cls.REPEATED
+            alert.occurrences += 1
+            alert.last_seen = now
+            alert.message = message[:500]
+            alert.details = details
+            fields = ["occurrences", "last_seen", "message", "details"]
+            if change == cls.ESCALATED:
+                alert.severity = severity
+                alert.status = cls.OPEN  # an acknowledgement was of the milder condition
+                fields += ["severity", "status"]
+            alert.save(update_fields=fields)
+            if change == cls.ESCALATED:
+                alert._notify_after_commit(cls.ESCALATED)
+        return alert, change
+
+    @classmethod
+    def _active_for_update(cls, kind: str, integration: Integration | None) -> Alert | None:
+        return cls.objects.select_for_update().active().filter(kind=kind, integration=integration).first()
+
+    def acknowledge(self, user, now: datetime | None = None) -> bool:
+        """An operator has seen it; False when it was not open (already acknowledged, or resolved)."""
+        now = _now(now)
+        claimed = Alert.objects.filter(pk=self.pk, status=self.OPEN).update(
+            status=self.ACKNOWLEDGED, acknowledged_by=user, acknowledged_at=now)
+        if claimed:
+            self.status, self.acknowledged_by, self.acknowledged_at = self.ACKNOWLEDGED, user, now
+        return bool(claimed)
+
+    def resolve(self, reason: str = "condition cleared", by=None, now: datetime | None = None) -> bool:
+        """Close it (the condition cleared, or an operator says so); False when it was already resolved.
+
+        Only the caller that actually resolves it notifies, so two watchdogs
+        clearing the same alert send one notification.
+        """
+        now = _now(now)
+        if by is not None:
+            reason = f"{reason} (by {by.get_username() if hasattr(by, 'get_username') else by})"
+        claimed = Alert.objects.filter(pk=self.pk, status__in=self.ACTIVE).update(
+            status=self.RESOLVED, resolved_at=now, resolution=reason[:200])
+        if claimed:
+            self.status, self.resolved_at, self.resolution = self.RESOLVED, now, reason[:200]
+            self._notify_after_commit(self.RESOLVED_EVENT)
+        return bool(claimed)
+
+    def as_dict(self) -> dict:
+        """JSON-ready form, for reports, notifications and the API."""
+        return {
+            "id": self.pk,
+            "kind": self.kind,
+            "severity": self.severity,
+            "integration": self.integration.name if self.integration_id else None,
+            "message": self.message,
+            "details": self.details,
+            "status": self.status,
+            "first_seen": self.first_seen.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+            "occurrences": self.occurrences,
+            "acknowledged_by": self.acknowledged_by.get_username() if self.acknowledged_by_id else None,
+            "acknowledged_at": self.acknowledged_at.isoformat() if self.acknowledged_at else None,
+            "resolved_at": self.resolved_at.isoformat() if self.resolved_at else None,
+            "resolution": self.resolution,
+        }
+
+    def _notify_after_commit(self, event: str) -> None:
+        transaction.on_commit(partial(NotificationChannel.notify_all, self.pk, event))
+
+
+# -- health checks ----------------------------------------------------------------------------
+
+class HealthCheckQuerySet(models.QuerySet):
+    def due(self, now: datetime | None = None) -> list[HealthCheck]:
+        """Enabled checks whose interval has passed since they last ran (or that never ran)."""
+        now = _now(now)
+        return [check for check in self.filter(enabled=True).select_related("integration")
+                if check.last_checked_at is None
+                or check.last_checked_at + timedelta(seconds=check.interval_s) <= now]
+
+    def status_counts(self) -> dict[str, int]:
+        """Enabled checks per health status, every status present: for gauges."""
+        counts = dict(self.filter(enabled=True).order_by().values_list("status").annotate(n=Count("id")))
+        return {status: counts.get(status, 0) for status, _ in HealthCheck.STATUS_CHOICES}
+
+
+class HealthCheck(models.Model):
+    """How to tell whether an integration's upstream is up: an HTTP probe or a registered Python check.
+
+    The probe goes straight to the upstream, not through the pipeline: an open
+    breaker must not stop the check that tells when the upstream is back.
+    """
+
+    HTTP = "http"
+    PYTHON = "python"
+    KIND_CHOICES = [(HTTP, "HTTP probe"), (PYTHON, "Registered Python check")]
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+    STATUS_CHOICES = [(UNKNOWN, "Unknown"), (UP, "Up"), (DOWN, "Down")]
+
+    integration = models.OneToOneField(Integration, on_delete=models.CASCADE, related_name="health_check")
+    kind = models.CharField(max_length=10, choices=KIND_CHOICES, default=HTTP)
+    url = models.URLField(max_length=500, blank=True, help_text="HTTP probe: the URL to GET.")
+    expected_status = models.PositiveSmallIntegerField(default=200, help_text="HTTP probe: the healthy status.")
+    check_name = models.CharField(max_length=100, blank=True,
+                                  help_text="Python check: the name it was registered with @health_check(...).")
+    timeout_ms = models.PositiveIntegerField(default=5_000, validators=[MinValueValidator(1)])
+    interval_s = models.PositiveIntegerField(default=60, validators=[MinValueValidator(60)],
+                                             help_text="Seconds between runs; the scheduler ticks every minute.")
+    failures_before_down = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1)], help_text="Consecutive failures before the upstream is down.")
+    enabled = models.BooleanField(default=True)
+
+    status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=UNKNOWN, editable=False)
+    changed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_checked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_latency_ms = models.FloatField(null=True, blank=True, editable=False)
+    last_error = models.CharField(max_length=500, blank=True, editable=False)
+    consecutive_successes = models.PositiveIntegerField(default=0, editable=False)
+    consecutive_failures = models.PositiveIntegerField(default=0, editable=False)
+
+    objects = HealthCheckQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["integration__name"]
+
+    def __str__(self) -> str:
+        return f"{self.integration.name}: {self.status}"
+
+    def clean(self):
+        if self.kind == self.HTTP and not self.url:
+            raise ValidationError({"url": "An HTTP probe needs a URL."})
+        if self.kind == self.PYTHON and self.check_name not in registered_checks():
+            known = ", ".join(registered_checks()) or "none are registered"
+            raise ValidationError({"check_name": f"No Python check is registered as {self.check_name!r} ({known})."})
+
+    def claim(self, now: datetime | None = None) -> bool:
+        """Take this run for this worker: False when another worker already took it."""
+        now = _now(now)
+        claimed = HealthCheck.objects.filter(pk=self.pk, last_checked_at=self.last_checked_at).update(
+            last_checked_at=now)
+        if claimed:
+            self.last_checked_at = now
+        return bool(claimed)
+
+    def run(self, now: datetime | None = None) -> HealthCheckResult:
+        """Probe now, keep the result, update the counts and the health; raise or resolve its alert."""
+        outcome = probe(self)
+        now = _now(now)
+        with transaction.atomic():
+            result = HealthCheckResult.objects.create(health_check=self, at=now, ok=outcome.ok,
+                                                      latency_ms=outcome.latency_ms, status_code=outcome.status_code,
+                                                      error=outcome.error[:500])
+            if outcome.ok:
+                self.consecutive_successes += 1
+                self.consecutive_failures = 0
+                health = self.UP
+            else:
+                self.consecutive_failures += 1
+                self.consecutive_successes = 0
+                health = self.DOWN if self.consecutive_failures >= self.failures_before_down else self.status
+            changed = health != self.status
+            self.status = health
+            self.last_checked_at = now
+            self.last_latency_ms = outcome.latency_ms
+            self.last_error = outcome.error[:500]
+            if changed:
+                self.changed_at = now
+            self.save(update_fields=["status", "changed_at", "last_checked_at", "last_latency_ms", "last_error",
+                                     "consecutive_successes", "consecutive_failures"])
+            if changed and health == self.DOWN:
+                Alert.raise_or_update(
+                    Alert.HEALTH_CHECK, CRITICAL, f"{self.integration.name} is down: {outcome.error}",
+                    integration=self.integration, now=now,
+                    details={"consecutive_failures": self.consecutive_failures, "status_code": outcome.status_code,
+                             "latency_ms": outcome.latency_ms, "target": self.target})
+            elif changed and health == self.UP:
+                for alert in Alert.objects.active().filter(kind=Alert.HEALTH_CHECK, integration=self.integration):
+                    alert.resolve("health check passed", now=now)
+        return result
+
+    @property
+    def target(self) -> str:
+        return self.url if self.kind == self.HTTP else f"python:{self.check_name}"
+
+
+class HealthCheckResult(models.Model):
+    health_check = models.ForeignKey(HealthCheck, on_delete=models.CASCADE, related_name="results")
+    at = models.DateTimeField(db_index=True)
+    ok = models.BooleanField()
+    latency_ms = models.FloatField()
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["health_check", "-at"], name="monitoring_hcresult_check_at")]
+
+    def __str__(self) -> str:
+        return f"{self.health_check_id} @ {self.at:%Y-%m-%d %H:%M:%S}: {'ok' if self.ok else self.error}"
+
+
+# -- notifications ----------------------------------------------------------------------------
+
+def generate_secret() -> str:
+    return secrets.token_hex(32)
+
+
+def _validate_emails(value: str) -> None:
+    for address in split_emails(value):
+        validate_email(address)
+
+
+def split_emails(value: str) -> list[str]:
+    return [address.strip() for address in value.split(",") if address.strip()]
+
+
+class NotificationChannel(models.Model):
+    """Where alerts are sent: an email list or a signed webhook.
+
+    Each channel is an integration of its own (``notify.<name>``), so its
+    deliveries run through the pipeline (retries, breaker, timeouts) and a
+    failed one goes to the dead letter queue, to be sent again by the redrive.
+    """
+
+    EMAIL = "email"
+    WEBHOOK = "webhook"
+    KIND_CHOICES = [(EMAIL, "Email"), (WEBHOOK, "Webhook (HMAC-SHA256 signed)")]
+
+    name = models.CharField(max_length=80, unique=True,
+                            validators=[RegexValidator(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                                                       "Letters, digits, '.', '_' and '-' only.")])
+    kind = models.CharField(max_length=10, choices=KIND_CHOICES)
+    url = models.URLField(max_length=500, blank=True, help_text="Webhook: the URL alerts are POSTed to.")
+    emails = models.CharField(max_length=500, blank=True, validators=[_validate_emails],
+                              help_text="Email: comma-separated recipients.")
+    secret = models.CharField(max_length=128, default=generate_secret,
+                              help_text="Webhook: the HMAC key receivers verify the signature with.")
+    min_severity = models.CharField(max_length=10, choices=SEVERITY_CHOICES, default=WARNING)
+    hourly_cap = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)],
+                                             help_text="At most this many notifications per UTC hour.")
+    enabled = models.BooleanField(default=True)
+    integration = models.OneToOneField(Integration, on_delete=models.CASCADE, related_name="notification_channel",
+                                       editable=False)
+    # The cap's counter: deliveries claimed in the UTC hour that starts at window_start.
+    window_start = models.DateTimeField(null=True, blank=True, editable=False)
+    sent_in_window = models.PositiveIntegerField(default=0, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.kind})"
+
+    @property
+    def integration_name(self) -> str:
+        return f"notify.{self.name}"
+
+    def clean(self):
+        if self.kind == self.WEBHOOK and not self.url:
+            raise ValidationError({"url": "A webhook channel needs a URL."})
+        if self.kind == self.EMAIL and not split_emails(self.emails):
+            raise ValidationError({"emails": "An email channel needs at least one recipient."})
+
+    def save(self, *args, **kwargs):
+        if self.integration_id is None:
+            # Notifications are small and urgent: a few quick retries, never a long wait.
+            self.integration, _ = Integration.objects.get_or_create(
+                name=self.integration_name,
+                defaults={"kind": "external_api", "description": f"Alert notifications to channel {self.name}",
+                          "max_retries": 2, "base_delay_ms": 500, "max_delay_ms": 2_000,
+                          "attempt_timeout_ms": 5_000, "timeout_ms": 15_000})
+        super().save(*args, **kwargs)
+
+    def accepts(self, severity: str) -> bool:
+        return self.enabled and SEVERITY_RANK[severity] >= SEVERITY_RANK[self.min_severity]
+
+    def claim_slot(self, now: datetime | None = None) -> bool:
+        """Take one of this hour's ``hourly_cap`` notifications; False when the cap is reached.
+
+        Atomic in the database, so processes notifying at once never exceed it.
+        """
+        hour = _now(now).replace(minute=0, second=0, microsecond=0)
+        channels = NotificationChannel.objects.filter(pk=self.pk)
+        if channels.filter(window_start=hour, sent_in_window__lt=F("hourly_cap")).update(
+                sent_in_window=F("sent_in_window") + 1):
+            return True
+        # a new hour: the first claimer starts its window; a claimer that lost the race tries the new window
+        if channels.exclude(window_start=hour).update(window_start=hour, sent_in_window=1):
+            return True
+        return bool(channels.filter(window_start=hour, sent_in_window__lt=F("hourly_cap")).update(
+            sent_in_window=F("sent_in_window") + 1))
+
+    def notify(self, alert: Alert, event: str, now: datetime | None = None) -> Delivery | None:
+        """Send one alert event through this channel; None when its severity is below the channel's minimum."""
+        if not self.accepts(alert.severity):
+            return None
+        subject, body = notifications.render(alert, event, now)
+        delivery = Delivery.objects.create(channel=self, alert=alert, event=event, subject=subject, body=body)
+        if not self.claim_slot(now):
+            delivery.mark(Delivery.CAPPED, f"hourly cap of {self.hourly_cap} reached")
+            logger.warning("channel %s: hourly cap of %d reached; %s alert %s not sent", self.name,
+                           self.hourly_cap, event, alert.pk)
+            return delivery
+        delivery.send()
+        return delivery
+
+    @classmethod
+    def notify_all(cls, alert_id: int, event: str) -> list[Delivery]:
+        """Send an alert event to every enabled channel that takes its severity (called after commit)."""
+        alert = Alert.objects.select_related("integration").filter(pk=alert_id).first()
+        if alert is None:
+            return []  # deleted before its notification went out
+        deliveries = []
+        for channel in cls.objects.filter(enabled=True).select_related("integration"):
+            delivery = channel.notify(alert, event)
+            if delivery is not None:
+                deliveries.append(delivery)
+        return deliveries
+
+
+class Delivery(models.Model):
+    """One notification of one alert event to one channel, and what became of it."""
+
+    SENDING = "sending"
+    SENT = "sent"
+    QUEUED = "queued"  # failed; the dead letter queue will send it again
+    FAILED = "failed"
+    CAPPED = "capped"
+    STATUS_CHOICES = [(SENDING, "Sending"), (SENT, "Sent"), (QUEUED, "Queued for redrive"), (FAILED, "Failed"),
+                      (CAPPED, "Not sent: hourly cap")]
+
+    channel = models.ForeignKey(NotificationChannel, on_delete=models.CASCADE, related_name="deliveries")
+    alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(max_length=15)
+    subject = models.CharField(max_length=300)
+    body = models.TextField(help_text="The JSON document sent (webhook) or the text mailed (email).")
+    status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=SENDING)
+    error = models.CharField(max_length=500, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.event} alert {self.alert_id} -> {self.channel.name}: {self.status}"
+
+    def mark(self, status: str, error: str = "", attempts: int = 0) -> None:
+        self.status = status
+        self.error = error[:500]
+        self.attempts += attempts
+        if status == self.SENT:
+            self.sent_at = timezone.now()
+        self.save(update_fields=["status", "error", "attempts", "sent_at"])
+
+    def send(self) -> bool:
+        """Deliver through the channel's integration; a failure goes to the dead letter queue if there is one."""
+        result, queued = notifications.deliver(self)
+        if result.ok:
+            self.mark(self.SENT, attempts=result.attempts)
+        else:
+            self.mark(self.QUEUED if queued else self.FAILED, str(result.error), attempts=result.attempts)
+            logger.error("notification %s to channel %s failed%s: %s", self.pk, self.channel.name,
+                         " (queued for redrive)" if queued else "", result.error)
+        return result.ok
+
+    def redeliver(self) -> None:
+        """One more attempt, made by the dead letter redrive inside the channel's pipeline.
+
+        A failure is recorded and re-raised: the redrive classifies it and backs off.
+        """
+        fn, args = notifications.operation(self)
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.mark(self.QUEUED, f"{type(exc).__name__}: {exc}", attempts=1)
+            raise
+        self.mark(self.SENT, attempts=1)

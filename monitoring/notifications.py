@@ -1,0 +1,187 @@
+"""Alert notifications: the document sent, webhook signatures, and delivery through the pipeline.
+
+A webhook is a POST of a JSON document with the header
+
+    X-Resilience-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>" with the channel's secret>
+
+signed afresh at each attempt. Receivers check it with ``verify_signature``,
+which rejects a signature that does not match and one whose timestamp is more
+than ``tolerance_s`` (5 minutes) away from now, so a captured request cannot
+be replayed later.
+
+Every delivery runs through ``execute`` on the channel's integration
+(``notify.<channel>``); with the dead letter queue installed it carries
+``dead_letter=DeadLetter("monitoring.notification", {"delivery": id})``, and
+the redrive runs ``redeliver_notification`` in that pipeline until the
+receiver takes it (registered in ``monitoring.dead_letters``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from datetime import datetime
+from typing import Callable
+
+import httpx
+from django.apps import apps
+from django.conf import settings
+from django.core.mail import EmailMessage
+from django.db import connection
+from django.utils import timezone
+
+from integrations.http import raise_for_category
+from integrations.resilience import execute
+from integrations.resilience.timeouts import attempt_time_left
+
+logger = logging.getLogger("monitoring.notifications")
+
+SIGNATURE_HEADER = "X-Resilience-Signature"
+DEFAULT_TOLERANCE_S = 300
+DLQ_HANDLER = "monitoring.notification"
+# Only used when a delivery runs outside a guarded attempt, which the pipeline never does.
+FALLBACK_TIMEOUT_S = 10.0
+
+
+class SignatureError(ValueError):
+    """A webhook signature that must not be trusted; the message says why."""
+
+
+def _as_bytes(body: bytes | str) -> bytes:
+    return body.encode() if isinstance(body, str) else body
+
+
+def _digest(secret: str, timestamp: int, body: bytes) -> str:
+    return hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, body: bytes | str, timestamp: int | None = None) -> str:
+    """The signature header's value for ``body``, timestamped now unless told otherwise."""
+    timestamp = int(time.time()) if timestamp is None else int(timestamp)
+    return f"t={timestamp},v1={_digest(secret, timestamp, _as_bytes(body))}"
+
+
+def verify_signature(secret: str, header: str | None, body: bytes | str, tolerance_s: int = DEFAULT_TOLERANCE_S,
+                     now: float | None = None) -> int:
+    """Check a webhook's signature header; returns its timestamp, or raises SignatureError.
+
+    ``body`` must be the raw request body, byte for byte. Several ``v1=``
+    values are accepted (one per secret, while a secret is being rotated).
+    """
+    if not header:
+        raise SignatureError(f"no {SIGNATURE_HEADER} header")
+    timestamp, signatures = None, []
+    for part in header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t":
+            try:
+                timestamp = int(value)
+            except ValueError:
+                raise SignatureError(f"the timestamp {value!r} is not an integer") from None
+        elif key == "v1":
+            signatures.append(value)
+    if timestamp is None or not signatures:
+        raise SignatureError("the header needs t=<timestamp> and v1=<signature>")
+    now = time.time() if now is None else now
+    if abs(now - timestamp) > tolerance_s:
+        raise SignatureError(f"the timestamp is {now - timestamp:.0f} s away from now "
+                             f"(tolerance {tolerance_s} s): a replay or a skewed clock")
+    expected = _digest(secret, timestamp, _as_bytes(body))
+    if not any(hmac.compare_digest(expected, signature) for signature in signatures):
+        raise SignatureError("the signature does not match the body")
+    return timestamp
+
+
+def render(alert, event: str, now: datetime | None = None) -> tuple[str, str]:
+    """(subject, JSON document) of one alert event; the document is what a webhook receives."""
+    integration = f" {alert.integration.name}" if alert.integration_id else ""
+    verb = {"new": "", "escalated": "escalated: ", "resolved": "resolved: "}.get(event, f"{event}: ")
+    subject = f"[{alert.severity.upper()}] {verb}{alert.get_kind_display()}{integration}"[:300]
+    document = {
+        "event": event,
+        "alert": alert.as_dict(),
+        "generated_at": (now or timezone.now()).isoformat(),
+    }
+    return subject, json.dumps(document, sort_keys=True)
+
+
+def email_text(subject: str, body: str) -> str:
+    document = json.loads(body)
+    alert = document["alert"]
+    lines = [subject, "", alert["message"], "",
+             f"Kind: {alert['kind']}", f"Severity: {alert['severity']}", f"Status: {alert['status']}",
+             f"Integration: {alert['integration'] or '-'}", f"First seen: {alert['first_seen']}",
+             f"Last seen: {alert['last_seen']}", f"Occurrences: {alert['occurrences']}"]
+    if alert["details"]:
+        lines += ["", "Details:", json.dumps(alert["details"], indent=2, sort_keys=True)]
+    return "\n".join(lines)
+
+
+def post_webhook(integration: str, url: str, secret: str, body: bytes) -> int:
+    """One attempt: POST the signed body; returns the status, raises ResilienceError for a failed one."""
+    budget = attempt_time_left()
+    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body),
+               "User-Agent": "resilience-control-plane"}
+    response = httpx.post(url, content=body, headers=headers,
+                          timeout=budget if budget is not None else FALLBACK_TIMEOUT_S)
+    return raise_for_category(response, integration).status_code
+
+
+def send_email(subject: str, text: str, recipients: list[str]) -> int:
+    """One attempt through Django's mail backend; returns how many messages went out."""
+    return EmailMessage(subject, text, settings.DEFAULT_FROM_EMAIL, recipients).send(fail_silently=False)
+
+
+DLQ_APP = "integrations.dlq"
+
+
+def dlq_installed() -> bool:
+    """Whether the dead letter queue app is in INSTALLED_APPS (it is optional: without it a failure stays failed)."""
+    return apps.is_installed(DLQ_APP)
+
+
+def operation(delivery) -> tuple[Callable, tuple]:
+    """The one-attempt operation that sends a delivery, and its arguments."""
+    from .models import NotificationChannel, split_emails
+
+    channel = delivery.channel
+    if channel.kind == NotificationChannel.WEBHOOK:
+        return post_webhook, (channel.integration.name, channel.url, channel.secret, delivery.body.encode())
+    return send_email, (delivery.subject, email_text(delivery.subject, delivery.body), split_emails(channel.emails))
+
+
+def deliver(delivery):
+    """Run a delivery through its channel's pipeline; returns (CallResult, whether the DLQ took the failure)."""
+    letter = None
+    if dlq_installed():
+        from integrations.dlq import DeadLetter
+
+        letter = DeadLetter(DLQ_HANDLER, {"delivery": delivery.pk}, idempotency_key=f"notification-{delivery.pk}")
+    fn, args = operation(delivery)
+    # cache_key=False: a notification is never answered from the cache
+    result = execute(delivery.channel.integration.name, fn, *args, cache_key=False, dead_letter=letter)
+    return result, letter is not None and not result.ok
+
+
+def redeliver_notification(payload: dict) -> None:
+    """The dead letter handler: one more attempt (the redrive runs it in the channel's pipeline).
+
+    Raises while the receiver still fails, so the redrive backs off and tries again.
+    """
+    from .models import Delivery
+
+    try:
+        delivery = Delivery.objects.select_related("channel__integration", "alert").filter(
+            pk=payload["delivery"]).first()
+        if delivery is None:
+            logger.warning("dead letter for notification %s dropped: the delivery was deleted", payload["delivery"])
+            return
+        delivery.redeliver()
+    finally:
+        # The redrive runs handlers in the integration's worker threads, which live on: a connection
+        # opened here would stay open with them. Outside a transaction, closing it costs a reconnect.
+        if not connection.in_atomic_block:
+            connection.close()

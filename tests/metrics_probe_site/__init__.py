@@ -1,0 +1,1 @@
+"""The site as deployed plus one probe URL, for the test that runs it under multi-worker gunicorn."""

@@ -1,0 +1,163 @@
+"""Alerts (dedupe, escalation, acknowledgement, resolution), call statistics summaries, channel caps."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+
+from integrations.models import Integration
+from monitoring.models import CRITICAL, WARNING, Alert, CallStats, HealthCheck, NotificationChannel
+
+pytestmark = pytest.mark.django_db
+
+NOW = datetime(2026, 1, 5, 12, 30, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def billing():
+    return Integration.objects.create(name="billing")
+
+
+@pytest.fixture
+def operator():
+    return get_user_model().objects.create_user("alice", password="x", is_staff=True)
+
+
+def test_a_repeat_counts_an_occurrence_on_the_one_active_alert(billing):
+    first, change = Alert.raise_or_update(Alert.ERROR_SPIKE, WARNING, "35% errors", integration=billing, now=NOW)
+    assert change == Alert.NEW
+    later = NOW + timedelta(minutes=1)
+    again, change = Alert.raise_or_update(Alert.ERROR_SPIKE, WARNING, "40% errors", integration=billing, now=later,
+                                          details={"error_percent": 40})
+    assert change == Alert.REPEATED and again.pk == first.pk
+    again.refresh_from_db()
+    assert (again.occurrences, again.first_seen, again.last_seen, again.message) == (2, NOW, later, "40% errors")
+    assert again.details == {"error_percent": 40}
+    assert Alert.objects.count() == 1
+
+
+def test_the_same_kind_on_another_integration_is_another_alert(billing):
+    search = Integration.objects.create(name="search")
+    Alert.raise_or_update(Alert.ERROR_SPIKE, WARNING, "x", integration=billing, now=NOW)
+    Alert.raise_or_update(Alert.ERROR_SPIKE, WARNING, "x", integration=search, now=NOW)
+    Alert.raise_or_update(Alert.SLOW_CALLS, WARNING, "x", integration=billing, now=NOW)
+    assert Alert.objects.active().count() == 3
+
+
+def test_a_worse_severity_escalates_and_a_milder_one_does_not_de_escalate(billing):
+    alert, _ = Alert.raise_or_update(Alert.ERROR_SPIKE, WARNING, "35%", integration=billing, now=NOW)
+    _, change = Alert.raise_or_update(Alert.ERROR_SPIKE, CRITICAL, "80%", integration=billing, now=NOW)
+    assert change == Alert.ESCALATED
+    _, change = Alert.raise_or_update(Alert.ERROR_SPIKE, WARNING, "35%", integration=billing, now=NOW)
+    assert change == Alert.REPEATED
+    alert.refresh_from_db()
+    assert (alert.severity, alert.occurrences) == (CRITICAL, 3)
+
+
+def test_escalation_reopens_an_acknowledged_alert(billing, operator):
+    alert, _ = Alert.raise_or_update(Alert.QUOTA, WARNING, "85%", integration=billing, now=NOW)
+    assert alert.acknowledge(operator, now=NOW)
+    Alert.raise_or_update(Alert.QUOTA, WARNING, "88%", integration=billing, now=NOW)
+    alert.refresh_from_db()
+    assert alert.status == Alert.ACKNOWLEDGED
+    Alert.raise_or_update(Alert.QUOTA, CRITICAL, "97%", integration=billing, now=NOW)
+    alert.refresh_from_db()
+    assert (alert.status, alert.severity, alert.acknowledged_by) == (Alert.OPEN, CRITICAL, operator)
+
+
+def test_acknowledging_records_who_and_when_once(billing, operator):
+    alert, _ = Alert.raise_or_update(Alert.QUOTA, WARNING, "85%", integration=billing, now=NOW)
+    assert alert.acknowledge(operator, now=NOW)
+    assert not alert.acknowledge(operator, now=NOW + timedelta(minutes=5))
+    alert.refresh_from_db()
+    assert (alert.status, alert.acknowledged_by, alert.acknowledged_at) == (Alert.ACKNOWLEDGED, operator, NOW)
+
+
+def test_a_resolved_alert_is_resolved_once_and_a_new_condition_raises_a_new_alert(billing, operator):
+    alert, _ = Alert.raise_or_update(Alert.UNAVAILABLE, CRITICAL, "down", integration=billing, now=NOW)
+    assert alert.resolve("resolved by an operator", by=operator, now=NOW)
+    assert not alert.resolve(now=NOW)
+    alert.refresh_from_db()
+    assert (alert.status, alert.resolved_at, alert.resolution) == (
+        Alert.RESOLVED, NOW, "resolved by an operator (by alice)")
+    fresh, change = Alert.raise_or_update(Alert.UNAVAILABLE, CRITICAL, "down again", integration=billing, now=NOW)
+    assert change == Alert.NEW and fresh.pk != alert.pk
+
+
+def test_the_database_refuses_a_second_active_alert_of_a_kind_even_site_wide():
+    common = dict(kind=Alert.DLQ_BACKLOG, severity=WARNING, message="backlog", first_seen=NOW, last_seen=NOW)
+    Alert.objects.create(**common)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Alert.objects.create(**common)
+    Alert.objects.create(**common, status=Alert.RESOLVED)  # history is not limited
+
+
+def test_an_unknown_severity_is_refused(billing):
+    with pytest.raises(ValueError, match="severity"):
+        Alert.raise_or_update(Alert.QUOTA, "bad", "x", integration=billing)
+
+
+def test_open_counts_by_severity_list_every_severity(billing, operator):
+    Alert.raise_or_update(Alert.QUOTA, CRITICAL, "x", integration=billing, now=NOW)
+    acknowledged, _ = Alert.raise_or_update(Alert.ERROR_SPIKE, WARNING, "x", integration=billing, now=NOW)
+    acknowledged.acknowledge(operator)
+    resolved, _ = Alert.raise_or_update(Alert.SLOW_CALLS, WARNING, "x", integration=billing, now=NOW)
+    resolved.resolve()
+    assert Alert.objects.open_counts_by_severity() == {WARNING: 1, CRITICAL: 1}
+    Alert.objects.all().delete()
+    assert Alert.objects.open_counts_by_severity() == {WARNING: 0, CRITICAL: 0}
+
+
+def test_call_statistics_sum_by_integration_with_rates_and_percentiles(billing):
+    search = Integration.objects.create(name="search")
+    CallStats.objects.create(integration=billing, minute=NOW, calls=10, successes=6, failures_timeout=2,
+                             rejected_open=2, fallback_value=3, latency_le_100=8, latency_sum_ms=400)
+    CallStats.objects.create(integration=billing, minute=NOW + timedelta(minutes=1), calls=10, successes=10,
+                             latency_le_100=10, latency_sum_ms=500)
+    CallStats.objects.create(integration=search, minute=NOW, calls=1, successes=1)
+    summary = CallStats.objects.filter(integration=billing).totals()
+    assert (summary["calls"], summary["errors"], summary["rejected"], summary["fallbacks"]) == (20, 2, 2, 3)
+    assert summary["error_rate"] == pytest.approx(2 / 18)
+    assert summary["latency_avg_ms"] == pytest.approx(50)
+    assert 50 < summary["latency_p50_ms"] < summary["latency_p99_ms"] <= 100
+    by_integration = CallStats.objects.between(NOW, NOW + timedelta(minutes=1)).totals_by_integration()
+    assert {pk: totals["calls"] for pk, totals in by_integration.items()} == {billing.pk: 10, search.pk: 1}
+
+
+def test_a_health_check_is_due_once_its_interval_has_passed(billing):
+    check = HealthCheck.objects.create(integration=billing, url="http://127.0.0.1:1/", interval_s=120)
+    assert HealthCheck.objects.due(NOW) == [check]
+    HealthCheck.objects.filter(pk=check.pk).update(last_checked_at=NOW)
+    assert HealthCheck.objects.due(NOW + timedelta(seconds=119)) == []
+    assert HealthCheck.objects.due(NOW + timedelta(seconds=120)) == [check]
+
+
+def test_only_one_worker_claims_a_due_health_check(billing):
+    check = HealthCheck.objects.create(integration=billing, url="http://127.0.0.1:1/")
+    other_worker = HealthCheck.objects.get(pk=check.pk)
+    assert check.claim(NOW)
+    assert not other_worker.claim(NOW)
+
+
+def test_a_channel_is_an_integration_of_its_own():
+    channel = NotificationChannel.objects.create(name="ops", kind=NotificationChannel.WEBHOOK,
+                                                 url="https://hooks.example/ops")
+    assert channel.integration.name == "notify.ops"
+    assert len(channel.secret) == 64
+
+
+def test_a_channel_takes_at_most_its_hourly_cap_per_hour():
+    channel = NotificationChannel.objects.create(name="ops", kind=NotificationChannel.EMAIL,
+                                                 emails="ops@example.com", hourly_cap=2)
+    assert [channel.claim_slot(NOW) for _ in range(3)] == [True, True, False]
+    assert channel.claim_slot(NOW + timedelta(hours=1))
+    channel.refresh_from_db()
+    assert channel.sent_in_window == 1
+
+
+def test_a_channel_filters_by_minimum_severity():
+    channel = NotificationChannel(name="pager", kind=NotificationChannel.EMAIL, min_severity=CRITICAL)
+    assert channel.accepts(CRITICAL) and not channel.accepts(WARNING)
+    channel.enabled = False
+    assert not channel.accepts(CRITICAL)
