@@ -6,6 +6,7 @@ the embedded development setup: SQLite, local-memory cache, django-q on the ORM.
 """
 
 import ipaddress
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -102,6 +103,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Right inside SecurityMiddleware, so every response from below (a 403, a 429) carries it.
+    "resilience_site.inbound.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -109,6 +112,12 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    # Inbound protection (resilience_site/inbound.py) comes last: after authentication, since the
+    # rate limit's client is the token or the user; inside PrometheusAfterMiddleware, so 403s and
+    # 429s are counted by status; and inside the header middlewares above, so they carry HSTS,
+    # CSP and X-Frame-Options. A refused admin address spends no rate-limit budget.
+    "resilience_site.inbound.AdminAllowlistMiddleware",
+    "resilience_site.inbound.RateLimitMiddleware",
 ]
 
 ROOT_URLCONF = "resilience_site.urls"
@@ -364,6 +373,46 @@ RESILIENCE_WATCHDOG = {
         "fallback_critical_percent": 70,
     }.items()
 }
+
+# Inbound protection (resilience_site/inbound.py; docs/inbound.md)
+#
+# RESILIENCE_TRUSTED_PROXIES: comma-separated CIDRs of the proxies in front of the site.
+#   X-Forwarded-For is believed only when the peer is one of them, and the client is then its
+#   right-most address outside them; empty: the client is the peer. Rate limits and the admin
+#   allowlist (RESILIENCE_ADMIN_ALLOWED_IPS) both use this client address.
+# RESILIENCE_RATE_LIMITS: the route groups as a JSON object, replacing the defaults below; each
+#   {"paths": [prefixes], "methods": [...] (left out: any), "limit": N, "window_s": S}. A request
+#   counts against the first group matching its path and method; {} turns rate limits off. Checked
+#   when the site starts (an error names the group and the field).
+# RESILIENCE_RATE_LIMIT_EXEMPT_PATHS: comma-separated path prefixes never rate limited. By default
+#   the health probe and the Prometheus scrape: they come often, from a few addresses, and a 429
+#   there would take a healthy instance out of rotation or leave a gap in monitoring.
+# RESILIENCE_CONTENT_SECURITY_POLICY: the Content-Security-Policy header of every response.
+
+RESILIENCE_TRUSTED_PROXIES = env_networks("RESILIENCE_TRUSTED_PROXIES")
+
+_DEFAULT_RATE_LIMITS = {
+    "api_read": {"paths": ["/api/"], "methods": ["GET", "HEAD", "OPTIONS"], "limit": 100, "window_s": 60},
+    "api_write": {"paths": ["/api/"], "methods": ["POST", "PUT", "PATCH", "DELETE"], "limit": 10, "window_s": 60},
+    "admin_login": {"paths": ["/admin/login/"], "methods": ["POST"], "limit": 5, "window_s": 60},
+}
+_rate_limits_json = env_str("RESILIENCE_RATE_LIMITS")
+try:
+    RESILIENCE_RATE_LIMITS = json.loads(_rate_limits_json) if _rate_limits_json else _DEFAULT_RATE_LIMITS
+except json.JSONDecodeError as exc:
+    raise ImproperlyConfigured(f"RESILIENCE_RATE_LIMITS must be a JSON object of route groups: {exc}.") from None
+
+RESILIENCE_RATE_LIMIT_EXEMPT_PATHS = env_list("RESILIENCE_RATE_LIMIT_EXEMPT_PATHS", "/api/health/,/metrics")
+RESILIENCE_CONTENT_SECURITY_POLICY = env_str(
+    "RESILIENCE_CONTENT_SECURITY_POLICY",
+    # Everything from this origin only (the admin and the System health page need nothing else).
+    # style="" attributes are allowed: admin columns colour their values with them; <style>
+    # blocks, inline scripts and event handler attributes are not.
+    "default-src 'self'; style-src-attr 'unsafe-inline'; object-src 'none'; base-uri 'self'; "
+    "form-action 'self'; frame-ancestors 'none'",
+)
+
+LOGGING["loggers"]["resilience_site"] = {"handlers": ["console"], "level": LOG_LEVEL}
 
 # Production hardening
 

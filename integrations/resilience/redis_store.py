@@ -31,12 +31,11 @@ resumes by itself. No exception reaches a caller because Redis is down.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import redis
@@ -103,8 +102,6 @@ class RedisStore(StateStore):
         self._state_script = self.client.register_script((_LUA_DIR / "state.lua").read_text())
         self._rate_script = self.client.register_script((_LUA_DIR / "rate_limit.lua").read_text())
         self._quota_script = self.client.register_script((_LUA_DIR / "quota.lua").read_text())
-        self._lease_ids = itertools.count()
-        self._lease_prefix = f"{socket.gethostname()}:{os.getpid()}:"
         self.available = True
         self._retry_at = 0.0
         self._down_since = 0.0
@@ -298,7 +295,7 @@ class RedisStore(StateStore):
                 return permit
             return self.local.acquire(policy, is_retry)
         now = self.clock.time()
-        lease = f"{self._lease_prefix}{next(self._lease_ids)}"
+        lease = _unique_id()
         pending = self._take_pending(policy.name)
         result = self._eval(self._keys(policy, now),
                             self._args("a", policy, now, is_retry=is_retry, pending=pending, lease=lease))
@@ -396,7 +393,7 @@ class RedisStore(StateStore):
         try:
             allowed, remaining, reset_at = self._rate_script(
                 keys=[f"{self.prefix}:ratelimit:{key}"],
-                args=[repr(now), repr(float(window_s)), limit, f"{self._lease_prefix}{next(self._lease_ids)}"])
+                args=[repr(now), repr(float(window_s)), limit, _unique_id()])
         except _UNREACHABLE as exc:
             self._lost(exc)
             return self.local.hit(key, limit, window_s)
@@ -407,6 +404,12 @@ class RedisStore(StateStore):
     def _stale_policy(self, policy: Policy) -> None:
         if self.on_stale_policy is not None:
             self.on_stale_policy(policy.name)
+
+
+def _unique_id() -> str:
+    # Random, not host:pid:counter: two stores in one process, or one inherited across a
+    # fork, would reuse such names and a lease or a counted request would overwrite another.
+    return uuid.uuid4().hex
 
 
 def _text(value) -> str:

@@ -1,0 +1,322 @@
+"""Inbound protection: who may reach the site, how often, and the headers every page carries.
+
+Three middlewares (their place in MIDDLEWARE is explained in settings.py):
+
+- ``ContentSecurityPolicyMiddleware`` sets RESILIENCE_CONTENT_SECURITY_POLICY on every response.
+- ``AdminAllowlistMiddleware`` answers 403 to /admin/ requests from addresses outside
+  RESILIENCE_ADMIN_ALLOWED_IPS (empty: no restriction, and the middleware steps aside).
+- ``RateLimitMiddleware`` counts each request of a route group (RESILIENCE_RATE_LIMITS) against
+  its client's sliding window in the engine's state store: one atomic Lua script in Redis when
+  the site has one, per process otherwise, per process again while Redis is down. API responses
+  carry X-RateLimit-Limit, -Remaining and -Reset; past the limit the answer is 429 with
+  Retry-After and the API's error shape.
+
+The client is the API token (hashed: a key never holds a credential), else the logged-in user,
+else the address. The address is the peer's, unless the peer is in RESILIENCE_TRUSTED_PROXIES:
+then X-Forwarded-For is read from the right. docs/inbound.md gives the reasons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, JsonResponse
+from django.utils.html import escape
+from rest_framework.authtoken.models import Token
+
+from integrations.resilience import get_engine
+from integrations.resilience.state import RateLimit
+
+logger = logging.getLogger(__name__)
+
+API_PATH_PREFIX = "/api/"
+ADMIN_PATH_PREFIX = "/admin/"
+# DRF's TokenAuthentication: "Authorization: Token <key>", keyword compared without case.
+TOKEN_KEYWORD = "token"
+# An IPv6 client usually holds a whole /64: counting single addresses would give it 2^64 budgets.
+IPV6_CLIENT_PREFIX_LENGTH = 64
+
+_GROUP_FIELDS = ("paths", "methods", "limit", "window_s")
+_REQUIRED_GROUP_FIELDS = ("paths", "limit", "window_s")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")  # it becomes part of a Redis key
+_HTTP_METHOD = re.compile(r"[A-Z]+")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# -- configuration, checked when the site starts -----------------------------------------
+
+
+@dataclass(frozen=True)
+class RateLimitGroup:
+    """Requests whose path starts with one of ``paths`` and whose method is in ``methods``
+    (None: any method): at most ``limit`` per client in any ``window_s`` seconds."""
+
+    name: str
+    paths: tuple[str, ...]
+    methods: frozenset[str] | None
+    limit: int
+    window_s: float
+
+    def matches(self, path: str, method: str) -> bool:
+        return path.startswith(self.paths) and (self.methods is None or method in self.methods)
+
+
+def rate_limit_groups(config) -> tuple[RateLimitGroup, ...]:
+    """RESILIENCE_RATE_LIMITS as groups, in its order; ImproperlyConfigured names the group and the field."""
+    if not isinstance(config, dict):
+        raise ImproperlyConfigured(
+            f"RESILIENCE_RATE_LIMITS must be a dict of route groups; got {type(config).__name__}.")
+    return tuple(_rate_limit_group(name, spec) for name, spec in config.items())
+
+
+def _rate_limit_group(name, spec) -> RateLimitGroup:
+    where = f"RESILIENCE_RATE_LIMITS[{name!r}]"
+    if not isinstance(name, str) or not _GROUP_NAME.fullmatch(name):
+        raise ImproperlyConfigured(f"{where}: a group's name is made of letters, digits, '_' and '-'.")
+    if not isinstance(spec, dict):
+        raise ImproperlyConfigured(
+            f"{where} must be a dict with paths, limit, window_s and optionally methods; "
+            f"got {type(spec).__name__}.")
+    unknown = sorted(str(field) for field in spec if field not in _GROUP_FIELDS)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"{where}['{unknown[0]}'] is not a field of a group; the fields are {', '.join(_GROUP_FIELDS)}.")
+    for field in _REQUIRED_GROUP_FIELDS:
+        if field not in spec:
+            raise ImproperlyConfigured(f"{where}['{field}'] is required.")
+
+    paths = spec["paths"]
+    if not _is_list_of_str(paths) or not all(path.startswith("/") for path in paths):
+        raise ImproperlyConfigured(
+            f"{where}['paths'] must be a non-empty list of path prefixes starting with '/'; got {paths!r}.")
+    methods = spec.get("methods")
+    if methods is not None:
+        if not _is_list_of_str(methods) or not all(_HTTP_METHOD.fullmatch(m.upper()) for m in methods):
+            raise ImproperlyConfigured(
+                f"{where}['methods'] must be a non-empty list of HTTP methods such as GET or POST; "
+                f"got {methods!r}.")
+        methods = frozenset(method.upper() for method in methods)
+    limit = spec["limit"]
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ImproperlyConfigured(f"{where}['limit'] must be a whole number of requests, at least 1; got {limit!r}.")
+    window_s = spec["window_s"]
+    if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or not 0 < window_s < math.inf:
+        raise ImproperlyConfigured(f"{where}['window_s'] must be a number of seconds above 0; got {window_s!r}.")
+    return RateLimitGroup(name, tuple(paths), methods, limit, float(window_s))
+
+
+def _is_list_of_str(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, str) for item in value)
+
+
+def _path_prefixes(setting_name: str) -> tuple[str, ...]:
+    prefixes = getattr(settings, setting_name)
+    if not isinstance(prefixes, (list, tuple)) or not all(
+            isinstance(prefix, str) and prefix.startswith("/") for prefix in prefixes):
+        raise ImproperlyConfigured(f"{setting_name} must be a list of path prefixes starting with '/'; "
+                                   f"got {prefixes!r}.")
+    return tuple(prefixes)
+
+
+def _networks(setting_name: str) -> tuple[IPNetwork, ...]:
+    cidrs = getattr(settings, setting_name)
+    # a bare string would be read character by character, and "1" is a valid address
+    if not isinstance(cidrs, (list, tuple)):
+        raise ImproperlyConfigured(f"{setting_name} must be a list of CIDRs such as 10.0.0.0/8; got {cidrs!r}.")
+    try:
+        return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+    except (TypeError, ValueError) as exc:
+        raise ImproperlyConfigured(f"{setting_name} must be a list of CIDRs such as 10.0.0.0/8: {exc}.") from None
+
+
+# -- who the client is ---------------------------------------------------------------------
+
+
+def client_ip(request: HttpRequest, trusted_proxies: tuple[IPNetwork, ...]) -> IPAddress | None:
+    """The address of the client that sent the request; None if the server gave no readable one.
+
+    The peer (REMOTE_ADDR), unless it is a trusted proxy. Then X-Forwarded-For is read from the
+    right: each proxy appends the address it received the request from, so the first address that
+    is not a trusted proxy is the client; whatever lies left of it was written by the client itself
+    and proves nothing. A hop that is not an address was not written by a proxy: the reading stops
+    at the last address checked.
+    """
+    peer = _ip(request.META.get("REMOTE_ADDR", ""))
+    if peer is None or not _in_networks(peer, trusted_proxies):
+        return peer
+    client = peer
+    for hop in reversed(request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")):
+        address = _ip(hop.strip())
+        if address is None:
+            break
+        client = address
+        if not _in_networks(address, trusted_proxies):
+            break
+    return client
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    # a dual-stack server may report an IPv4 client as ::ffff:a.b.c.d
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _in_networks(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
+    return any(address in network for network in networks)
+
+
+def rate_limit_client(request: HttpRequest, trusted_proxies: tuple[IPNetwork, ...]) -> str:
+    """Whose budget a request spends: ``token:<sha256>``, ``user:<id>`` or ``ip:<address or /64>``.
+
+    Only a token that authenticates an active user counts as one: otherwise a client could send a
+    new made-up token with each request and never run out (or guess tokens unhindered).
+    """
+    token_key = _api_token_key(request)
+    if token_key is not None and Token.objects.filter(key=token_key, user__is_active=True).exists():
+        return f"token:{hashlib.sha256(token_key.encode()).hexdigest()}"
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return f"user:{user.pk}"
+    address = client_ip(request, trusted_proxies)
+    if address is None:
+        return "ip:unknown"
+    if address.version == 6:
+        return f"ip:{ipaddress.ip_network(f'{address}/{IPV6_CLIENT_PREFIX_LENGTH}', strict=False)}"
+    return f"ip:{address}"
+
+
+def _api_token_key(request: HttpRequest) -> str | None:
+    keyword, _, key = request.headers.get("Authorization", "").partition(" ")
+    key = key.strip()
+    return key if keyword.lower() == TOKEN_KEYWORD and key else None
+
+
+# -- the middlewares -----------------------------------------------------------------------
+
+
+class ContentSecurityPolicyMiddleware:
+    """RESILIENCE_CONTENT_SECURITY_POLICY on every response that has not set its own."""
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        policy = settings.RESILIENCE_CONTENT_SECURITY_POLICY
+        if not isinstance(policy, str) or not policy.strip() or "\r" in policy or "\n" in policy:
+            raise ImproperlyConfigured(
+                f"RESILIENCE_CONTENT_SECURITY_POLICY must be a one-line header value; got {policy!r}.")
+        self.policy = policy.strip()
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        response.setdefault("Content-Security-Policy", self.policy)
+        return response
+
+
+class AdminAllowlistMiddleware:
+    """/admin/ only from RESILIENCE_ADMIN_ALLOWED_IPS; other addresses get a plain 403 page."""
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        self.allowed_networks = _networks("RESILIENCE_ADMIN_ALLOWED_IPS")
+        if not self.allowed_networks:
+            raise MiddlewareNotUsed("RESILIENCE_ADMIN_ALLOWED_IPS is empty: the admin is open to any address.")
+        self.trusted_proxies = _networks("RESILIENCE_TRUSTED_PROXIES")
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path_info.startswith(ADMIN_PATH_PREFIX):
+            address = client_ip(request, self.trusted_proxies)
+            if address is None or not _in_networks(address, self.allowed_networks):
+                logger.info("Refused %s %s from %s: not in RESILIENCE_ADMIN_ALLOWED_IPS.",
+                            request.method, request.path, address or "an unknown address")
+                return _admin_forbidden(address)
+        return self.get_response(request)
+
+
+def _admin_forbidden(address: IPAddress | None) -> HttpResponseForbidden:
+    seen_as = escape(str(address)) if address is not None else "an unknown address"
+    return HttpResponseForbidden(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>403 Forbidden</title></head>\n"
+        "<body><h1>403 Forbidden</h1>\n"
+        f"<p>The operations console cannot be reached from your address ({seen_as}).</p></body></html>\n",
+        content_type="text/html; charset=utf-8",
+    )
+
+
+class RateLimitMiddleware:
+    """Sliding-window limits per client per route group; X-RateLimit-* on API responses; 429 past the limit.
+
+    A request counts against the first group (in RESILIENCE_RATE_LIMITS order) that matches its
+    path and method; paths under RESILIENCE_RATE_LIMIT_EXEMPT_PATHS and requests no group matches
+    are not counted.
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        self.groups = rate_limit_groups(settings.RESILIENCE_RATE_LIMITS)
+        self.exempt_paths = _path_prefixes("RESILIENCE_RATE_LIMIT_EXEMPT_PATHS")
+        self.trusted_proxies = _networks("RESILIENCE_TRUSTED_PROXIES")
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        group = self._group_for(request.path_info, request.method)
+        if group is None:
+            return self.get_response(request)
+        counted = self._count(request, group)
+        if counted is None:
+            return self.get_response(request)
+        verdict, reset_s = counted
+        response = self.get_response(request) if verdict.allowed else _too_many_requests(group, reset_s)
+        if request.path_info.startswith(API_PATH_PREFIX):
+            response["X-RateLimit-Limit"] = str(verdict.limit)
+            response["X-RateLimit-Remaining"] = str(verdict.remaining)
+            response["X-RateLimit-Reset"] = str(reset_s)
+        return response
+
+    def _group_for(self, path: str, method: str) -> RateLimitGroup | None:
+        if path.startswith(self.exempt_paths):
+            return None
+        return next((group for group in self.groups if group.matches(path, method)), None)
+
+    def _count(self, request: HttpRequest, group: RateLimitGroup) -> tuple[RateLimit, int] | None:
+        """The store's verdict and the whole seconds until its reset, or None if the limiter failed."""
+        try:
+            store = get_engine().store
+            client = rate_limit_client(request, self.trusted_proxies)
+            verdict = store.hit(f"{group.name}:{client}", group.limit, group.window_s)
+            return verdict, seconds_until(verdict.reset_at, store.clock.time())
+        except Exception:
+            # Fail open. A store already counts per process while Redis is down, so what lands
+            # here is a fault (a script error, the token lookup's database gone): refusing every
+            # request, or answering 500, because the limiter broke would turn a protection into
+            # an outage. The request goes through unlimited and the traceback is logged.
+            logger.exception("Rate limit %r not applied to %s %s: the limiter failed.",
+                             group.name, request.method, request.path)
+            return None
+
+
+def seconds_until(moment: float, now: float) -> int:
+    """Whole seconds from now until ``moment``, rounded up (a client that waits them is in time), at least 1."""
+    return max(1, math.ceil(moment - now))
+
+
+def _too_many_requests(group: RateLimitGroup, retry_after_s: int) -> JsonResponse:
+    response = JsonResponse({"error": {
+        "code": "rate_limited",
+        "message": f"Too many requests: at most {group.limit} per {group.window_s:g} s for {group.name}; "
+                   f"retry in {retry_after_s} s.",
+        "retry_after": retry_after_s,
+    }}, status=429)
+    response["Retry-After"] = str(retry_after_s)
+    return response

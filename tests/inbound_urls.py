@@ -1,0 +1,38 @@
+"""URLs for tests/test_inbound.py: API endpoints of its own, so the tests do not depend on the real API, and the
+real admin."""
+
+from django.contrib import admin
+from django.http import HttpResponse, JsonResponse
+from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST, require_safe
+
+
+@require_safe
+def ping(request):
+    return JsonResponse({"pong": True})
+
+
+@csrf_exempt
+@require_POST
+def create_thing(request):
+    return JsonResponse({"created": True}, status=201)
+
+
+@require_safe
+def health(request):
+    return JsonResponse({"status": "ok"})
+
+
+@require_safe
+def metrics(request):
+    return HttpResponse("up 1\n", content_type="text/plain; version=0.0.4")
+
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/ping/", ping),
+    path("api/things/", create_thing),
+    path("api/health/", health),
+    path("metrics", metrics),
+]
