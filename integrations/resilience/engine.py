@@ -262,6 +262,22 @@ class _Call:
             return False, None, None
         return True, found[0], found[1]
 
+    def serve_stored(self, fallback: fb.Fallback) -> bool:
+        """Serve a value, cache or last-known fallback if it yields; False for Fallback.call."""
+        if fallback.kind == fb.CALL:
+            return False
+        found, value, age = self.fallback_value(fallback)
+        if found:
+            self.serve_fallback(fallback, value, age)
+        return found
+
+    def served_by_call(self, fallback: fb.Fallback, outcome: tuple | None) -> bool:
+        """Serve what a Fallback.call returned: ``outcome`` is (value,), or None when it raised."""
+        if outcome is None:
+            return False
+        self.serve_fallback(fallback, outcome[0], None)
+        return True
+
     def serve_fallback(self, fallback: fb.Fallback, value, age) -> None:
         self.ok, self.value, self.source, self.fallback_used, self.age_s = True, value, FALLBACK, fallback.kind, age
 
@@ -370,19 +386,19 @@ class Engine:
             self._attempts(call)
         if not call.ok:
             for fallback in call.fallbacks:
-                if fallback.kind == fb.CALL:
-                    try:
-                        value = fallback.fn(*args, **kwargs)
-                    except Exception:  # noqa: BLE001 - a failing fallback hands over to the next one (logged)
-                        call.fallback_failed(fallback)
-                        continue
-                    call.serve_fallback(fallback, value, None)
-                    break
-                found, value, age = call.fallback_value(fallback)
-                if found:
-                    call.serve_fallback(fallback, value, age)
+                if call.serve_stored(fallback) or call.served_by_call(fallback, self._call_fallback(call, fallback)):
                     break
         return call.finish()
+
+    @staticmethod
+    def _call_fallback(call: _Call, fallback: fb.Fallback):
+        if fallback.kind != fb.CALL:
+            return None
+        try:
+            return (fallback.fn(*call.args, **call.kwargs),)
+        except Exception:  # noqa: BLE001 - a failing fallback hands over to the next one (logged)
+            call.fallback_failed(fallback)
+            return None
 
     def _attempts(self, call: _Call) -> None:
         policy, local, clock = call.policy, call.local, self.clock
@@ -434,21 +450,21 @@ class Engine:
             await self._aattempts(call)
         if not call.ok:
             for fallback in call.fallbacks:
-                if fallback.kind == fb.CALL:
-                    try:
-                        value = fallback.fn(*args, **kwargs)
-                        if hasattr(value, "__await__"):
-                            value = await value
-                    except Exception:  # noqa: BLE001 - a failing fallback hands over to the next one (logged)
-                        call.fallback_failed(fallback)
-                        continue
-                    call.serve_fallback(fallback, value, None)
-                    break
-                found, value, age = call.fallback_value(fallback)
-                if found:
-                    call.serve_fallback(fallback, value, age)
+                if call.serve_stored(fallback) or call.served_by_call(fallback,
+                                                                     await self._acall_fallback(call, fallback)):
                     break
         return call.finish()
+
+    @staticmethod
+    async def _acall_fallback(call: _Call, fallback: fb.Fallback):
+        if fallback.kind != fb.CALL:
+            return None
+        try:
+            value = fallback.fn(*call.args, **call.kwargs)
+            return (await value,) if hasattr(value, "__await__") else (value,)
+        except Exception:  # noqa: BLE001 - a failing fallback hands over to the next one (logged)
+            call.fallback_failed(fallback)
+            return None
 
     async def _aattempts(self, call: _Call) -> None:
         policy, local, clock = call.policy, call.local, self.clock
