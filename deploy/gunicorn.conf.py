@@ -17,6 +17,10 @@ import tempfile
 from pathlib import Path
 
 wsgi_app = "resilience_site.wsgi:application"
+# Threads keep client connections alive and overlap the waits on upstreams, Redis and the
+# database; measured with benchmarks/load: 600-1,300 req/s against 300-580 for sync workers.
+worker_class = "gthread"
+threads = 4
 chdir = str(Path(__file__).resolve().parent.parent)  # the project, whatever directory gunicorn starts in
 
 # A private default is named after the master's pid, so a reload (SIGHUP re-reads this file) keeps it.

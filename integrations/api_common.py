@@ -3,14 +3,19 @@
 Errors are ``{"error": {"code", "message", ...}}``; a bad input also names
 its fields: ``{"error": {"code": "invalid", "message": "limit: ...",
 "fields": {"limit": ["..."]}}}``. Reads need a staff user; changes need a
-staff user with the model permission.
+staff user with the model permission. List endpoints are paged the same way
+(``Pagination``), and the schema describes errors with ``error_responses``.
 """
 
 from __future__ import annotations
 
-from rest_framework import exceptions, serializers
+from datetime import datetime
+
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework import exceptions, serializers, status
+from rest_framework.metadata import SimpleMetadata
+from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import SAFE_METHODS, BasePermission
-from rest_framework.views import exception_handler as drf_exception_handler
 
 # What a change needs, by method: this API's POSTs act on existing objects
 # (retry, acknowledge, reset), so they need the change permission, not add.
@@ -19,6 +24,10 @@ ACTION_BY_METHOD = {"POST": "change", "PUT": "change", "PATCH": "change", "DELET
 
 def exception_handler(exc, context):
     """DRF's handler (status, headers such as WWW-Authenticate and Retry-After), in the contract's shape."""
+    # imported here: rest_framework.views reads DEFAULT_METADATA_CLASS (this module's Metadata) as it is
+    # imported, so importing it at the top would make the two modules import each other
+    from rest_framework.views import exception_handler as drf_exception_handler
+
     response = drf_exception_handler(exc, context)
     if response is None:
         return None  # not an API error (a bug): Django's 500 handling and logging apply
@@ -51,7 +60,8 @@ class StaffReadsModelPermissionActs(BasePermission):
     """Reads: a staff user. Changes: a staff user with the model's permission for the method.
 
     The model is the view's ``permission_model`` (or its queryset's model):
-    POST, PUT and PATCH need ``<app>.change_<model>``, DELETE ``<app>.delete_<model>``.
+    POST, PUT and PATCH need ``<app>.change_<model>``, DELETE ``<app>.delete_<model>``,
+    unless the view's ``permission_action`` names the action every change needs.
     Anonymous requests get 401 (the authenticators' challenge), others 403.
     """
 
@@ -63,7 +73,8 @@ class StaffReadsModelPermissionActs(BasePermission):
             return False
         if request.method in SAFE_METHODS:
             return True
-        action = ACTION_BY_METHOD.get(request.method)
+        # a view whose DELETE changes rather than deletes (clearing a cache) says so with permission_action
+        action = getattr(view, "permission_action", None) or ACTION_BY_METHOD.get(request.method)
         model = _model_of(view)
         codename = f"{model._meta.app_label}.{action}_{model._meta.model_name}"
         if action is None or not user.has_perm(codename):
@@ -91,3 +102,106 @@ class StrictIntegerField(serializers.IntegerField):
         if isinstance(data, bool) or not isinstance(data, int):
             self.fail("invalid")
         return super().to_internal_value(data)
+
+
+def validated(serializer_class, data) -> dict:
+    """``data`` (a body or the query string) checked by ``serializer_class``; a 400 naming the fields if bad."""
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+class IsoDateTimeField(serializers.DateTimeField):
+    """A time as the models' ``as_dict()`` write it (``2026-11-23T02:43:51.123456+00:00``), so one
+    response never mixes that with DRF's ``...Z``; strings from ``as_dict()`` pass as they are."""
+
+    def to_representation(self, value):
+        return value.isoformat() if isinstance(value, datetime) else value
+
+
+class Conflict(exceptions.APIException):
+    """The request is valid but the object's state forbids it now (acknowledging a resolved alert)."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "The object's current state does not allow this."
+    default_code = "conflict"
+
+
+class Metadata(SimpleMetadata):
+    """OPTIONS: the endpoint's name, description, renderers and parsers.
+
+    No "actions": DRF would describe a POST by the view's serializer, and these
+    POSTs act on existing objects rather than take a model's fields (the
+    OpenAPI schema documents their bodies).
+    """
+
+    def determine_actions(self, request, view):
+        return {}
+
+
+MAX_PAGE_SIZE = 500
+
+
+class PageQuery(serializers.Serializer):
+    page = serializers.IntegerField(required=False, min_value=1)
+    page_size = serializers.IntegerField(required=False, min_value=1, max_value=MAX_PAGE_SIZE)
+
+
+class Pagination(PageNumberPagination):
+    """Pages of REST_FRAMEWORK["PAGE_SIZE"] items; ``?page_size=`` asks for 1 to MAX_PAGE_SIZE.
+
+    A page or page size that is not a positive integer, or a page size over the
+    maximum, is a 400 naming it rather than silently the default: a client that
+    asked for 1000 rows must not believe it has them all. A page past the last is a 404.
+    """
+
+    page_size_query_param = "page_size"
+    max_page_size = MAX_PAGE_SIZE
+    last_page_strings = ()
+
+    def paginate_queryset(self, queryset, request, view=None):
+        validated(PageQuery, request.query_params)
+        return super().paginate_queryset(queryset, request, view)
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        bounds = {self.page_query_param: {"minimum": 1},
+                  self.page_size_query_param: {"minimum": 1, "maximum": self.max_page_size}}
+        for parameter in parameters:
+            parameter["schema"].update(bounds.get(parameter["name"], {}))
+        return parameters
+
+
+# -- the error shape in the OpenAPI schema ----------------------------------------------------
+
+class ErrorDetailSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="A stable word for programs: invalid, not_found, permission_denied, ...")
+    message = serializers.CharField(help_text="What went wrong, for people.")
+    # (a declared field is taken out of the class body, so this name does not hide Serializer.fields)
+    fields = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False,
+                                   help_text="400: each bad field (of the body or the query string) and what is wrong.")
+    retry_after = serializers.IntegerField(required=False, help_text="429: seconds to wait.")
+
+
+class ErrorSerializer(serializers.Serializer):
+    """The shape of every error of the API (the schema's ``Error``)."""
+
+    error = ErrorDetailSerializer()
+
+
+ERROR_MEANINGS = {
+    400: "Bad input: `fields` names each bad field.",
+    401: "Not authenticated (no or bad token or session).",
+    403: "Not a staff user, or a change without the model permission.",
+    404: "No such object.",
+    409: "The object's state does not allow this now.",
+    429: "Rate limited: see Retry-After.",
+}
+# Every endpoint under /api/ but the health check answers these.
+AUTH_ERRORS = (401, 403, 429)
+
+
+def error_responses(*statuses: int) -> dict:
+    """The schema's responses for these error statuses plus the authentication ones, all in the error shape."""
+    return {status_code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[status_code])
+            for status_code in sorted({*statuses, *AUTH_ERRORS})}

@@ -17,6 +17,8 @@ request; they must yield an httpx.Response or whatever the caller expects.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from .errors import ResilienceError, category_for_status
@@ -47,6 +49,28 @@ def raise_for_category(response: httpx.Response, integration: str) -> httpx.Resp
 _DEAD_LETTER = "resilience.dead_letter"  # request extension carrying the request's DeadLetter
 
 
+def read_within(response: httpx.Response, request: httpx.Request, deadline: float | None) -> httpx.Response:
+    """The whole response, read by the deadline (monotonic), or ReadTimeout.
+
+    httpx's timeout bounds each read, not the response: an upstream trickling
+    its answer would hold the attempt's thread and bulkhead slot for as long
+    as it drips. Reading chunk by chunk against the attempt's deadline ends it
+    soon after the timeout (within one read's timeout at most).
+    """
+    raw = bytearray()
+    try:
+        for chunk in response.iter_raw():
+            raw += chunk
+            if deadline is not None and time.monotonic() > deadline:
+                raise httpx.ReadTimeout("the response did not arrive within the attempt's timeout", request=request)
+    finally:
+        response.close()
+    complete = httpx.Response(response.status_code, headers=response.headers, content=bytes(raw), request=request,
+                              extensions=response.extensions)
+    complete.read()
+    return complete
+
+
 class Client(httpx.Client):
     def __init__(self, integration: str, *, fallbacks=(), **kwargs) -> None:
         super().__init__(**kwargs)
@@ -70,8 +94,9 @@ class Client(httpx.Client):
             budget = attempt_time_left()
             if budget is not None:
                 request.extensions = {**request.extensions, "timeout": httpx.Timeout(budget).as_dict()}
-            response = super(Client, self).send(request, stream=False, **kwargs)
-            return raise_for_category(response, self.integration)
+            response = super(Client, self).send(request, stream=True, **kwargs)
+            complete = read_within(response, request, None if budget is None else time.monotonic() + budget)
+            return raise_for_category(complete, self.integration)
 
         if request.method in CACHEABLE_METHODS:
             cache_key = {"method": request.method, "url": str(request.url), "headers": sorted(request.headers.items())}

@@ -15,6 +15,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from .resilience import get_engine
+from .resilience.breaker import CLOSED, OPEN
 from .resilience.policy import (
     KIND_PRESETS,
     KINDS,
@@ -32,6 +33,8 @@ logger = logging.getLogger("integrations.faults")
 
 DEFAULT_KIND = "external_api"
 MAX_FAULT_MINUTES = 24 * 60
+# An operator's breaker actions (operate_breaker), with the words the history records them under.
+BREAKER_ACTIONS = {"reset": "manual reset", "open": "forced open", "close": "forced closed"}
 
 # Sent when an integration's policy changed without a save() (a queryset update).
 policy_changed = Signal()
@@ -198,6 +201,47 @@ class Integration(models.Model):
         if self.mode in (MODE_FORCED_OPEN, MODE_FORCED_CLOSED):
             self.set_mode(MODE_NORMAL)
         return get_engine().reset_breaker(self.to_policy(), by)
+
+    def effective_breaker_state(self, snapshot=None) -> str:
+        """The state callers meet: a forced mode overrides the breaker's own."""
+        if self.mode == MODE_FORCED_OPEN:
+            return OPEN
+        if self.mode == MODE_FORCED_CLOSED:
+            return CLOSED
+        return (snapshot or self.breaker_snapshot()).state
+
+    def operate_breaker(self, action: str, by: str) -> None:
+        """An operator's breaker action (BREAKER_ACTIONS), always left in the history naming ``by``.
+
+        reset: normal mode and a closed breaker with clear counts; open and close: the forced
+        modes. A reset that closes a breaker is recorded by its own transition (persistence.py);
+        every other action (a mode change, a reset of a closed breaker) makes no transition, so
+        its BreakerEvent is written here.
+        """
+        if action not in BREAKER_ACTIONS:
+            raise ValueError(f"unknown breaker action {action!r}; expected one of {', '.join(BREAKER_ACTIONS)}")
+        before_mode, before_state = self.mode, self.effective_breaker_state()
+        transition = None
+        if action == "reset":
+            transition = self.reset_breaker(by=by)
+        else:
+            self.set_mode(MODE_FORCED_OPEN if action == "open" else MODE_FORCED_CLOSED)
+        if transition is not None:
+            return
+        reason = BREAKER_ACTIONS[action]
+        if self.mode != before_mode:
+            reason = f"{reason}: mode {before_mode} -> {self.mode}"
+        BreakerEvent.objects.create(integration=self, from_state=before_state, to_state=self.effective_breaker_state(),
+                                    reason=reason[:200], at=timezone.now(), by=by)
+
+    def set_capacity(self, capacity: float) -> None:
+        """Degraded mode: only ``capacity`` (0 < capacity <= 1) of the calls proceed; 1 leaves it."""
+        try:
+            _capacity(capacity)
+        except ValidationError as exc:
+            raise ValidationError({"capacity": exc.messages}) from None
+        self.capacity = capacity
+        self.save(update_fields=["capacity", "updated_at"])
 
     def inject_fault(self, *, error_percent: float = 0, latency_ms: int = 0, minutes: float = 10,
                      by: str = "") -> FaultInjection:

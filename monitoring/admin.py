@@ -1,8 +1,61 @@
-"""Admin pages of the monitoring models; every action calls the model's own method."""
+"""Admin pages of the monitoring models, and the call statistics columns of the Integration list.
+
+Every action calls the model's own method and is recorded in the admin log.
+"""
 
 from django.contrib import admin, messages
+from django.utils.html import format_html
 
+from integrations.admin import LEVEL_COLOURS, IntegrationAdmin, badge
+from integrations.models import Integration
+
+from . import health_page
 from .models import Alert, CallStats, Delivery, HealthCheck, HealthCheckResult, NotificationChannel
+
+SEVERITY_COLOURS = {"warning": LEVEL_COLOURS["warning"], "critical": LEVEL_COLOURS["critical"]}
+STATUS_COLOURS = {Alert.OPEN: LEVEL_COLOURS["critical"], Alert.ACKNOWLEDGED: LEVEL_COLOURS["warning"],
+                  Alert.RESOLVED: LEVEL_COLOURS["healthy"]}
+
+
+class IntegrationConsoleAdmin(IntegrationAdmin):
+    """The Integration list with each row's last hour of calls: success rate and p95 latency.
+
+    The statistics are monitoring's, and integrations never imports monitoring: so this subclass,
+    registered in place of integrations' own admin, adds them. They are read for the whole page
+    in one query when the changelist is built, and kept on the rows it shows.
+    """
+
+    list_display = (*IntegrationAdmin.list_display[:4], "success_rate", "p95", *IntegrationAdmin.list_display[4:])
+
+    def get_changelist_instance(self, request):
+        changelist = super().get_changelist_instance(request)
+        rows = list(changelist.result_list)  # evaluated once here; the template iterates the same rows
+        stats = health_page.last_hour_stats([row.pk for row in rows])
+        for row in rows:
+            row.last_hour = stats[row.pk]
+        return changelist
+
+    @admin.display(description=f"Success ({health_page.WINDOW_MINUTES} min)")
+    def success_rate(self, obj):
+        stats = getattr(obj, "last_hour", None)
+        rate = health_page.success_rate(stats) if stats else None
+        if rate is None:
+            return "-"
+        return format_html('<span title="{} of {} calls">{}</span>', stats["successes"], stats["calls"],
+                           badge(f"{rate:.1%}", LEVEL_COLOURS[health_page.success_level(rate)]))
+
+    @admin.display(description=f"p95 ({health_page.WINDOW_MINUTES} min)")
+    def p95(self, obj):
+        stats = getattr(obj, "last_hour", None)
+        p95 = stats["latency_p95_ms"] if stats else None
+        if p95 is None:
+            return "-"
+        return format_html('<span title="slow calls: over {} ms">{}</span>', obj.slow_call_ms,
+                           badge(f"{p95:.0f} ms", LEVEL_COLOURS[health_page.latency_level(p95, obj.slow_call_ms)]))
+
+
+admin.site.unregister(Integration)
+admin.site.register(Integration, IntegrationConsoleAdmin)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -41,17 +94,42 @@ class CallStatsAdmin(ReadOnlyAdmin):
         return "-" if p95 is None else f"{p95:.0f}"
 
 
+class ActiveAlertFilter(admin.SimpleListFilter):
+    title = "activity"
+    parameter_name = "active"
+
+    def lookups(self, request, model_admin):
+        return (("yes", "Active (open or acknowledged)"), ("no", "Resolved"))
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.active()
+        if self.value() == "no":
+            return queryset.exclude(status__in=Alert.ACTIVE)
+        return queryset
+
+
 @admin.register(Alert)
 class AlertAdmin(admin.ModelAdmin):
-    list_display = ("kind", "severity", "integration", "message", "status", "occurrences", "first_seen", "last_seen")
-    list_filter = ("status", "severity", "kind")
+    list_display = ("kind", "severity_badge", "integration", "message", "status_badge", "occurrences", "first_seen",
+                    "last_seen", "acknowledged_by")
+    list_filter = (ActiveAlertFilter, "severity", "status", "kind", "integration")
     search_fields = ("message", "integration__name")
-    list_select_related = ("integration",)
+    list_select_related = ("integration", "acknowledged_by")
+    date_hierarchy = "last_seen"
     readonly_fields = [field.name for field in Alert._meta.fields]
     actions = ("acknowledge", "resolve")
 
     def has_add_permission(self, request):
         return False
+
+    @admin.display(description="Severity", ordering="severity")
+    def severity_badge(self, obj):
+        return badge(obj.get_severity_display(), SEVERITY_COLOURS[obj.severity])
+
+    @admin.display(description="Status", ordering="status")
+    def status_badge(self, obj):
+        return badge(obj.get_status_display(), STATUS_COLOURS[obj.status])
 
     @admin.action(description="Acknowledge", permissions=["change"])
     def acknowledge(self, request, queryset):
@@ -92,10 +170,22 @@ class HealthCheckAdmin(admin.ModelAdmin):
 
 @admin.register(HealthCheckResult)
 class HealthCheckResultAdmin(ReadOnlyAdmin):
-    list_display = ("health_check", "at", "ok", "latency_ms", "status_code", "error")
+    list_display = ("at", "integration", "ok", "latency", "status_code", "error")
     list_filter = ("ok", "health_check__integration")
+    search_fields = ("health_check__integration__name", "error")
     list_select_related = ("health_check__integration",)
     date_hierarchy = "at"
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # the history of probes; pruned by retention (RESILIENCE_STATS_RETENTION_DAYS)
+
+    @admin.display(description="Integration", ordering="health_check__integration__name")
+    def integration(self, obj):
+        return obj.health_check.integration.name
+
+    @admin.display(description="Latency", ordering="latency_ms")
+    def latency(self, obj):
+        return f"{obj.latency_ms:.0f} ms"
 
 
 @admin.register(NotificationChannel)

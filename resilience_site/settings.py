@@ -93,6 +93,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets, served from this origin (/api/docs/)
     "django_q",
     "django_prometheus",
     "integrations.apps.IntegrationsConfig",
@@ -163,6 +165,10 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"]["TEST"] = {
         "NAME": str(Path(tempfile.gettempdir()) / f"resilience-test-{os.getpid()}.sqlite3"),
     }
+    # Writers take SQLite's lock when their transaction begins and wait up to 20 s for it, so threads
+    # and processes writing at once (the demo, the django-q cluster) queue instead of failing with
+    # "database is locked" when a read-then-write transaction cannot upgrade its lock.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(transaction_mode="IMMEDIATE", timeout=20)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -223,10 +229,39 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    # ?page= and ?page_size= (at most integrations.api_common.MAX_PAGE_SIZE) on list endpoints.
+    "DEFAULT_PAGINATION_CLASS": "integrations.api_common.Pagination",
     "PAGE_SIZE": 50,
     # Errors as {"error": {"code", "message", ...}} (CONTRACT.md).
     "EXCEPTION_HANDLER": "integrations.api_common.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_METADATA_CLASS": "integrations.api_common.Metadata",  # OPTIONS
+}
+
+# The OpenAPI 3 schema (/api/schema/) and Swagger UI (/api/docs/); docs/api.md.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Resilience control plane API",
+    "DESCRIPTION": "Operate the integrations' breakers, quotas, caches, dead letters, alerts and watchdog. "
+                   "Reads need a staff user; changes need a staff user with the model permission.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Like every read of the API, the schema needs a staff user.
+    "SERVE_PERMISSIONS": ["integrations.api_common.StaffReadsModelPermissionActs"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    # One name per choice set that several fields share.
+    "ENUM_NAME_OVERRIDES": {
+        "IntegrationKindEnum": "integrations.resilience.policy.KINDS",
+        "BreakerStateEnum": "integrations.resilience.breaker.STATES",
+        "BreakerModeEnum": "integrations.models.Integration.MODE_CHOICES",
+        "LevelEnum": "integrations.api.LEVELS",  # quota levels and the watchdog's status: healthy, warning, critical
+        "AlertKindEnum": "monitoring.models.Alert.KIND_CHOICES",
+        "AlertStatusEnum": "monitoring.models.Alert.STATUS_CHOICES",
+        "DeadLetterStatusEnum": "integrations.dlq.models.STATUSES",
+        "HealthStatusEnum": "resilience_site.api_views.HEALTH_STATUS_CHOICES",
+        "CheckStatusEnum": "resilience_site.api_views.CHECK_STATUS_CHOICES",
+    },
 }
 
 # Internationalization and static files

@@ -223,8 +223,8 @@ def test_a_worker_killed_mid_handler_leaves_its_entry_to_be_redriven_after_the_l
     assert cluster.redrive()["succeeded"] == 1
 
     entry.refresh_from_db()
-    assert (entry.status, entry.attempts) == ("succeeded", 2)  # the killed run counts as an attempt
-    assert entry.history[1]["error"]["code"] == "lease_expired"
+    assert (entry.status, entry.attempts) == ("succeeded", 1)  # the killed run is noted, not a redrive spent
+    assert (entry.history[1]["outcome"], entry.history[1]["error"]["code"]) == ("interrupted", "lease_expired")
     assert f":{killed} stopped before finishing" in entry.history[1]["error"]["message"]
     runs = calls(files)
     assert len(runs) == 2 and runs[0][2] == killed and runs[1][2] != killed

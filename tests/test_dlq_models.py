@@ -79,11 +79,20 @@ def test_two_claims_never_take_the_same_entry():
 def test_a_lapsed_claim_can_be_taken_again_and_says_by_whom_it_was_held():
     entry = enqueue()
     now = timezone.now() + timedelta(seconds=5)
-    claim(now, worker="host:41")
+    first_token, (first,), _ = claim(now, worker="host:41")
+    assert first.mark_started(first_token)  # host:41 died in the handler
     assert claim(now + timedelta(seconds=29))[1] == []
     token, entries, lapsed = claim(now + timedelta(seconds=31), worker="host:42")
     assert ([e.pk for e in entries], lapsed) == ([entry.pk], {entry.pk: "host:41"})
     assert entries[0].claimed_by == "host:42" and entries[0].claim_token == token
+
+
+def test_a_lapsed_claim_on_an_entry_never_started_is_not_a_lapsed_run():
+    entry = enqueue()
+    now = timezone.now() + timedelta(seconds=5)
+    claim(now, worker="host:41")  # claimed, then the worker died before reaching this entry
+    _, entries, lapsed = claim(now + timedelta(seconds=31), worker="host:42")
+    assert ([e.pk for e in entries], lapsed) == ([entry.pk], {})
 
 
 def test_an_outcome_is_stored_only_by_the_worker_holding_the_claim():

@@ -14,7 +14,7 @@ from django.utils import timezone
 import dlq_test_handlers  # noqa: F401 - registers the dlq_test.* handlers
 from dlq_support import SteppedNow, enqueue, make_redriver
 from integrations.dlq import dead_letter_handler
-from integrations.dlq.models import DeadLetter
+from integrations.dlq.models import MAX_INTERRUPTED_RUNS, DeadLetter
 from integrations.dlq.redrive import RateCap
 from integrations.dlq.signals import dead_letter_died
 from integrations.dlq.subscriber import on_dead_letter_requested
@@ -237,28 +237,60 @@ def test_the_rate_cap_limits_entries_per_integration_per_minute(make_engine, now
     assert not DeadLetter.objects.waiting().exists()
 
 
-def test_a_claim_left_by_a_crashed_worker_is_taken_up_after_its_lease_and_counted(svc, now):
+def crash_mid_handler(lease_until, now, max_entries=10):
+    """A worker that claimed entries, started the first one's handler and died."""
+    token = uuid.uuid4()
+    entries, _ = DeadLetter.objects.claim("svc", max_entries, token=token, worker="crashed:42", now=now(),
+                                          due_by=now(), lease_until=lease_until)
+    assert entries[0].mark_started(token)
+    return entries
+
+
+def test_a_claim_left_by_a_crashed_worker_is_taken_up_after_its_lease_and_noted(svc, now):
     entry = enqueue("redrive_test.scripted")
-    DeadLetter.objects.claim("svc", 10, token=uuid.uuid4(), worker="crashed:42", now=now(),
-                             due_by=now(), lease_until=now() + timedelta(seconds=30))
+    crash_mid_handler(now() + timedelta(seconds=30), now)
     assert make_redriver(now).run().processed == 0  # still leased
     now.advance(31)
     make_redriver(now).run()
     entry.refresh_from_db()
-    assert (entry.status, entry.attempts) == ("succeeded", 2)
-    lapsed = entry.history[1]
-    assert (lapsed["outcome"], lapsed["error"]["code"]) == ("failed", "lease_expired")
-    assert "crashed:42" in lapsed["error"]["message"]
+    assert (entry.status, entry.attempts) == ("succeeded", 1)  # the interrupted run is not a redrive spent
+    interrupted = entry.history[1]
+    assert (interrupted["outcome"], interrupted["error"]["code"]) == ("interrupted", "lease_expired")
+    assert "crashed:42" in interrupted["error"]["message"]
 
 
-def test_a_claim_lapsed_on_the_last_allowed_redrive_makes_it_dead_without_running_it(svc, now):
+def test_a_crash_on_the_last_allowed_redrive_leaves_the_entry_to_be_retried(svc, now):
     entry = enqueue("redrive_test.scripted", max_redrives=1)
-    DeadLetter.objects.claim("svc", 10, token=uuid.uuid4(), worker="crashed:42", now=now(),
-                             due_by=now(), lease_until=now())
+    crash_mid_handler(now(), now)
     now.advance(1)
-    report = make_redriver(now).run()
+    make_redriver(now).run()
     entry.refresh_from_db()
-    assert (entry.status, report.dead, CALLS) == ("dead", 1, [])
+    assert (entry.status, entry.attempts, len(CALLS)) == ("succeeded", 1, 1)
+
+
+def test_an_entry_whose_handler_is_interrupted_again_and_again_is_poison(svc, now):
+    entry = enqueue("redrive_test.scripted")
+    error = {"category": "unknown", "code": "lease_expired", "message": "worker crashed:42 stopped"}
+    for _ in range(MAX_INTERRUPTED_RUNS - 1):
+        entry.lease_lapsed(now(), error)
+        assert entry.status == "pending"
+    entry.lease_lapsed(now(), error)
+    assert (entry.status, entry.attempts) == ("dead", 0)
+    assert f"interrupted {MAX_INTERRUPTED_RUNS} times" in entry.history[-1]["reason"]
+
+
+def test_entries_a_crashed_worker_never_started_are_run_without_being_charged(svc, now):
+    started, untouched = enqueue("redrive_test.scripted", max_redrives=1), enqueue("redrive_test.scripted",
+                                                                                  max_redrives=1)
+    crash_mid_handler(now(), now)
+    now.advance(1)
+    make_redriver(now).run()
+    started.refresh_from_db()
+    untouched.refresh_from_db()
+    assert [e.history[-1]["outcome"] for e in (started, untouched)] == ["succeeded", "succeeded"]
+    assert [e.attempts for e in (started, untouched)] == [1, 1]
+    assert sum(record["outcome"] == "interrupted" for record in started.history) == 1
+    assert not any(record["outcome"] == "interrupted" for record in untouched.history)
 
 
 def test_the_lease_is_renewed_when_the_next_run_could_outlive_it(make_engine, now):

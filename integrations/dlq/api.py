@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from integrations.api_common import StaffReadsModelPermissionActs, StrictIntegerField
+from integrations.api_common import StaffReadsModelPermissionActs, StrictIntegerField, error_responses
 
 from .models import STATUSES, DeadLetter, check_purgeable
 
@@ -47,6 +48,52 @@ class RetryRequest(serializers.Serializer):
         return data
 
 
+# The responses' shapes, for the OpenAPI schema.
+
+class DeadLetterSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    integration = serializers.CharField()
+    handler = serializers.CharField()
+    status = serializers.ChoiceField(choices=STATUSES)
+    payload = serializers.JSONField()
+    idempotency_key = serializers.CharField(allow_null=True, allow_blank=True)
+    attempts = serializers.IntegerField()
+    max_redrives = serializers.IntegerField()
+    next_attempt_at = serializers.DateTimeField(allow_null=True)
+    claimed_by = serializers.CharField(allow_null=True)
+    lease_expires_at = serializers.DateTimeField(allow_null=True)
+    last_attempt_at = serializers.DateTimeField(allow_null=True)
+    last_error = serializers.DictField(allow_null=True, help_text="category, code, message, details.")
+    history = serializers.ListField(child=serializers.DictField())
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class DeadLetterListSerializer(serializers.Serializer):
+    count = serializers.IntegerField()
+    limit = serializers.IntegerField()
+    results = DeadLetterSerializer(many=True)
+
+
+class DeadLetterStatsSerializer(serializers.Serializer):
+    total = serializers.IntegerField()
+    by_status = serializers.DictField(child=serializers.IntegerField())
+    waiting = serializers.IntegerField()
+    due = serializers.IntegerField()
+    oldest_waiting_at = serializers.DateTimeField(allow_null=True)
+    next_attempt_at = serializers.DateTimeField(allow_null=True)
+    by_integration = serializers.DictField(child=serializers.DictField(child=serializers.IntegerField()))
+
+
+class PurgedSerializer(serializers.Serializer):
+    deleted = serializers.IntegerField()
+
+
+class RetryingSerializer(serializers.Serializer):
+    retrying = serializers.IntegerField()
+
+
 def _valid(serializer_class, data) -> dict:
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
@@ -59,6 +106,8 @@ class DeadLetterAPIView(APIView):
 
 
 class DeadLetterListView(DeadLetterAPIView):
+    @extend_schema(summary="Dead letters, newest first", parameters=[ListQuery],
+                   responses={200: DeadLetterListSerializer, **error_responses(400)})
     def get(self, request):
         query = _valid(ListQuery, request.query_params)
         entries = DeadLetter.objects.all()
@@ -69,17 +118,23 @@ class DeadLetterListView(DeadLetterAPIView):
         return Response({"count": entries.count(), "limit": query["limit"],
                          "results": [entry.as_dict() for entry in entries[:query["limit"]]]})
 
+    @extend_schema(summary="Purge the finished entries of one status", parameters=[PurgeQuery],
+                   responses={200: PurgedSerializer, **error_responses(400)})
     def delete(self, request):
         query = _valid(PurgeQuery, request.query_params)
         return Response({"deleted": DeadLetter.objects.filter(status=query["status"]).purge()})
 
 
 class DeadLetterStatsView(DeadLetterAPIView):
+    @extend_schema(summary="Dead letter counts by status and integration",
+                   responses={200: DeadLetterStatsSerializer, **error_responses()})
     def get(self, request):
         return Response(DeadLetter.objects.stats())
 
 
 class DeadLetterRetryView(DeadLetterAPIView):
+    @extend_schema(summary="Retry entries now: the given ids, or every waiting entry",
+                   request=RetryRequest, responses={202: RetryingSerializer, **error_responses(400)})
     def post(self, request):
         data = _valid(RetryRequest, request.data)
         try:

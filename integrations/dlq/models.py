@@ -9,7 +9,8 @@ A worker owns an entry while it holds its claim: ``claim_token`` set and
 ``lease_expires_at`` in the future. Every write of a redrive's outcome is
 fenced by the token, so a worker whose lease ran out cannot overwrite what
 the next owner does. A claim left behind by a crashed worker lapses with its
-lease and the entry is claimed again; the lapsed run counts as an attempt.
+lease and the entry is claimed again; the interrupted run is noted (not a
+redrive spent), and only for the entry whose handler had started.
 
 Behaviour lives here so the admin, the API, the commands and the redrive
 call the same methods.
@@ -48,6 +49,7 @@ WAITING = (PENDING, RETRYING)
 FINISHED = (SUCCEEDED, DEAD, DISCARDED)
 
 HISTORY_LIMIT = 50  # the first record (enqueued) and the latest ones are kept
+MAX_INTERRUPTED_RUNS = 3  # a handler interrupted this often (its worker killed in it) is poison
 
 
 def error_record(error: ResilienceError | dict | None) -> dict | None:
@@ -155,14 +157,17 @@ class DeadLetterQuerySet(models.QuerySet):
         with transaction.atomic(using=self.db) if skip_locked else contextlib.nullcontext():
             if skip_locked:
                 candidates = candidates.select_for_update(skip_locked=True)
-            picked = list(candidates.values_list("pk", "claim_token", "claimed_by")[:limit])
+            picked = list(candidates.values_list("pk", "claim_token", "claimed_by", "started_token")[:limit])
             if not picked:
                 return [], {}
             (self.model.objects.using(self.db).claimable(now, due_by)
-             .filter(pk__in=[pk for pk, _, _ in picked])
+             .filter(pk__in=[pk for pk, _, _, _ in picked])
              .update(claim_token=token, claimed_by=worker, lease_expires_at=lease_until, updated_at=now))
         entries = list(self.model.objects.using(self.db).filter(claim_token=token).order_by("next_attempt_at", "pk"))
-        lapsed = {pk: holder for pk, previous, holder in picked if previous is not None}
+        # Only an entry whose handler had started under the lapsed claim ran: the rest of a stopped
+        # worker's batch was never touched and is simply run now, without charging it a redrive.
+        lapsed = {pk: holder for pk, previous, holder, started in picked
+                  if previous is not None and started == previous}
         return entries, lapsed
 
     def renew_lease(self, token, lease_until: datetime) -> set[int]:
@@ -245,6 +250,8 @@ class DeadLetter(models.Model):
     next_attempt_at = models.DateTimeField()
     # The claim: who holds the entry, until when.
     claim_token = models.UUIDField(null=True, blank=True, db_index=True, editable=False)
+    started_token = models.UUIDField(null=True, blank=True, editable=False,
+                                     help_text="The claim under which the handler last started.")
     claimed_by = models.CharField(max_length=100, blank=True, help_text="The last worker (host:pid) to claim it.")
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     last_attempt_at = models.DateTimeField(null=True, blank=True)
@@ -335,14 +342,18 @@ class DeadLetter(models.Model):
             self._release()
 
     def lease_lapsed(self, now: datetime, error: dict) -> None:
-        """The previous worker stopped mid-run (killed, or past its lease): that run counts as an attempt.
+        """The previous worker stopped in this entry's handler (killed, or past its lease): run it again now.
 
-        Unless that was the last one allowed, the entry stays claimed, to be run now.
+        A crash leaves the entry to be retried: the interrupted run is noted,
+        not counted as a redrive. An entry whose handler was interrupted
+        MAX_INTERRUPTED_RUNS times is poison (it may be what stops its
+        worker): dead, with the reason.
         """
-        token, lease_until = self.claim_token, self.lease_expires_at
-        self.failed(now, error, duration_ms=None, retry_in_s=0)
-        if self.status == RETRYING:
-            self.claim_token, self.lease_expires_at = token, lease_until
+        self._set_error(error)
+        self.note(now, "interrupted", error=error, worker=self.claimed_by)
+        interrupted = sum(1 for record in self.history if record.get("outcome") == "interrupted")
+        if interrupted >= MAX_INTERRUPTED_RUNS:
+            self.died(now, f"its handler was interrupted {interrupted} times: it may be stopping its worker")
 
     def poisoned(self, now: datetime, error: dict, *, reason: str, attempted: bool) -> None:
         """An entry that can never succeed (unknown handler, payload rejected): dead at once."""
@@ -355,6 +366,15 @@ class DeadLetter(models.Model):
     def died(self, now: datetime, reason: str) -> None:
         self._finish(now, DEAD)
         self.note(now, DEAD, reason=reason)
+
+    def mark_started(self, token) -> bool:
+        """Record, before the handler runs, that it runs under this claim; False when the claim is lost.
+
+        If the worker then stops, the next claim charges this entry the
+        unfinished run, and only this one of the worker's batch.
+        """
+        self.started_token = token
+        return bool(type(self).objects.filter(pk=self.pk, claim_token=token).update(started_token=token))
 
     def store_outcome(self, token) -> bool:
         """Write the outcome if this worker still holds the claim; False when it lost it."""

@@ -11,7 +11,8 @@ A run (``Redriver.run``), step by step:
                      integration per minute, counted in the Django cache
                      (shared through Redis when REDIS_URL is set)
     4. claim         a batch, under a lease (DeadLetterQuerySet.claim); an entry
-                     whose previous claim lapsed counts that run as an attempt
+                     whose handler was interrupted under a lapsed claim is
+                     noted (poison after 3 interruptions) and run again
     5. run           each entry: its handler looked up (unknown: poison), the
                      lease renewed when the run could outlive it, then
                      execute(integration, handler, payload[, context]) without
@@ -327,7 +328,7 @@ class _BatchRun:
         return True
 
     def _account_lapsed(self, entry: DeadLetter, worker: str) -> bool:
-        """Count the run a stopped worker left unfinished, at once; False when the entry is done for."""
+        """Note the run a stopped worker left unfinished, at once; False when the entry is done for."""
         error = error_record({"category": ErrorCategory.UNKNOWN.value, "code": "lease_expired",
                               "message": f"worker {worker or '?'} stopped before finishing (its lease expired)"})
         entry.lease_lapsed(self.redriver.now(), error)
@@ -336,14 +337,14 @@ class _BatchRun:
         if not stored:
             self.report.lost += 1
             return False
-        if entry.status != RETRYING:
+        if entry.status == DEAD:
             self.report.dead += 1
             self._tick()
             return False
         return True
 
     def _still_mine(self, entry: DeadLetter) -> bool:
-        return entry.claim_token == self.token
+        return entry.claim_token == self.token and entry.mark_started(self.token)
 
     # -- the claim -------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class BreakerCell:
         "consecutive_failures",
         "consecutive_successes",
         "half_open_in_flight",
+        "retries_in_flight",
         "_ring",
         "_pos",
         "count",
@@ -91,6 +92,7 @@ class BreakerCell:
         self.consecutive_failures = 0
         self.consecutive_successes = 0
         self.half_open_in_flight = 0
+        self.retries_in_flight = 0  # admitted retries not yet recorded: they count against the budget now
         self._reset_window(window_size)
 
     # -- decisions -----------------------------------------------------------
@@ -114,18 +116,25 @@ class BreakerCell:
         return ADMITTED, transition
 
     def retry_allowed(self, policy: Policy) -> bool:
-        """Whether one more retry stays within the retry budget."""
+        """Whether one more retry stays within the retry budget.
+
+        Retries admitted but not yet recorded count too: retries admitted at
+        the same moment (a fleet retrying at once) must not all be judged
+        against the same count.
+        """
         budget = policy.retry_budget_percent
         if budget is None or self.count < policy.minimum_calls:
             return True
-        calls = min(self.count + 1, len(self._ring))
-        return (self.retries + 1) * 100 <= budget * calls
+        calls = min(self.count + self.retries_in_flight + 1, len(self._ring))
+        return (self.retries + self.retries_in_flight + 1) * 100 <= budget * calls
 
     def record(
         self, policy: Policy, now: float, outcome: str, slow: bool, trial: bool, is_retry: bool
     ) -> Transition | None:
         if trial and self.half_open_in_flight > 0:
             self.half_open_in_flight -= 1
+        if is_retry and self.retries_in_flight > 0:
+            self.retries_in_flight -= 1
         if len(self._ring) != policy.window_size:
             self._reset_window(policy.window_size)
         if outcome == IGNORED:
@@ -204,6 +213,7 @@ class BreakerCell:
         self.changed_at = now
         self.consecutive_failures = 0
         self.consecutive_successes = 0
+        self.retries_in_flight = 0
         if to_state != OPEN:
             self.opened_at = self.opened_at if to_state == HALF_OPEN else None
         self._reset_window(len(self._ring))

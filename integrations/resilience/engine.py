@@ -409,6 +409,7 @@ class Engine:
             if not bulkhead.acquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
+            left = call.deadline - clock.monotonic()  # the wait for a slot came out of the deadline
             permit = call.permit(left)
             if permit is None:
                 bulkhead.release()
@@ -475,6 +476,7 @@ class Engine:
             if not await bulkhead.aacquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
+            left = call.deadline - clock.monotonic()  # the wait for a slot came out of the deadline
             permit = call.permit(left)
             if permit is None:
                 bulkhead.release()

@@ -324,8 +324,8 @@ class RedisStore(StateStore):
                 self._seen_state.get(policy.name) == br.CLOSED:
             self._defer(policy, is_retry)
             return ()
-        if outcome == br.IGNORED and not permit.trial:
-            return ()  # counts as neither, and holds no lease: nothing to tell Redis
+        if outcome == br.IGNORED and not permit.trial and not is_retry:
+            return ()  # counts as neither, holds no lease nor budget: nothing to tell Redis
         now = self.clock.time()
         result = self._eval(self._keys(policy, now), self._args(
             "r", policy, now, is_retry=is_retry, pending=self._take_pending(policy.name),

@@ -168,6 +168,8 @@ class LocalStore(StateStore):
                     breaker.half_open_in_flight -= 1
                 return Permit(False, category=ErrorCategory.QUOTA_EXCEEDED, reason=f"{exhausted} quota reached",
                               transitions=transitions)
+            if is_retry:
+                breaker.retries_in_flight += 1  # spent from the budget now, recorded when it ends
         if decision == br.ADMITTED and not transitions:
             return ADMITTED
         return Permit(True, trial=decision == br.TRIAL, transitions=transitions)

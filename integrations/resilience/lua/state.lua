@@ -25,7 +25,8 @@ local hlim, dlim = tonumber(ARGV[13]), tonumber(ARGV[14])
 local lease, lease_ttl, key_ttl = ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17])
 local is_retry = ARGV[18] == '1'
 
-local f = redis.call('HMGET', bk, 'st', 'oa', 'ca', 'cf', 'cs', 'ring', 'pos', 'cnt', 'nf', 'ns', 'nr', 'mode', 'rev')
+local f = redis.call('HMGET', bk, 'st', 'oa', 'ca', 'cf', 'cs', 'ring', 'pos', 'cnt', 'nf', 'ns', 'nr', 'mode', 'rev',
+                    'rif')
 local st = f[1] or 'closed'
 local oa, ca = f[2] or '', f[3] or ''
 local cf, cs = tonumber(f[4]) or 0, tonumber(f[5]) or 0
@@ -33,6 +34,7 @@ local ring, pos, cnt = f[6] or '', tonumber(f[7]) or 0, tonumber(f[8]) or 0
 local nf, ns, nr = tonumber(f[9]) or 0, tonumber(f[10]) or 0, tonumber(f[11]) or 0
 local mode = f[12] or ARGV[3]
 local rev = f[13] or '0'
+local rif = tonumber(f[14]) or 0  -- retries admitted, not yet recorded: they count against the budget now
 local changed = false
 local out = {}
 
@@ -51,7 +53,7 @@ local function move(to, reason, by)
   out[#out + 1] = ARGV[2]
   out[#out + 1] = by or ''
   if to == 'open' then oa = ARGV[2] elseif to == 'closed' then oa = '' end
-  st, ca, cf, cs = to, ARGV[2], 0, 0
+  st, ca, cf, cs, rif = to, ARGV[2], 0, 0, 0
   redis.call('DEL', lk)
   reset_window()
 end
@@ -77,6 +79,10 @@ end
 local function pct(n) return string.format('%.0f', 100 * n / cnt) end
 
 local function record(outcome, slow, trial, retry)
+  if retry and rif > 0 then
+    rif = rif - 1
+    changed = true
+  end
   if outcome == 'i' then return end
   local failed = outcome == 'f'
   push(failed, slow, retry)
@@ -109,7 +115,8 @@ for _ = 1, tonumber(ARGV[20]) do record('s', false, false, true) end
 local decision, reason = 1, ''
 
 if op == 'a' then
-  if is_retry and budget >= 0 and cnt >= minc and (nr + 1) * 100 > budget * math.min(cnt + 1, wsize) then
+  if is_retry and budget >= 0 and cnt >= minc and
+      (nr + rif + 1) * 100 > budget * math.min(cnt + rif + 1, wsize) then
     decision, reason = 0, 'budget'
   elseif mode == 'forced_open' then
     decision, reason = 0, 'forced'
@@ -144,6 +151,10 @@ if op == 'a' then
       if redis.call('INCR', dk) == 1 then redis.call('EXPIRE', dk, 86400 + 60) end
     end
   end
+  if decision ~= 0 and is_retry then
+    rif = rif + 1
+    changed = true
+  end
 elseif op == 'r' then
   if ARGV[23] == '1' then redis.call('ZREM', lk, lease) end
   record(ARGV[21], ARGV[22] == '1', ARGV[23] == '1', is_retry)
@@ -162,7 +173,7 @@ end
 
 if changed then
   redis.call('HSET', bk, 'st', st, 'oa', oa, 'ca', ca, 'cf', cf, 'cs', cs, 'ring', ring, 'pos', pos,
-             'cnt', cnt, 'nf', nf, 'ns', ns, 'nr', nr, 'rev', rev)
+             'cnt', cnt, 'nf', nf, 'ns', ns, 'nr', nr, 'rev', rev, 'rif', rif)
   if f[12] or op == 'p' then redis.call('HSET', bk, 'mode', mode) end
   redis.call('EXPIRE', bk, key_ttl)
 end

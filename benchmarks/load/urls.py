@@ -1,0 +1,40 @@
+"""The site's URLs plus /load/guarded/: one guarded call to the local upstream per request."""
+
+import threading
+
+from django.conf import settings
+from django.http import JsonResponse
+from django.urls import path
+
+from integrations.errors import ResilienceError
+from integrations.http import Client
+from resilience_site.urls import urlpatterns as site_urlpatterns
+
+_client: Client | None = None
+_client_lock = threading.Lock()
+
+
+def upstream_client() -> Client:
+    """One Client per process, made on first use (after gunicorn forks): it keeps its connections
+    alive between requests, as an application's module-level client would."""
+    global _client
+    if _client is None:
+        with _client_lock:
+            if _client is None:
+                _client = Client(settings.LOAD_INTEGRATION, base_url=settings.LOAD_UPSTREAM_URL)
+    return _client
+
+
+def guarded(request):
+    """GET the upstream through the integration's pipeline; 200 with what it said, 503 if the call failed."""
+    try:
+        response = upstream_client().get("/item")
+    except ResilienceError as error:
+        return JsonResponse({"ok": False, "category": error.category.value}, status=503)
+    return JsonResponse({"ok": True, "upstream": response.json()})
+
+
+urlpatterns = [
+    path("load/guarded/", guarded, name="load-guarded"),
+    *site_urlpatterns,
+]

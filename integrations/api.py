@@ -1,0 +1,390 @@
+"""The integrations' HTTP API (CONTRACT.md): thin views over the Integration model's methods.
+
+    GET    /api/integrations/?kind=&mode=&state=
+    GET    /api/integrations/{name}/
+    POST   /api/integrations/{name}/breaker/{reset,open,close}/
+    GET    /api/quotas/?level=
+    GET    /api/cache/stats/
+    DELETE /api/cache/{name}/
+
+Breakers and quotas are read from the engine's state store: the fleet's with
+Redis, this process's without; each says which as ``scope``. Call statistics
+come from the ``call_stats`` source the project gives the views (monitoring's,
+wired in resilience_site/api_urls.py), since integrations never imports
+monitoring; without one, ``stats`` is null.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
+from rest_framework import exceptions, generics, serializers
+from rest_framework.response import Response
+
+from .api_common import IsoDateTimeField, StaffReadsModelPermissionActs, error_responses, validated
+from .models import BREAKER_ACTIONS, BreakerEvent, BreakerState, Integration
+from .resilience import get_engine
+from .resilience.breaker import STATES
+from .resilience.policy import KINDS, KNOB_NAMES
+from .resilience.quota import CRITICAL, HEALTHY, WARNING
+
+STATS_MINUTES = 60
+RECENT_EVENTS = 10
+SHARED, PROCESS = "shared", "process"
+
+NAME_FIELD = Integration._meta.get_field("name")
+NAME_PARAMETER = OpenApiParameter(
+    "name", str, OpenApiParameter.PATH, description="The integration's name.",
+    pattern=next(validator.regex.pattern for validator in NAME_FIELD.validators
+                 if isinstance(validator, RegexValidator)),
+    examples=[OpenApiExample("billing", value="billing")])
+
+
+def _datetime(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, tz=timezone.utc)
+
+
+def state_scope() -> str:
+    """Whether breakers and quotas are the fleet's (shared in Redis) or this process's."""
+    from .resilience.redis_store import RedisStore
+
+    return SHARED if isinstance(get_engine().store, RedisStore) else PROCESS
+
+
+# -- what an integration looks like: live state from the model's methods ---------------------
+
+def breaker_view(integration: Integration, scope: str) -> dict:
+    snapshot = integration.breaker_snapshot()
+    try:
+        recorded = integration.breaker_state
+    except BreakerState.DoesNotExist:
+        recorded = None
+    return {
+        "state": integration.effective_breaker_state(snapshot),
+        "own_state": snapshot.state,
+        "mode": integration.mode,
+        # a shared store that could not reach Redis answered with this process's breaker
+        "scope": scope if snapshot.extra.get("shared", True) else PROCESS,
+        "opened_at": _datetime(snapshot.opened_at),
+        "changed_at": _datetime(snapshot.changed_at),
+        "consecutive_failures": snapshot.consecutive_failures,
+        "consecutive_successes": snapshot.consecutive_successes,
+        "half_open_in_flight": snapshot.half_open_in_flight,
+        "window": {"calls": snapshot.window_calls, "failures": snapshot.window_failures,
+                   "slow": snapshot.window_slow, "retries": snapshot.window_retries,
+                   "failure_rate": snapshot.failure_rate},
+        "recorded": None if recorded is None else {
+            "state": recorded.state, "changed_at": recorded.changed_at, "reason": recorded.last_reason,
+            "transitions": recorded.transitions},
+    }
+
+
+def quota_view(integration: Integration, scope: str) -> dict:
+    usage = integration.quota_usage().as_dict()
+    for window in ("hourly", "daily"):
+        usage[window]["resets_at"] = _datetime(usage[window]["resets_at"])
+    return {**usage, "scope": scope}
+
+
+def cache_view(integration: Integration, stats: dict | None) -> dict:
+    return {
+        "integration": integration.name,
+        "ttl_s": integration.cache_ttl_s,
+        "version": integration.cache_version,
+        "process": get_engine().cache_stats(integration.name),
+        "window": None if stats is None else {
+            "minutes": stats["window_minutes"], "hits": stats["cache_hits"], "misses": stats["cache_misses"],
+            "hit_ratio": stats["cache_hit_ratio"]},
+    }
+
+
+def integration_view(integration: Integration, scope: str, stats: dict | None) -> dict:
+    return {
+        "name": integration.name,
+        "kind": integration.kind,
+        "description": integration.description,
+        "capacity": integration.capacity,
+        "breaker": breaker_view(integration, scope),
+        "quota": quota_view(integration, scope),
+        "stats": stats,
+        "in_flight": get_engine().in_flight(integration.name),
+    }
+
+
+# -- serializers: the documented shapes (responses are rendered through them) ------------------
+
+class CallStatsSummary(serializers.Serializer):
+    """Call statistics over a window, summed over every process (what a ``call_stats`` source returns)."""
+
+    window_minutes = serializers.IntegerField()
+    calls = serializers.IntegerField(help_text="Calls made, each counted once in one outcome.")
+    successes = serializers.IntegerField()
+    errors = serializers.IntegerField(help_text="Failures the breaker counts (timeout, network, 5xx, 429, unknown).")
+    rejected = serializers.IntegerField(help_text="Calls refused by the pipeline without reaching the upstream.")
+    fallbacks = serializers.IntegerField()
+    retries = serializers.IntegerField()
+    cache_hits = serializers.IntegerField()
+    cache_misses = serializers.IntegerField()
+    success_rate = serializers.FloatField(allow_null=True, help_text="successes / calls; null without calls.")
+    error_rate = serializers.FloatField(allow_null=True, help_text="errors / calls let through.")
+    fallback_rate = serializers.FloatField(allow_null=True)
+    cache_hit_ratio = serializers.FloatField(allow_null=True)
+    latency_avg_ms = serializers.FloatField(allow_null=True)
+    latency_p50_ms = serializers.FloatField(allow_null=True)
+    latency_p95_ms = serializers.FloatField(allow_null=True)
+    latency_p99_ms = serializers.FloatField(allow_null=True)
+    failures_by_category = serializers.DictField(child=serializers.IntegerField())
+    rejected_by_reason = serializers.DictField(child=serializers.IntegerField())
+
+
+class BreakerWindowSerializer(serializers.Serializer):
+    calls = serializers.IntegerField()
+    failures = serializers.IntegerField()
+    slow = serializers.IntegerField()
+    retries = serializers.IntegerField()
+    failure_rate = serializers.FloatField(allow_null=True, help_text="Percent of the window's calls that failed.")
+
+
+class RecordedBreakerSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=STATES)
+    changed_at = IsoDateTimeField(allow_null=True)
+    reason = serializers.CharField()
+    transitions = serializers.IntegerField()
+
+
+class BreakerSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=STATES, help_text="What callers get: a forced mode overrides own_state.")
+    own_state = serializers.ChoiceField(choices=STATES, help_text="The breaker's state machine.")
+    mode = serializers.ChoiceField(choices=Integration.MODE_CHOICES)
+    scope = serializers.ChoiceField(choices=(SHARED, PROCESS),
+                                    help_text="shared: the fleet's state in Redis; process: this process's.")
+    opened_at = IsoDateTimeField(allow_null=True)
+    changed_at = IsoDateTimeField(allow_null=True)
+    consecutive_failures = serializers.IntegerField()
+    consecutive_successes = serializers.IntegerField()
+    half_open_in_flight = serializers.IntegerField()
+    window = BreakerWindowSerializer()
+    recorded = RecordedBreakerSerializer(allow_null=True,
+                                         help_text="The last transition stored by any process; null before the first.")
+
+
+class QuotaWindowSerializer(serializers.Serializer):
+    used = serializers.IntegerField()
+    limit = serializers.IntegerField(allow_null=True)
+    ratio = serializers.FloatField(allow_null=True)
+    resets_at = IsoDateTimeField()
+
+
+LEVELS = (HEALTHY, WARNING, CRITICAL)
+
+
+class QuotaSerializer(serializers.Serializer):
+    integration = serializers.CharField()
+    scope = serializers.ChoiceField(choices=(SHARED, PROCESS))
+    level = serializers.ChoiceField(choices=LEVELS, help_text="healthy < 80 % <= warning < 95 % <= critical")
+    hourly = QuotaWindowSerializer()
+    daily = QuotaWindowSerializer()
+
+
+class IntegrationSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    kind = serializers.ChoiceField(choices=KINDS)
+    description = serializers.CharField(allow_blank=True)
+    capacity = serializers.FloatField(help_text="Share of calls let through (degraded mode below 1).")
+    breaker = BreakerSerializer()
+    quota = QuotaSerializer()
+    stats = CallStatsSummary(allow_null=True, help_text=f"The last {STATS_MINUTES} minutes, every process.")
+    in_flight = serializers.IntegerField(help_text="Calls in flight in this process.")
+
+
+class BreakerEventSerializer(serializers.ModelSerializer):
+    at = IsoDateTimeField()
+
+    class Meta:
+        model = BreakerEvent
+        fields = ("from_state", "to_state", "reason", "at", "by")
+
+
+class PolicySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Integration
+        fields = KNOB_NAMES
+
+
+class FaultSerializer(serializers.Serializer):
+    error_percent = serializers.FloatField(source="fault_error_percent")
+    latency_ms = serializers.IntegerField(source="fault_latency_ms")
+    until = IsoDateTimeField(source="fault_until")
+
+
+class IntegrationDetailSerializer(IntegrationSerializer):
+    policy = PolicySerializer()
+    events = BreakerEventSerializer(many=True, help_text=f"The last {RECENT_EVENTS} breaker events, newest first.")
+    fault_injection = FaultSerializer(allow_null=True, help_text="The game-day fault in force, if any.")
+
+
+class BreakerActionSerializer(serializers.Serializer):
+    integration = serializers.CharField()
+    action = serializers.ChoiceField(choices=tuple(BREAKER_ACTIONS))
+    breaker = BreakerSerializer()
+    event = BreakerEventSerializer(help_text="The history row that records the action and who took it.")
+
+
+class CacheWindowSerializer(serializers.Serializer):
+    minutes = serializers.IntegerField()
+    hits = serializers.IntegerField()
+    misses = serializers.IntegerField()
+    hit_ratio = serializers.FloatField(allow_null=True)
+
+
+class CacheCountsSerializer(serializers.Serializer):
+    hits = serializers.IntegerField()
+    misses = serializers.IntegerField()
+    hit_ratio = serializers.FloatField(allow_null=True)
+
+
+class CacheStatsSerializer(serializers.Serializer):
+    integration = serializers.CharField()
+    ttl_s = serializers.IntegerField(help_text="0: responses are not cached.")
+    version = serializers.IntegerField(help_text="Bumped by each clear: older entries become unreachable.")
+    process = CacheCountsSerializer(help_text="This process's lookups since it started.")
+    window = CacheWindowSerializer(allow_null=True, help_text=f"The last {STATS_MINUTES} minutes, every process.")
+
+
+class CacheClearedSerializer(serializers.Serializer):
+    integration = serializers.CharField()
+    version = serializers.IntegerField(help_text="The new cache version.")
+
+
+class IntegrationQuery(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=KINDS, required=False)
+    mode = serializers.ChoiceField(choices=Integration.MODE_CHOICES, required=False)
+    state = serializers.ChoiceField(choices=STATES, required=False,
+                                    help_text="The state callers get (a forced mode counts).")
+
+
+class QuotaQuery(serializers.Serializer):
+    level = serializers.ChoiceField(choices=LEVELS, required=False)
+
+
+# -- views ---------------------------------------------------------------------------------------
+
+class IntegrationAPIView(generics.GenericAPIView):
+    """Staff reads; changes need integrations.change_integration.
+
+    ``call_stats``, given by the project's URLconf: ``call_stats(integration_ids, minutes)``
+    returns a CallStatsSummary per integration id.
+    """
+
+    permission_classes = [StaffReadsModelPermissionActs]
+    permission_model = Integration
+    permission_action = "change"  # clearing a cache (DELETE) changes an integration, it deletes nothing
+    queryset = Integration.objects.select_related("breaker_state").order_by("name")
+    call_stats = None
+
+    def get_integration(self) -> Integration:
+        name = self.kwargs["name"]
+        try:
+            NAME_FIELD.run_validators(name)
+        except ValidationError:
+            integration = None  # no integration can have this name (a NUL byte, too long): no query
+        else:
+            integration = self.get_queryset().filter(name=name).first()
+        if integration is None:
+            raise exceptions.NotFound(f'No integration is named "{name}".')
+        return integration
+
+    def stats_for(self, integrations) -> list[dict | None]:
+        """The last hour's statistics of each integration, in order; None each without a source."""
+        if self.call_stats is None:
+            return [None] * len(integrations)
+        by_id = self.call_stats([integration.pk for integration in integrations], STATS_MINUTES)
+        return [by_id[integration.pk] for integration in integrations]
+
+
+class IntegrationListView(IntegrationAPIView):
+    @extend_schema(summary="Every integration with its live breaker, quota and last hour's statistics",
+                   parameters=[IntegrationQuery],
+                   responses={200: IntegrationSerializer(many=True), **error_responses(400, 404)})
+    def get(self, request):
+        query = validated(IntegrationQuery, request.query_params)
+        integrations = self.get_queryset()
+        if "kind" in query:
+            integrations = integrations.filter(kind=query["kind"])
+        if "mode" in query:
+            integrations = integrations.filter(mode=query["mode"])
+        scope = state_scope()
+        if "state" in query:
+            # the live state is in the store, not the database: filter before paginating
+            integrations = [integration for integration in integrations
+                            if integration.effective_breaker_state() == query["state"]]
+        page = self.paginate_queryset(integrations)
+        rows = [integration_view(integration, scope, stats)
+                for integration, stats in zip(page, self.stats_for(page))]
+        return self.get_paginated_response(IntegrationSerializer(rows, many=True).data)
+
+
+class IntegrationDetailView(IntegrationAPIView):
+    @extend_schema(summary="One integration: live state, statistics, policy and recent breaker events",
+                   parameters=[NAME_PARAMETER],
+                   responses={200: IntegrationDetailSerializer, **error_responses(404)})
+    def get(self, request, name):
+        integration = self.get_integration()
+        (stats,) = self.stats_for([integration])
+        row = {**integration_view(integration, state_scope(), stats), "policy": integration,
+               "events": integration.breaker_events.all()[:RECENT_EVENTS],
+               "fault_injection": integration if integration.fault_active else None}
+        return Response(IntegrationDetailSerializer(row).data)
+
+
+class BreakerActionView(IntegrationAPIView):
+    @extend_schema(summary="Reset (normal mode, closed, counts cleared), force open or force close a breaker",
+                   parameters=[NAME_PARAMETER,
+                               OpenApiParameter("action", str, OpenApiParameter.PATH, enum=tuple(BREAKER_ACTIONS))],
+                   request=None,
+                   responses={200: BreakerActionSerializer, **error_responses(404)})
+    def post(self, request, name, action):
+        integration = self.get_integration()
+        integration.operate_breaker(action, by=request.user.get_username())
+        integration = self.get_integration()  # the breaker's recorded state has moved on
+        return Response(BreakerActionSerializer({
+            "integration": integration.name, "action": action,
+            "breaker": breaker_view(integration, state_scope()),
+            "event": integration.breaker_events.first()}).data)
+
+
+class QuotaListView(IntegrationAPIView):
+    @extend_schema(summary="Every integration's hourly and daily quota usage",
+                   parameters=[QuotaQuery], responses={200: QuotaSerializer(many=True), **error_responses(400, 404)})
+    def get(self, request):
+        query = validated(QuotaQuery, request.query_params)
+        scope = state_scope()
+        rows = [quota_view(integration, scope) for integration in self.get_queryset()]
+        if "level" in query:
+            rows = [row for row in rows if row["level"] == query["level"]]
+        return self.get_paginated_response(QuotaSerializer(self.paginate_queryset(rows), many=True).data)
+
+
+class CacheStatsView(IntegrationAPIView):
+    @extend_schema(summary="Every integration's response cache: TTL, version, hits and misses",
+                   responses={200: CacheStatsSerializer(many=True), **error_responses(400, 404)})
+    def get(self, request):
+        page = self.paginate_queryset(self.get_queryset())
+        rows = [cache_view(integration, stats) for integration, stats in zip(page, self.stats_for(page))]
+        return self.get_paginated_response(CacheStatsSerializer(rows, many=True).data)
+
+
+class CacheClearView(IntegrationAPIView):
+    @extend_schema(summary="Clear an integration's cached responses and last known values",
+                   description="Needs integrations.change_integration: the cache's version is bumped, so "
+                               "every entry becomes unreachable in every process at once.",
+                   parameters=[NAME_PARAMETER],
+                   responses={200: CacheClearedSerializer, **error_responses(404)})
+    def delete(self, request, name):
+        integration = self.get_integration()
+        integration.clear_cache()
+        return Response(CacheClearedSerializer({"integration": integration.name,
+                                                "version": integration.cache_version}).data)

@@ -1,0 +1,246 @@
+"""Monitoring's HTTP API (CONTRACT.md): thin views over the Alert model, the watchdog and the call statistics.
+
+    GET    /api/alerts/?active=&severity=&status=&kind=&integration=
+    POST   /api/alerts/{id}/acknowledge/
+    POST   /api/alerts/{id}/resolve/          {"reason": "..."} (optional)
+    GET    /api/watchdog/report/
+    POST   /api/watchdog/run/
+    GET    /api/metrics/summary/?minutes=&integration=
+
+Alert actions and a watchdog run (which raises and resolves alerts) need
+monitoring.change_alert. ``integration_stats`` is the call statistics source
+of the integrations' views (integrations/api.py).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
+from rest_framework import exceptions, generics, serializers
+from rest_framework.response import Response
+
+from integrations.api import CallStatsSummary
+from integrations.api_common import (Conflict, IsoDateTimeField, StaffReadsModelPermissionActs, error_responses,
+                                     validated)
+from integrations.models import Integration
+
+from . import watchdog
+from .counters import FAILURE_COLUMNS, REJECTION_COLUMNS
+from .models import SEVERITY_CHOICES, Alert, CallStats, describe
+
+DEFAULT_SUMMARY_MINUTES = 60
+
+
+# -- call statistics as the API shows them ----------------------------------------------------
+
+def summarize(totals: dict, minutes: int) -> dict:
+    """A CallStatsSummary from ``describe()``'d counters over ``minutes``."""
+    calls, hits, misses = totals["calls"], totals["cache_hits"], totals["cache_misses"]
+    return {
+        **totals,
+        "window_minutes": minutes,
+        "success_rate": totals["successes"] / calls if calls else None,
+        "cache_hit_ratio": hits / (hits + misses) if hits + misses else None,
+        "failures_by_category": {category: totals[column] for category, column in FAILURE_COLUMNS.items()
+                                 if totals[column]},
+        "rejected_by_reason": {category: totals[column] for category, column in REJECTION_COLUMNS.items()
+                               if totals[column]},
+    }
+
+
+def window(minutes: int, now: datetime | None = None) -> tuple[datetime, datetime]:
+    """The last ``minutes`` whole UTC minutes, the current one included."""
+    until = (now or timezone.now()).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    return until - timedelta(minutes=minutes), until
+
+
+def integration_stats(integration_ids: list[int], minutes: int) -> dict[int, dict]:
+    """Every given integration's CallStatsSummary over the last ``minutes`` (zeros without calls)."""
+    since, until = window(minutes)
+    totals = CallStats.objects.between(since, until).filter(integration_id__in=integration_ids).totals_by_integration()
+    return {pk: summarize(totals.get(pk) or describe({}), minutes) for pk in integration_ids}
+
+
+# -- serializers: the documented shapes (responses are rendered through them) -----------------
+
+class AlertSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    kind = serializers.ChoiceField(choices=Alert.KIND_CHOICES)
+    severity = serializers.ChoiceField(choices=SEVERITY_CHOICES)
+    integration = serializers.CharField(allow_null=True, help_text="Null for alerts about the whole site.")
+    message = serializers.CharField()
+    details = serializers.DictField()
+    status = serializers.ChoiceField(choices=Alert.STATUS_CHOICES)
+    first_seen = IsoDateTimeField()
+    last_seen = IsoDateTimeField()
+    occurrences = serializers.IntegerField()
+    acknowledged_by = serializers.CharField(allow_null=True)
+    acknowledged_at = IsoDateTimeField(allow_null=True)
+    resolved_at = IsoDateTimeField(allow_null=True)
+    resolution = serializers.CharField(allow_blank=True)
+
+
+class AlertQuery(serializers.Serializer):
+    active = serializers.BooleanField(required=False, allow_null=True, default=None,
+                                      help_text="1: open or acknowledged; 0: resolved.")
+    severity = serializers.ChoiceField(choices=SEVERITY_CHOICES, required=False)
+    status = serializers.ChoiceField(choices=Alert.STATUS_CHOICES, required=False)
+    kind = serializers.ChoiceField(choices=Alert.KIND_CHOICES, required=False)
+    integration = serializers.CharField(required=False, max_length=100, help_text="An integration's name.")
+
+
+class ResolveRequest(serializers.Serializer):
+    reason = serializers.CharField(required=False, max_length=150, default="resolved by an operator")
+
+
+class ChangesSerializer(serializers.Serializer):
+    new = serializers.ListField(child=serializers.IntegerField())
+    escalated = serializers.ListField(child=serializers.IntegerField())
+    repeated = serializers.ListField(child=serializers.IntegerField())
+    resolved = serializers.ListField(child=serializers.IntegerField())
+
+
+class ReportSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=(watchdog.HEALTHY, *(severity for severity, _ in SEVERITY_CHOICES)))
+    generated_at = IsoDateTimeField()
+    critical = AlertSerializer(many=True)
+    warnings = AlertSerializer(many=True)
+
+
+class RunSerializer(ReportSerializer):
+    changes = ChangesSerializer(help_text="Alert ids by what this run did to them.")
+
+
+class SummaryQuery(serializers.Serializer):
+    minutes = serializers.IntegerField(required=False, default=DEFAULT_SUMMARY_MINUTES, min_value=1,
+                                       max_value=settings.RESILIENCE_STATS_RETENTION_DAYS * 24 * 60,
+                                       help_text="The window: the last N minutes (statistics are kept "
+                                                 "RESILIENCE_STATS_RETENTION_DAYS).")
+    integration = serializers.CharField(required=False, max_length=100, help_text="Only this integration.")
+
+
+class IntegrationSummarySerializer(CallStatsSummary):
+    integration = serializers.CharField()
+
+
+class WindowSerializer(serializers.Serializer):
+    minutes = serializers.IntegerField()
+    since = IsoDateTimeField()
+    until = IsoDateTimeField()
+
+
+class SeverityCountsSerializer(serializers.Serializer):
+    warning = serializers.IntegerField()
+    critical = serializers.IntegerField()
+
+
+class MetricsSummarySerializer(serializers.Serializer):
+    window = WindowSerializer()
+    totals = CallStatsSummary()
+    by_integration = IntegrationSummarySerializer(many=True, help_text="Integrations with calls in the window.")
+    active_alerts = SeverityCountsSerializer()
+
+
+# -- views --------------------------------------------------------------------------------------
+
+ID_PARAMETER = OpenApiParameter("id", int, OpenApiParameter.PATH, description="The alert's id.",
+                                examples=[OpenApiExample("1", value=1)])
+
+
+class AlertAPIView(generics.GenericAPIView):
+    """Staff reads; changes need monitoring.change_alert."""
+
+    permission_classes = [StaffReadsModelPermissionActs]
+    permission_model = Alert
+    queryset = Alert.objects.select_related("integration", "acknowledged_by")
+
+    def get_alert(self) -> Alert:
+        alert = self.get_queryset().filter(pk=self.kwargs["id"]).first()
+        if alert is None:
+            raise exceptions.NotFound(f"No alert has the id {self.kwargs['id']}.")
+        return alert
+
+
+class AlertListView(AlertAPIView):
+    @extend_schema(summary="Alerts, most recently seen first", parameters=[AlertQuery],
+                   responses={200: AlertSerializer(many=True), **error_responses(400, 404)})
+    def get(self, request):
+        query = validated(AlertQuery, request.query_params)
+        alerts = self.get_queryset()
+        if query["active"] is not None:
+            alerts = alerts.active() if query["active"] else alerts.exclude(status__in=Alert.ACTIVE)
+        for field in ("severity", "status", "kind"):
+            if field in query:
+                alerts = alerts.filter(**{field: query[field]})
+        if "integration" in query:
+            alerts = alerts.filter(integration__name=query["integration"])
+        page = self.paginate_queryset(alerts)
+        return self.get_paginated_response(AlertSerializer([alert.as_dict() for alert in page], many=True).data)
+
+
+class AlertAcknowledgeView(AlertAPIView):
+    @extend_schema(summary="Acknowledge an open alert (an operator has seen it)", parameters=[ID_PARAMETER],
+                   request=None, responses={200: AlertSerializer, **error_responses(404, 409)})
+    def post(self, request, id):
+        alert = self.get_alert()
+        if not alert.acknowledge(request.user):
+            raise Conflict(f"Alert {alert.pk} is {alert.status}: only an open alert can be acknowledged.")
+        return Response(AlertSerializer(alert.as_dict()).data)
+
+
+class AlertResolveView(AlertAPIView):
+    @extend_schema(summary="Resolve an active alert", parameters=[ID_PARAMETER],
+                   request=ResolveRequest, responses={200: AlertSerializer, **error_responses(400, 404, 409)})
+    def post(self, request, id):
+        data = validated(ResolveRequest, request.data)
+        alert = self.get_alert()
+        if not alert.resolve(data["reason"], by=request.user):
+            raise Conflict(f"Alert {alert.pk} is already resolved.")
+        return Response(AlertSerializer(alert.as_dict()).data)
+
+
+class WatchdogReportView(AlertAPIView):
+    @extend_schema(summary="The active alerts and the overall status, without running the rules",
+                   responses={200: ReportSerializer, **error_responses()})
+    def get(self, request):
+        return Response(ReportSerializer(watchdog.report()).data)
+
+
+class WatchdogRunView(AlertAPIView):
+    @extend_schema(summary="Run the watchdog now: apply its rules, raise and resolve alerts",
+                   description="Needs monitoring.change_alert, since a run raises and resolves alerts.",
+                   request=None, responses={200: RunSerializer, **error_responses()})
+    def post(self, request):
+        return Response(RunSerializer(watchdog.run()).data)
+
+
+class MetricsSummaryView(generics.GenericAPIView):
+    permission_classes = [StaffReadsModelPermissionActs]
+    permission_model = CallStats
+
+    @extend_schema(summary="Fleet call statistics over the last N minutes, in total and per integration",
+                   parameters=[SummaryQuery], responses={200: MetricsSummarySerializer, **error_responses(400, 404)})
+    def get(self, request):
+        query = validated(SummaryQuery, request.query_params)
+        minutes = query["minutes"]
+        since, until = window(minutes)
+        stats = CallStats.objects.between(since, until)
+        if "integration" in query:
+            integration = Integration.objects.filter(name=query["integration"]).first()
+            if integration is None:
+                raise exceptions.NotFound(f'No integration is named "{query["integration"]}".')
+            stats = stats.filter(integration=integration)
+        totals_by_id = stats.totals_by_integration()
+        names = dict(Integration.objects.filter(pk__in=totals_by_id).values_list("pk", "name"))
+        by_integration = sorted(
+            ({"integration": name, **summarize(totals_by_id[pk], minutes)} for pk, name in names.items()),
+            key=lambda row: row["integration"])
+        return Response(MetricsSummarySerializer({
+            "window": {"minutes": minutes, "since": since, "until": until},
+            "totals": summarize(stats.totals(), minutes),
+            "by_integration": by_integration,
+            "active_alerts": Alert.objects.open_counts_by_severity(),
+        }).data)

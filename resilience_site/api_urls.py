@@ -1,0 +1,42 @@
+"""Every endpoint of the HTTP API under /api/ (CONTRACT.md; docs/api.md), in the contract's order.
+
+The project wires the apps together here: the integrations' views get their
+call statistics from monitoring (``call_stats``), since integrations never
+imports monitoring. Any other path under /api/ is a 404 in the API's error shape.
+"""
+
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularSwaggerSplitView
+
+from integrations import api as integrations_api
+from monitoring import api as monitoring_api
+
+from . import api_views
+
+with_stats = {"call_stats": monitoring_api.integration_stats}
+
+app_name = "api"
+
+urlpatterns = [
+    path("health/", api_views.HealthView.as_view(), name="health"),
+    path("integrations/", integrations_api.IntegrationListView.as_view(**with_stats), name="integrations"),
+    path("integrations/<str:name>/", integrations_api.IntegrationDetailView.as_view(**with_stats),
+         name="integration"),
+    re_path(r"^integrations/(?P<name>[^/]+)/breaker/(?P<action>reset|open|close)/$",
+            integrations_api.BreakerActionView.as_view(), name="breaker-action"),
+    path("quotas/", integrations_api.QuotaListView.as_view(), name="quotas"),
+    path("cache/stats/", integrations_api.CacheStatsView.as_view(**with_stats), name="cache-stats"),
+    path("cache/<str:name>/", integrations_api.CacheClearView.as_view(), name="cache-clear"),
+    path("dlq/", include("integrations.dlq.urls")),
+    path("alerts/", monitoring_api.AlertListView.as_view(), name="alerts"),
+    path("alerts/<int:id>/acknowledge/", monitoring_api.AlertAcknowledgeView.as_view(), name="alert-acknowledge"),
+    path("alerts/<int:id>/resolve/", monitoring_api.AlertResolveView.as_view(), name="alert-resolve"),
+    path("watchdog/report/", monitoring_api.WatchdogReportView.as_view(), name="watchdog-report"),
+    path("watchdog/run/", monitoring_api.WatchdogRunView.as_view(), name="watchdog-run"),
+    path("metrics/summary/", monitoring_api.MetricsSummaryView.as_view(), name="metrics-summary"),
+    path("schema/", api_views.SchemaView.as_view(), name="schema"),
+    # Swagger UI; its script is served by the view itself and its assets by drf-spectacular-sidecar,
+    # so the page runs under the site's same-origin Content-Security-Policy.
+    path("docs/", SpectacularSwaggerSplitView.as_view(url_name="api:schema"), name="docs"),
+    re_path(r"^(?P<path>.*)$", api_views.unknown_endpoint),
+]
