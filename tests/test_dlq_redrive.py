@@ -280,9 +280,9 @@ def test_an_entry_whose_handler_is_interrupted_again_and_again_is_poison(svc, no
 
 
 def test_entries_a_crashed_worker_never_started_are_run_without_being_charged(svc, now):
-    started, untouched = enqueue("redrive_test.scripted", max_redrives=1), enqueue("redrive_test.scripted",
-                                                                                  max_redrives=1)
-    crash_mid_handler(now(), now)
+    for _ in range(2):
+        enqueue("redrive_test.scripted", max_redrives=1)
+    started, untouched = crash_mid_handler(now(), now)  # the first claimed was started, the other not
     now.advance(1)
     make_redriver(now).run()
     started.refresh_from_db()
