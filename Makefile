@@ -27,7 +27,8 @@ up: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py shell --verbosity 0 -c 'from django.contrib.auth import get_user_model; User = get_user_model(); User.objects.filter(username="admin").exists() or User.objects.create_superuser("admin", "admin@example.com", "admin")'
 	$(PY) manage.py resilience schedules
-	@trap 'kill $$cluster 2>/dev/null; wait $$cluster 2>/dev/null' EXIT INT TERM; \
+	@# The cluster stops gracefully on TERM; one that has not within 10 s is killed with its workers.
+	@trap 'kill $$cluster 2>/dev/null; for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 $$cluster 2>/dev/null || break; sleep 1; done; pkill -9 -P $$cluster 2>/dev/null; kill -9 $$cluster 2>/dev/null; wait $$cluster 2>/dev/null' EXIT INT TERM; \
 	$(PY) manage.py qcluster & cluster=$$!; \
 	echo; echo "  Site: http://127.0.0.1:$(PORT)/admin/  user: admin  password: admin"; \
 	echo "  Demo traffic below; Ctrl-C stops the demo, the site and the cluster."; echo; \
