@@ -140,3 +140,15 @@ def pytest_generate_tests(metafunc):
     kinds = getattr(metafunc.module, "STORE_KINDS", None)
     if kinds and "store_kind" in metafunc.fixturenames:
         metafunc.parametrize("store_kind", kinds, indirect=True)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium (tests/browser_support.py), quit at the end of the test."""
+    from browser_support import start_chromium
+
+    driver = start_chromium(tmp_path / "chromium-profile")
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -17,7 +17,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from api_support import client_for, error_of
 from dlq_support import enqueue
-from test_browser import PASSWORD, browser, log_in  # noqa: F401 - the headless Chromium fixture and its login
+from browser_support import PASSWORD, log_in
 from integrations.models import Integration
 from monitoring.models import CRITICAL, WARNING, Alert, CallStats
 

@@ -8,59 +8,25 @@ Selenium Manager never runs: the driver and the browser are Debian's, named expl
 skips, except under .ci/run (RESILIENCE_TESTS_REQUIRE_CHROMIUM=1), which installs them: there it fails.
 """
 
-import os
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.utils import timezone
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
+from browser_support import PASSWORD, log_in
 from integrations.models import BreakerEvent, Integration
 from integrations.resilience import execute
 from monitoring import health_page
 from monitoring.models import CRITICAL, Alert, CallStats
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "artifacts" / "system-health.png"
-PASSWORD = "a-long-operator-password-7"
-CHROMIUM_ARGUMENTS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                      "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                      "--disable-sync", "--window-size=1400,1000")
 
 pytestmark = pytest.mark.slow
-
-
-def require_chromium():
-    if os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK):
-        return
-    if os.environ.get("RESILIENCE_TESTS_REQUIRE_CHROMIUM"):
-        pytest.fail(f"{CHROMIUM} or {CHROMEDRIVER} is missing although .ci/run installed Debian's chromium and "
-                    "chromium-driver")
-    pytest.skip("chromium not installed (.ci/run installs Debian's chromium and chromium-driver)")
-
-
-@pytest.fixture
-def browser(tmp_path):
-    require_chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in CHROMIUM_ARGUMENTS:
-        options.add_argument(argument)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture
@@ -81,13 +47,6 @@ def console(live_server, django_user_model, monkeypatch):
     execute("search", lambda: (_ for _ in ()).throw(ConnectionError("search is down")))
     Alert.raise_or_update(Alert.UNAVAILABLE, CRITICAL, "unavailable: breaker open for 6 min", integration=search)
     return live_server.url, billing
-
-
-def log_in(browser, base_url, next_path):
-    browser.get(f"{base_url}/admin/login/?next={next_path}")
-    browser.find_element(By.ID, "id_username").send_keys("operator")
-    browser.find_element(By.ID, "id_password").send_keys(PASSWORD)
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
 
 
 def card_state(browser, name):

@@ -13,7 +13,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from integrations.api_common import StaffReadsModelPermissionActs, StrictIntegerField, error_responses
+from integrations.api_common import StaffReadsModelPermissionActs, StrictIntegerField, error_responses, validated
 
 from .models import STATUSES, DeadLetter, check_purgeable
 
@@ -94,12 +94,6 @@ class RetryingSerializer(serializers.Serializer):
     retrying = serializers.IntegerField()
 
 
-def _valid(serializer_class, data) -> dict:
-    serializer = serializer_class(data=data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
 class DeadLetterAPIView(APIView):
     permission_classes = [StaffReadsModelPermissionActs]
     permission_model = DeadLetter
@@ -109,7 +103,7 @@ class DeadLetterListView(DeadLetterAPIView):
     @extend_schema(summary="Dead letters, newest first", parameters=[ListQuery],
                    responses={200: DeadLetterListSerializer, **error_responses(400)})
     def get(self, request):
-        query = _valid(ListQuery, request.query_params)
+        query = validated(ListQuery, request.query_params)
         entries = DeadLetter.objects.all()
         if "status" in query:
             entries = entries.filter(status=query["status"])
@@ -121,7 +115,7 @@ class DeadLetterListView(DeadLetterAPIView):
     @extend_schema(summary="Purge the finished entries of one status", parameters=[PurgeQuery],
                    responses={200: PurgedSerializer, **error_responses(400)})
     def delete(self, request):
-        query = _valid(PurgeQuery, request.query_params)
+        query = validated(PurgeQuery, request.query_params)
         return Response({"deleted": DeadLetter.objects.filter(status=query["status"]).purge()})
 
 
@@ -136,7 +130,7 @@ class DeadLetterRetryView(DeadLetterAPIView):
     @extend_schema(summary="Retry entries now: the given ids, or every waiting entry",
                    request=RetryRequest, responses={202: RetryingSerializer, **error_responses(400)})
     def post(self, request):
-        data = _valid(RetryRequest, request.data)
+        data = validated(RetryRequest, request.data)
         try:
             chosen = (DeadLetter.objects.waiting() if data.get("all")
                       else DeadLetter.objects.with_ids(data["ids"]).check_retryable())

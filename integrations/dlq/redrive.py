@@ -54,7 +54,7 @@ from integrations.resilience.policy import MODE_FORCED_OPEN, MODE_NORMAL
 from integrations.resilience.quota import CRITICAL
 
 from .handlers import RedriveContext, UnknownHandler, get_handler
-from .models import DEAD, RETRYING, SUCCEEDED, DeadLetter, DeadLetterQuerySet, backoff_delay_s, error_record
+from .models import DEAD, SUCCEEDED, DeadLetter, DeadLetterQuerySet, backoff_delay_s, error_record
 
 logger = logging.getLogger("integrations.dlq")
 

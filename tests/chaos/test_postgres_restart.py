@@ -30,7 +30,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
