@@ -32,11 +32,12 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "resilience_site.settings")
 
 import django  # noqa: E402
 
+from redis_writes import counter  # noqa: E402  (benchmarks/, on sys.path as the script's directory)
+
 django.setup()
 
 import pybreaker  # noqa: E402
 import redis  # noqa: E402
-from redis.connection import Connection  # noqa: E402
 
 from integrations.resilience import Engine, Policy  # noqa: E402
 from integrations.resilience.events import EventBus  # noqa: E402
@@ -44,17 +45,6 @@ from integrations.resilience.redis_store import RedisStore  # noqa: E402
 from integrations.resilience.registry import PolicyRegistry  # noqa: E402
 
 REPEATS = 5
-_writes = 0
-_send = Connection.send_packed_command
-
-
-def _counting_send(self, command, check_health=True):
-    global _writes
-    _writes += 1
-    return _send(self, command, check_health)
-
-
-Connection.send_packed_command = _counting_send
 
 
 def op():
@@ -90,16 +80,15 @@ def build_rows(url: str) -> dict:
 
 def time_row(fn, calls: int) -> tuple[float, float]:
     """(µs per call, round trips per call)."""
-    global _writes
     gc.collect()
     gc.disable()
     try:
-        _writes = 0
+        counter.writes = 0
         started = time.perf_counter_ns()
         for _ in range(calls):
             fn()
         elapsed = time.perf_counter_ns() - started
-        return elapsed / calls / 1000, _writes / calls
+        return elapsed / calls / 1000, counter.writes / calls
     finally:
         gc.enable()
 

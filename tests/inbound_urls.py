@@ -6,6 +6,9 @@ from django.http import HttpResponse, JsonResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST, require_safe
+from rest_framework.decorators import api_view, permission_classes
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
 
 
 @require_safe
@@ -29,7 +32,15 @@ def metrics(request):
     return HttpResponse("up 1\n", content_type="text/plain; version=0.0.4")
 
 
+@api_view(["GET"])
+@permission_classes([IsAuthenticated])
+def whoami(request):
+    """A DRF view with the site's default authentication classes."""
+    return Response({"username": request.user.username})
+
+
 urlpatterns = [
+    path("api/whoami/", whoami),
     path("admin/", admin.site.urls),
     path("api/ping/", ping),
     path("api/things/", create_thing),

@@ -17,8 +17,10 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.wsgi import WSGIHandler
+from django.db import connection
 from django.http import HttpResponse
 from django.test import Client, RequestFactory
+from django.test.utils import CaptureQueriesContext
 from rest_framework.authtoken.models import Token
 
 from integrations.resilience import Engine, use_engine
@@ -222,6 +224,30 @@ def test_a_made_up_or_inactive_users_token_spends_the_address_budget(client):
     assert statuses(client, 1, HTTP_AUTHORIZATION="Token made-up-1") == [200]
     assert statuses(client, 1, HTTP_AUTHORIZATION="Token made-up-2") == [200]
     assert statuses(client, 2, HTTP_AUTHORIZATION=f"Token {inactive}") == [200, 429]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("limits", [SMALL_LIMITS, {}], ids=["limits on", "limits off"])
+def test_an_api_request_looks_its_token_up_once_whether_limited_or_not(settings, client, limits):
+    settings.RESILIENCE_RATE_LIMITS = limits
+    token = make_token("once")
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get("/api/whoami/", HTTP_AUTHORIZATION=f"Token {token}")
+    assert response.status_code == 200 and response.json() == {"username": "once"}
+    assert len(queries) == 1, [query["sql"] for query in queries]
+    assert response.has_header("X-RateLimit-Limit") == bool(limits)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("limits", [SMALL_LIMITS, {}], ids=["limits on", "limits off"])
+def test_the_api_refuses_a_bad_token_as_drf_does_whether_limited_or_not(settings, client, limits):
+    settings.RESILIENCE_RATE_LIMITS = limits
+    inactive = make_token("inactive")
+    get_user_model().objects.filter(username="inactive").update(is_active=False)
+    made_up = client.get("/api/whoami/", HTTP_AUTHORIZATION="Token made-up")
+    gone = client.get("/api/whoami/", HTTP_AUTHORIZATION=f"Token {inactive}")
+    assert (made_up.status_code, made_up.json()["error"]["message"]) == (401, "Invalid token.")
+    assert (gone.status_code, gone.json()["error"]["message"]) == (401, "User inactive or deleted.")
 
 
 @pytest.mark.django_db

@@ -31,11 +31,13 @@ resumes by itself. No exception reaches a caller because Redis is down.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 import redis
@@ -63,6 +65,15 @@ _VIEW_TTL_S = 0.5
 
 _SHARED_ADMITTED = Permit(True, shared=True)
 
+# Rate-limit leases (see ``RedisStore.hit``). A lease is spent for at most _LEASE_TTL_S and
+# holds at most _LEASE_MAX requests, and at most 1/_LEASE_SHARE of what the client has left;
+# windows shorter than _LEASE_MIN_WINDOW_S are counted request by request.
+_LEASE_TTL_S = 0.5
+_LEASE_MAX = 100
+_LEASE_SHARE = 16
+_LEASE_MIN_WINDOW_S = 5.0
+_NO_LEASE = ("", 0, 0)
+
 
 class _Pending:
     """Fast successes of one integration not yet sent: they ride on the next round trip."""
@@ -74,6 +85,32 @@ class _Pending:
         self.ok = 0
         self.ok_retry = 0
         self.since = since
+
+
+class _Lease:
+    """One client's rate-limit window as this process last saw it, and the lease it may spend.
+
+    ``size`` requests were counted in Redis ahead (members ``<id>:1..size``); ``used`` of them
+    have been spent. A record with ``size`` 0 holds no lease: it only remembers when the
+    client was last counted, so a second request soon after marks the client as busy.
+    """
+
+    __slots__ = ("id", "size", "used", "limit", "window_s", "remaining", "reset_at", "synced", "until")
+
+    def __init__(self, lease_id: str, size: int, limit: int, window_s: float, remaining: int, reset_at: float,
+                 synced: float) -> None:
+        self.id = lease_id
+        self.size = size
+        self.used = 0
+        self.limit = limit
+        self.window_s = window_s
+        self.remaining = remaining  # what the client had left, this lease included, when it was granted
+        self.reset_at = reset_at
+        self.synced = synced  # monotonic
+        self.until = synced + _LEASE_TTL_S
+
+    def settlement(self) -> tuple[str, int, int]:
+        return (self.id, self.size, self.used) if self.size else _NO_LEASE
 
 
 class RedisStore(StateStore):
@@ -113,6 +150,10 @@ class RedisStore(StateStore):
         self._seen_state: dict[str, str] = {}  # the breaker state each integration had at our last round trip
         self._open_until: dict[str, tuple[float, float]] = {}  # name -> (opened at, seen at), wall time
         self._closed_seen_at: dict[str, float | None] = {}  # name -> when last seen closed (monotonic)
+        self._leases: dict[str, _Lease] = {}  # rate-limit key -> this process's view and lease
+        self._unsettled: list[tuple[str, _Lease]] = []  # leases replaced before they were settled
+        self._lease_lock = threading.Lock()
+        os.register_at_fork(after_in_child=functools.partial(_call_if_alive, weakref.WeakMethod(self._forget_leases)))
 
     # -- keys -------------------------------------------------------------------
 
@@ -187,8 +228,7 @@ class RedisStore(StateStore):
                 pending.ok_retry += 1
             else:
                 pending.ok += 1
-        if self._flusher_pid != os.getpid():
-            self._start_flusher()
+        self._ensure_flusher()
 
     def _take_pending(self, name: str) -> tuple[int, int]:
         if not self._pending:
@@ -196,6 +236,10 @@ class RedisStore(StateStore):
         with self._pending_lock:
             pending = self._pending.pop(name, None)
         return (0, 0) if pending is None else (pending.ok, pending.ok_retry)
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher_pid != os.getpid():
+            self._start_flusher()
 
     def _start_flusher(self) -> None:
         with self._pending_lock:
@@ -214,7 +258,9 @@ class RedisStore(StateStore):
                 logger.exception("flushing deferred outcomes to shared state failed")
 
     def flush(self, older_than_s: float = 0.0) -> None:
-        """Send deferred successes now (those waiting at least ``older_than_s``)."""
+        """Send deferred successes now (those waiting at least ``older_than_s``), and settle
+        rate-limit leases (all of them; with ``older_than_s``, those past their time)."""
+        self._settle_leases(everything=older_than_s <= 0)
         now_mono = time.monotonic()
         with self._pending_lock:
             due = [p for p in self._pending.values() if now_mono - p.since >= older_than_s]
@@ -387,23 +433,106 @@ class RedisStore(StateStore):
                                                        extra2=repr(policy.revision)))
 
     def hit(self, key: str, limit: int, window_s: float) -> RateLimit:
+        """Count one request in the fleet's window for ``key``: one round trip, or none on a lease.
+
+        A client that is busy in this process (counted here again within a second) is given a
+        lease: a few of its next requests counted in Redis ahead, which this process then admits
+        on its own. Leases double while they are used up, to at most _LEASE_MAX, and are at most
+        1/_LEASE_SHARE of what the client has left, so near the limit every request is counted
+        in Redis one by one: the limit holds exactly for the fleet. A lease is settled (its spent
+        requests counted again at that time, the unspent ones given back) by the client's next
+        round trip or by the flusher within about a second. Meanwhile other processes see the
+        unspent part as used: a client at the very end of its budget may be refused up to a
+        second early. X-RateLimit-Remaining from a lease is what this process knows.
+        """
         if not self.available and time.monotonic() < self._retry_at:
             return self.local.hit(key, limit, window_s)
-        now = self.clock.time()
+        now_mono = time.monotonic()
+        with self._lease_lock:
+            seen = self._leases.pop(key, None)
+            if seen is not None and seen.used < seen.size and now_mono < seen.until \
+                    and seen.limit == limit and seen.window_s == window_s:
+                seen.used += 1
+                self._leases[key] = seen
+                return RateLimit(True, limit, max(seen.remaining - seen.used, 0), seen.reset_at)
+        wanted = _lease_wanted(seen, window_s, now_mono)
+        call_id = _unique_id()
         try:
-            allowed, remaining, reset_at = self._rate_script(
-                keys=[f"{self.prefix}:ratelimit:{key}"],
-                args=[repr(now), repr(float(window_s)), limit, _unique_id()])
+            allowed, remaining, reset_at, granted = self._rate_script(
+                keys=[self._rate_key(key)],
+                args=[repr(self.clock.time()), repr(float(window_s)), limit, call_id, 1,
+                      *(_NO_LEASE if seen is None else seen.settlement()), wanted, _LEASE_SHARE])
         except _UNREACHABLE as exc:
             self._lost(exc)
             return self.local.hit(key, limit, window_s)
         if not self.available:
             self._regained()
-        return RateLimit(bool(int(allowed)), limit, int(remaining), float(reset_at))
+        verdict = RateLimit(bool(int(allowed)), limit, int(remaining), float(reset_at))
+        view = _Lease(call_id, int(granted), limit, float(window_s), verdict.remaining, verdict.reset_at, now_mono)
+        with self._lease_lock:
+            replaced = self._leases.get(key)
+            self._leases[key] = view
+            if replaced is not None and replaced.size:
+                # another thread counted this client at the same time: its lease goes to the flusher
+                self._unsettled.append((key, replaced))
+        if view.size:
+            self._ensure_flusher()
+        return verdict
+
+    def _rate_key(self, key: str) -> str:
+        return f"{self.prefix}:ratelimit:{key}"
+
+    def _settle_leases(self, everything: bool) -> None:
+        """Settle leases past their time (or all): one pipelined round trip for all of them."""
+        now_mono = time.monotonic()
+        with self._lease_lock:
+            due, self._unsettled = self._unsettled, []
+            for key, view in list(self._leases.items()):
+                if everything or now_mono >= view.until:
+                    if view.size:
+                        due.append((key, view))
+                    if everything or now_mono - view.synced >= 2 * _LEASE_TTL_S:
+                        del self._leases[key]  # not counted for a while: forgotten
+                    elif view.size:
+                        # settled below; the record stays, without its lease, to tell how busy the client is
+                        idle = _Lease("", 0, view.limit, view.window_s, view.remaining, view.reset_at, view.synced)
+                        idle.used = view.used
+                        self._leases[key] = idle
+        if not due or (not self.available and now_mono < self._retry_at):
+            return
+        now = repr(self.clock.time())
+        pipe = self.client.pipeline(transaction=False)
+        for key, view in due:
+            self._rate_script(keys=[self._rate_key(key)], client=pipe, args=[
+                now, repr(view.window_s), view.limit, _unique_id(), 0, *view.settlement(), 0, _LEASE_SHARE])
+        try:
+            pipe.execute()
+        except _UNREACHABLE as exc:
+            self._lost(exc)  # the leases' requests stay counted at the time they were leased
+
+    def _forget_leases(self) -> None:
+        # A forked child must not spend its parent's leases (both would spend the same requests).
+        self._lease_lock = threading.Lock()
+        self._leases = {}
+        self._unsettled = []
 
     def _stale_policy(self, policy: Policy) -> None:
         if self.on_stale_policy is not None:
             self.on_stale_policy(policy.name)
+
+
+def _lease_wanted(seen: _Lease | None, window_s: float, now_mono: float) -> int:
+    """How big a lease to ask for: none for a client not counted here within the last second,
+    else twice what the last one spent (at least 2, at most _LEASE_MAX)."""
+    if seen is None or window_s < _LEASE_MIN_WINDOW_S or now_mono - seen.synced >= 2 * _LEASE_TTL_S:
+        return 0
+    return min(_LEASE_MAX, max(2, 2 * seen.used))
+
+
+def _call_if_alive(method: weakref.WeakMethod) -> None:
+    bound = method()
+    if bound is not None:
+        bound()
 
 
 def _unique_id() -> str:
