@@ -348,6 +348,9 @@ if RESILIENCE_CACHE_ALIAS not in CACHES:
 # RESILIENCE_DLQ_REDRIVE_EVERY_MIN: how often the scheduled redrive (dlq.redrive) runs.
 # RESILIENCE_DLQ_HANDLER_MODULES: comma-separated modules that register dead letter handlers,
 #   imported at start-up besides each app's dead_letters module.
+# RESILIENCE_DLQ_SPOOL_DIR: where a dead letter the database refused (outside the caller's
+#   transaction) waits on local disk until it can be stored (integrations/dlq/spool.py); empty:
+#   not spooled, only logged for recovery by hand.
 
 RESILIENCE_DLQ_MAX_REDRIVES = env_int("RESILIENCE_DLQ_MAX_REDRIVES", 10, minimum=1)
 RESILIENCE_DLQ_BACKOFF_BASE_MS = env_int("RESILIENCE_DLQ_BACKOFF_BASE_MS", 60_000, minimum=1)
@@ -357,6 +360,7 @@ RESILIENCE_DLQ_RATE_PER_MINUTE = env_int("RESILIENCE_DLQ_RATE_PER_MINUTE", 600)
 RESILIENCE_DLQ_BATCH_SIZE = env_int("RESILIENCE_DLQ_BATCH_SIZE", 100, minimum=1)
 RESILIENCE_DLQ_REDRIVE_EVERY_MIN = env_int("RESILIENCE_DLQ_REDRIVE_EVERY_MIN", 5, minimum=1)
 RESILIENCE_DLQ_HANDLER_MODULES = env_list("RESILIENCE_DLQ_HANDLER_MODULES")
+RESILIENCE_DLQ_SPOOL_DIR = env_str("RESILIENCE_DLQ_SPOOL_DIR", str(BASE_DIR / "var" / "dlq-spool"))
 
 if RESILIENCE_DLQ_BACKOFF_BASE_MS > RESILIENCE_DLQ_BACKOFF_MAX_MS:
     raise ImproperlyConfigured(

@@ -37,6 +37,16 @@ def fresh_default_engine(settings):
 
 
 @pytest.fixture(autouse=True)
+def dlq_spool_dir(settings, tmp_path, monkeypatch):
+    """Each test spools refused dead letters into a directory of its own (never the project's var/)."""
+    from integrations.dlq import spool
+
+    settings.RESILIENCE_DLQ_SPOOL_DIR = str(tmp_path / "dlq-spool")
+    monkeypatch.setattr(spool, "_spooled_here", False)
+    return tmp_path / "dlq-spool"
+
+
+@pytest.fixture(autouse=True)
 def clean_cache():
     cache = caches["default"]
     if hasattr(cache, "delete_pattern"):  # django-redis: only our keys, not the whole Redis database

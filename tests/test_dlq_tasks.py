@@ -25,7 +25,8 @@ def test_the_redrive_task_runs_the_due_entries_and_returns_its_report(make_engin
     make_engine("svc")
     entry = enqueue()
     DeadLetter.objects.filter(pk=entry.pk).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
-    assert tasks.redrive() == {"succeeded": 1, "retrying": 0, "dead": 0, "released": 0, "lost": 0, "held": {}}
+    assert tasks.redrive() == {"succeeded": 1, "retrying": 0, "dead": 0, "released": 0, "lost": 0, "held": {},
+                               "spool": {"stored": 0, "already_there": 0, "files": 0, "left": 0}}
 
 
 def test_retry_now_queues_the_scheduled_task_itself(monkeypatch):

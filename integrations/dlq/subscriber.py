@@ -6,23 +6,30 @@ describes was rolled back with it, and so is the dead letter (a
 transactional outbox). Under a running event loop (aexecute) the ORM must not
 block the loop, so the write goes to a writer thread, as breaker events do.
 
-A dead letter whose write fails is not lost silently: it is logged at ERROR
-on the ``integrations.dlq`` logger with everything needed to store it again,
-``DeadLetter.enqueue(**entry)`` with the logged JSON. It is not re-raised:
-the call it came from has already finished, and the event bus would only log
-it again.
+A write that fails because the database cannot be reached (OperationalError,
+InterfaceError: not a refused row) is tried once more on a fresh
+connection (the first write after a database restart meets the connection the
+restart closed), unless it is part of the caller's transaction. If it still
+fails, outside the caller's transaction the entry is spooled to local disk
+and stored later by itself (spool.py); inside it, or if spooling fails too, or
+for any other error, the entry is logged at ERROR on the ``integrations.dlq``
+logger with everything needed to store it again, ``DeadLetter.enqueue(**entry)``
+with the logged JSON. Nothing is re-raised: the call it came from has already
+finished, and the event bus would only log it again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from django.db import connections
+from django.db import connection, connections
 
 from integrations.resilience.events import DeadLetterRequested
+
+from . import spool
+from .spool import UNREACHABLE, log_not_stored
 
 logger = logging.getLogger("integrations.dlq")
 
@@ -48,17 +55,47 @@ def store(entry: dict) -> None:
     from .models import DeadLetter
 
     try:
-        dead_letter, created = DeadLetter.enqueue(**entry)
-    except Exception:  # noqa: BLE001 - see module docstring: logged in full so it can be recovered
-        logger.error("dead letter NOT STORED; recover it with DeadLetter.enqueue(**entry), entry=%s",
-                     json.dumps(entry, default=repr, sort_keys=True), exc_info=True)
+        dead_letter, created = _enqueue_retrying_once(DeadLetter, entry)
+    except UNREACHABLE as exc:
+        if not connection.in_atomic_block and _spooled(entry, exc):
+            return
+        log_not_stored(entry)
         return
+    except Exception:  # noqa: BLE001 - see module docstring: logged in full so it can be recovered
+        log_not_stored(entry)
+        return
+    if not connection.in_atomic_block:
+        spool.replay_own()  # the database takes writes again: what this process spooled goes in
     if created:
         logger.info("dead letter #%s stored for %s (handler %s)", dead_letter.pk, entry["integration"],
                     entry["handler"])
     else:
         logger.info("dead letter for %s (handler %s) already queued as #%s (idempotency key %r)",
                     entry["integration"], entry["handler"], dead_letter.pk, entry["idempotency_key"])
+
+
+def _enqueue_retrying_once(model, entry: dict):
+    try:
+        return model.enqueue(**entry)
+    except UNREACHABLE:
+        if connection.in_atomic_block:
+            raise  # the caller's transaction is broken: a retry cannot be part of it
+        # the connection may be one the server closed (a restart): a fresh one is tried once
+        connection.close()
+        return model.enqueue(**entry)
+
+
+def _spooled(entry: dict, exc: Exception) -> bool:
+    try:
+        path = spool.spool(entry)
+    except (OSError, TypeError, ValueError) as spool_error:  # no directory, a full disk, an entry not JSON
+        logger.error("dead letter could not be spooled either (%s: %s)", type(spool_error).__name__, spool_error)
+        return False
+    key = entry.get("idempotency_key")
+    logger.warning("dead letter for %s (handler %s%s) spooled to %s: the database could not be reached (%s: %s); "
+                   "it is stored when the database is back", entry["integration"], entry["handler"],
+                   f", idempotency key {key!r}" if key else "", path, type(exc).__name__, exc)
+    return True
 
 
 def _store_in_thread(entry: dict) -> None:

@@ -2,13 +2,16 @@
 
 ``redrive`` is the scheduled task "dlq.redrive" (every
 RESILIENCE_DLQ_REDRIVE_EVERY_MIN minutes; ``manage.py resilience schedules``
-installs it). Its steps are those of ``Redriver.run`` (redrive.py).
+installs it). It first stores the dead letters this host spooled while the
+database refused them (spool.py), then runs the steps of ``Redriver.run``
+(redrive.py).
 """
 
 from __future__ import annotations
 
 from django.conf import settings
 
+from . import spool
 from .redrive import Redriver
 
 
@@ -19,8 +22,12 @@ def run_budget_s() -> float | None:
 
 
 def redrive() -> dict:
-    """One redrive run over the whole queue; returns its report (kept as the task's result)."""
-    return Redriver.from_settings(budget_s=run_budget_s()).run().as_dict()
+    """Spooled dead letters stored, then one redrive run over the whole queue; returns its report
+    (kept as the task's result)."""
+    spooled = spool.replay()
+    report = Redriver.from_settings(budget_s=run_budget_s()).run().as_dict()
+    report["spool"] = spooled
+    return report
 
 
 def queue_redrive() -> str:

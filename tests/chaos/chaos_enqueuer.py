@@ -1,7 +1,6 @@
 """A process that makes failing guarded calls with a dead letter, for the PostgreSQL restart scenario.
 
     python chaos_enqueuer.py                 # the load; environment below
-    python chaos_enqueuer.py recover LOG...  # DeadLetter.enqueue(**entry) for each entry logged NOT STORED
 
 Load mode: CHAOS_WORKER (its number), CHAOS_UPSTREAM (the upstream's URL),
 CHAOS_READY and CHAOS_GO (files: written once Django is set up; start when it
@@ -9,13 +8,14 @@ exists), CHAOS_STOP (stop when it exists), CHAOS_OUT (one line per call:
 "<idempotency key> <unix time> <outcome>"). Each call POSTs to the upstream's
 /fail through the http Client, ``client.request("POST", ...,
 dead_letter=DeadLetter("chaos.effect", ..., idempotency_key=...))``. The
-DLQ subscriber logs what it could not store on stderr.
+DLQ subscriber logs what it spooled, replayed or could not store on stderr.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +33,20 @@ def logged_entries(*logs: Path) -> list[dict]:
             if NOT_STORED in line:
                 entries.append(json.loads(line.split(NOT_STORED, 1)[1]))
     return entries
+
+
+SPOOLED = re.compile(r"dead letter for \S+ \(handler \S+, idempotency key '([^']+)'\) spooled to ")
+REPLAYED = re.compile(r"dead letter spool \S+ replayed: (\d+) stored")
+
+
+def spooled_entries(*logs: Path) -> list[str]:
+    """The idempotency keys of the entries the DLQ subscriber spooled, in the order logged."""
+    return [match.group(1) for log in logs for match in SPOOLED.finditer(log.read_text(errors="replace"))]
+
+
+def replayed_count(*logs: Path) -> int:
+    """Entries the processes stored from their own spool files."""
+    return sum(int(match.group(1)) for log in logs for match in REPLAYED.finditer(log.read_text(errors="replace")))
 
 
 def load() -> None:
@@ -75,21 +89,7 @@ def load() -> None:
     client.close()
 
 
-def recover(logs: list[str]) -> None:
-    from integrations.dlq.models import DeadLetter
-
-    created = existing = 0
-    for entry in logged_entries(*map(Path, logs)):
-        _, was_created = DeadLetter.enqueue(**entry)
-        created += was_created
-        existing += not was_created
-    print(json.dumps({"recovered": created, "already_there": existing}))
-
-
 if __name__ == "__main__":
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "resilience_site.settings")
     django.setup()
-    if sys.argv[1:2] == ["recover"]:
-        recover(sys.argv[2:])
-    else:
-        load()
+    load()

@@ -11,22 +11,22 @@ with an idempotency key of its own. Mid-run the cluster is restarted
 What "enqueued" means: a call that finally fails hands its dead letter to the
 queue's subscriber, in the caller's thread, after the call. The caller is told
 nothing more (``execute`` returns the failure; the Client raises it). The
-subscriber either stores the row, or, when the write fails, logs the entry
-in full at ERROR ("dead letter NOT STORED; recover it with
-DeadLetter.enqueue(**entry), entry={...}"): the documented recovery path. So
-a dead letter is enqueued when it is stored, or logged for recovery; it is
-lost if it is neither.
+subscriber stores the row; if the database cannot be reached it tries once
+more on a fresh connection, then spools the entry to local disk
+(integrations/dlq/spool.py), and the process stores its spool by itself after
+its next dead letter is stored. Last, ``manage.py dlq replay`` runs, as the
+scheduled redrive would, for anything still spooled.
 
-Asserted: after the run, and after replaying the logged entries with
-``DeadLetter.enqueue(**entry)``, the table holds exactly one row per failed
-call (by idempotency key), and no other row: nothing lost, nothing doubled.
-Measured: calls, rows stored at once, entries logged and recovered, how long
-writes took to resume after each fault.
+Asserted: with no step by hand, the table holds exactly one row per failed
+call (by idempotency key), and no other row: nothing lost, nothing doubled;
+nothing was only logged for recovery by hand. Measured: calls, rows stored at
+once, entries spooled and replayed, how long writes took to resume after each
+fault.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import subprocess
 import sys
 import time
@@ -34,7 +34,7 @@ import time
 import psycopg
 import pytest
 
-from chaos_enqueuer import logged_entries
+from chaos_enqueuer import logged_entries, replayed_count, spooled_entries
 from chaos_support import CHAOS_DIR, ROOT, OwnPostgres, child_env, record, stop_group, wait_until
 from chaos_support import upstream  # noqa: F401 - a fixture
 
@@ -63,10 +63,10 @@ def rows(server: OwnPostgres) -> list[tuple[str, float]]:
             "SELECT idempotency_key, extract(epoch FROM created_at)::float8 FROM dlq_deadletter").fetchall()
 
 
-def test_every_dead_letter_left_while_postgres_restarts_is_stored_or_logged_and_recovered(own_postgres, upstream,
-                                                                                           tmp_path):
+def test_every_dead_letter_left_while_postgres_restarts_is_stored_with_no_step_by_hand(own_postgres, upstream,
+                                                                                     tmp_path):
     env = child_env(DATABASE_URL=own_postgres.url("chaos_dlq"), RESILIENCE_DLQ_HANDLER_MODULES="chaos_handlers",
-                    LOG_LEVEL="WARNING")
+                    LOG_LEVEL="WARNING", RESILIENCE_DLQ_SPOOL_DIR=str(tmp_path / "spool"))
     migrated = subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
     assert migrated.returncode == 0, migrated.stderr[-3000:]
@@ -116,18 +116,21 @@ def test_every_dead_letter_left_while_postgres_restarts_is_stored_or_logged_and_
     stored = dict(rows(own_postgres))
     logged = logged_entries(*logs)
     logged_keys = [entry["idempotency_key"] for entry in logged]
+    spooled_keys = spooled_entries(*logs)
+    replayed_by_processes = replayed_count(*logs)
 
-    recovered = subprocess.run([sys.executable, str(CHAOS_DIR / "chaos_enqueuer.py"), "recover", *map(str, logs)],
-                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert recovered.returncode == 0, recovered.stderr[-3000:]
-    replay = json.loads(recovered.stdout.strip().splitlines()[-1])
+    replay = subprocess.run([sys.executable, "manage.py", "dlq", "replay"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    replayed_by_command = int(re.search(r"(\d+) stored", replay.stdout).group(1))
     after = [key for key, _ in rows(own_postgres)]
+    stored_after_the_run = set(failed_keys) & set(after)
 
     def logged_between(start, end):
-        """Entries logged not stored among the calls that started in [start, end)."""
-        return sum(start <= float(at) < end for key, at, _ in calls if key in logged_set)
+        """Entries spooled among the calls that started in [start, end)."""
+        return sum(start <= float(at) < end for key, at, _ in calls if key in spooled_set)
 
-    logged_set = set(logged_keys)
+    spooled_set = set(spooled_keys)
 
     def resumed_after(moment):
         """Seconds from ``moment`` until the first row stored after it."""
@@ -150,28 +153,31 @@ def test_every_dead_letter_left_while_postgres_restarts_is_stored_or_logged_and_
         requests_failed_note="every call fails by design (the upstream answers 503): each leaves a dead letter",
         exceptions_other_than_resilience_error=len(raised),
         dead_letters_requested=len(failed_keys),
-        stored_at_once=len(set(failed_keys) & set(stored)),
-        logged_not_stored=len(logged_keys),
+        stored_at_once=len(set(failed_keys) - set(spooled_keys)),
+        spooled=len(spooled_keys),
         # by when the call started: its dead letter is written a few ms later, after the call
-        logged_by_call_start={
+        spooled_by_call_start={
             "before_the_restart": logged_between(0, restart_began),
             "during_the_restart": logged_between(restart_began, restarted_at),
             "after_the_restart": logged_between(restarted_at, stopped_at),
             "while_stopped": logged_between(stopped_at, back_at),
             "after_the_start": logged_between(back_at, float("inf")),
         },
-        recovered_from_log=replay["recovered"],
+        replayed_by_the_processes=replayed_by_processes,
+        replayed_by_dlq_replay=replayed_by_command,
+        logged_for_recovery_by_hand=len(logged_keys),
         writes_resumed_after_restart_s=resumed_after(restarted_at),
         writes_resumed_after_start_s=resumed_after(back_at),
-        rows_after_recovery=len(after),
+        rows_after=len(after),
         data_lost=len(set(failed_keys) - set(after)),
         duplicated=len(after) - len(set(after)),
     )
 
     assert raised == []
     assert len(failed_keys) > 100
-    assert logged_keys, "the faults made no write fail: the scenario did not test anything"
-    assert set(stored) | set(logged_keys) == set(failed_keys)  # each one stored, or logged for recovery
-    assert set(stored).isdisjoint(logged_keys)  # never both: a logged entry was really not stored
-    assert replay == {"recovered": len(logged_keys), "already_there": 0}
+    assert spooled_keys, "the faults made no write fail: the scenario did not test anything"
+    assert logged_keys == []  # nothing left to recover by hand
+    assert len(set(spooled_keys)) == len(spooled_keys)  # each entry spooled once
+    assert replayed_by_processes + replayed_by_command == len(set(spooled_keys))
+    assert stored_after_the_run == set(failed_keys)
     assert sorted(after) == sorted(failed_keys)  # nothing lost, nothing doubled, nothing else

@@ -7,6 +7,8 @@
            (--all: every waiting entry; dead ones chosen are requeued first)
     purge  (--id N ... | --status S | --all) [--integration NAME]
            deletes finished entries (--all: every finished one); never a waiting one
+    replay stores the dead letters this host spooled while the database refused them
+           (the scheduled redrive does it too; integrations/dlq/spool.py)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from integrations.dlq import spool
 from integrations.dlq.models import DEAD, FINISHED, STATUSES, WAITING, DeadLetter, check_purgeable
 from integrations.dlq.redrive import Redriver
 
@@ -55,11 +58,12 @@ class ProgressBar:
 
 
 class Command(BaseCommand):
-    help = "Inspect and operate the dead letter queue: stats, peek, retry, purge."
+    help = "Inspect and operate the dead letter queue: stats, peek, retry, purge, replay."
 
     # Which options each action takes; any other is refused, naming it.
     OPTIONS = {"stats": {"integration"}, "peek": {"integration", "status", "ids"},
-               "retry": {"integration", "status", "ids", "all"}, "purge": {"integration", "status", "ids", "all"}}
+               "retry": {"integration", "status", "ids", "all"}, "purge": {"integration", "status", "ids", "all"},
+               "replay": set()}
 
     def add_arguments(self, parser):
         parser.add_argument("action", choices=sorted(self.OPTIONS))
@@ -81,6 +85,13 @@ class Command(BaseCommand):
 
     # -- stats and peek --------------------------------------------------------
 
+    def handle_replay(self, **options):
+        report = spool.replay()
+        self.stdout.write(f"spooled dead letters: {report['stored']} stored, {report['already_there']} already "
+                          f"there, {report['left']} left for a later replay ({report['files']} file(s) replayed)")
+        if report["left"]:
+            raise CommandError(f"{report['left']} spooled dead letter(s) could not be stored; see the log")
+
     def handle_stats(self, integration=None, **options):
         entries = DeadLetter.objects.all()
         if integration:
@@ -89,6 +100,9 @@ class Command(BaseCommand):
         out = self.stdout
         out.write(f"dead letters: {stats['total']} (waiting {stats['waiting']}, due now {stats['due']})")
         out.write("  " + "  ".join(f"{status} {count}" for status, count in stats["by_status"].items()))
+        spooled = spool.pending()
+        if spooled:
+            out.write(f"spooled on this host, waiting for the database: {spooled} (manage.py dlq replay)")
         if stats["oldest_waiting_at"]:
             out.write(f"oldest waiting since {stats['oldest_waiting_at']}; next attempt at {stats['next_attempt_at']}")
         if stats["by_integration"]:
