@@ -195,7 +195,8 @@ def rate_limit_client(request: HttpRequest, trusted_proxies: tuple[IPNetwork, ..
     token = api_token(request)
     if token is not None and token.user.is_active:
         return f"token:{hashlib.sha256(token.key.encode()).hexdigest()}"
-    user = getattr(request, "user", None)
+    # without a session cookie nobody is logged in: the lazy user (a session load) is left alone
+    user = getattr(request, "user", None) if settings.SESSION_COOKIE_NAME in request.COOKIES else None
     if user is not None and user.is_authenticated:
         return f"user:{user.pk}"
     address = client_ip(request, trusted_proxies)

@@ -5,6 +5,7 @@ store's rate-limit script (a wrapper counts them); what Redis holds is read back
 """
 
 import multiprocessing
+import threading
 import time
 import uuid
 
@@ -64,6 +65,28 @@ def test_a_busy_client_is_counted_in_leases_and_every_request_ends_up_in_redis(p
     assert counted_in_redis(store, "busy") == 1000
     remaining = [verdict.remaining for verdict in verdicts]
     assert remaining == sorted(remaining, reverse=True) and remaining[-1] == 10**6 - 1000
+
+
+def test_threads_serving_one_busy_client_wait_for_one_renewal_instead_of_all_asking_redis(prefix):
+    store = make_store(prefix)
+    threads, each = 8, 250
+    start = threading.Barrier(threads)
+    admitted = []
+
+    def serve():
+        start.wait()
+        admitted.extend(store.hit("threaded", 10**6, WINDOW_S).allowed for _ in range(each))
+
+    workers = [threading.Thread(target=serve) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert admitted == [True] * threads * each
+    # one renewal at a time: leases grow as with one thread (without it, most requests went to Redis)
+    assert store.script_calls < threads * each // 10
+    store.flush()
+    assert counted_in_redis(store, "threaded") == threads * each
 
 
 def test_a_client_seen_once_in_a_while_is_counted_request_by_request(prefix):

@@ -1,4 +1,9 @@
-"""The site's URLs plus /load/guarded/: one guarded call to the local upstream per request."""
+"""The site's URLs plus /load/guarded/: one guarded call to the local upstream per request.
+
+/load/uncounted/guarded/ and /load/uncounted/api/dlq/stats/ are the same views at paths no
+rate-limit group of run.py matches: the rate-limit cost is measured on one site, the same
+workers answering requests that are counted and requests that are not.
+"""
 
 import threading
 
@@ -6,6 +11,7 @@ from django.conf import settings
 from django.http import JsonResponse
 from django.urls import path
 
+from integrations.dlq.api import DeadLetterStatsView
 from integrations.errors import ResilienceError
 from integrations.http import Client
 from resilience_site.urls import urlpatterns as site_urlpatterns
@@ -36,5 +42,7 @@ def guarded(request):
 
 urlpatterns = [
     path("load/guarded/", guarded, name="load-guarded"),
+    path("load/uncounted/guarded/", guarded),
+    path("load/uncounted/api/dlq/stats/", DeadLetterStatsView.as_view()),
     *site_urlpatterns,
 ]

@@ -152,6 +152,8 @@ class RedisStore(StateStore):
         self._closed_seen_at: dict[str, float | None] = {}  # name -> when last seen closed (monotonic)
         self._leases: dict[str, _Lease] = {}  # rate-limit key -> this process's view and lease
         self._unsettled: list[tuple[str, _Lease]] = []  # leases replaced before they were settled
+        self._renewals: dict[str, threading.Event] = {}  # rate-limit key -> set when its renewal is done
+        self.socket_timeout_s = socket_timeout_s
         self._lease_lock = threading.Lock()
         os.register_at_fork(after_in_child=functools.partial(_call_if_alive, weakref.WeakMethod(self._forget_leases)))
 
@@ -447,21 +449,40 @@ class RedisStore(StateStore):
         """
         if not self.available and time.monotonic() < self._retry_at:
             return self.local.hit(key, limit, window_s)
+        # One thread of the process renews a client's lease; the others wait for it rather than
+        # all asking Redis at once (which is what a busy client's concurrent requests would do).
+        for _ in range(2):
+            with self._lease_lock:
+                seen = self._leases.get(key)
+                if seen is not None and seen.used < seen.size and time.monotonic() < seen.until \
+                        and seen.limit == limit and seen.window_s == window_s:
+                    seen.used += 1
+                    return RateLimit(True, limit, max(seen.remaining - seen.used, 0), seen.reset_at)
+                renewal = self._renewals.get(key)
+                if renewal is None:
+                    renewal = self._renewals[key] = threading.Event()
+                    self._leases.pop(key, None)
+                    break  # this thread renews
+            renewal.wait(self.socket_timeout_s * 2)
+        else:
+            return self._count_in_redis(key, limit, window_s, None)  # still nothing to spend: no lease
+        try:
+            return self._count_in_redis(key, limit, window_s, seen)
+        finally:
+            with self._lease_lock:
+                self._renewals.pop(key, None)
+            renewal.set()
+
+    def _count_in_redis(self, key: str, limit: int, window_s: float, seen: _Lease | None) -> RateLimit:
+        """One round trip: this request counted, ``seen``'s lease settled, a new lease asked for if busy."""
         now_mono = time.monotonic()
-        with self._lease_lock:
-            seen = self._leases.pop(key, None)
-            if seen is not None and seen.used < seen.size and now_mono < seen.until \
-                    and seen.limit == limit and seen.window_s == window_s:
-                seen.used += 1
-                self._leases[key] = seen
-                return RateLimit(True, limit, max(seen.remaining - seen.used, 0), seen.reset_at)
-        wanted = _lease_wanted(seen, window_s, now_mono)
         call_id = _unique_id()
         try:
             allowed, remaining, reset_at, granted = self._rate_script(
                 keys=[self._rate_key(key)],
                 args=[repr(self.clock.time()), repr(float(window_s)), limit, call_id, 1,
-                      *(_NO_LEASE if seen is None else seen.settlement()), wanted, _LEASE_SHARE])
+                      *(_NO_LEASE if seen is None else seen.settlement()), _lease_wanted(seen, window_s, now_mono),
+                      _LEASE_SHARE])
         except _UNREACHABLE as exc:
             self._lost(exc)
             return self.local.hit(key, limit, window_s)
@@ -473,7 +494,7 @@ class RedisStore(StateStore):
             replaced = self._leases.get(key)
             self._leases[key] = view
             if replaced is not None and replaced.size:
-                # another thread counted this client at the same time: its lease goes to the flusher
+                # counted at the same time by a thread that did not wait: its lease goes to the flusher
                 self._unsettled.append((key, replaced))
         if view.size:
             self._ensure_flusher()
@@ -515,6 +536,7 @@ class RedisStore(StateStore):
         self._lease_lock = threading.Lock()
         self._leases = {}
         self._unsettled = []
+        self._renewals = {}
 
     def _stale_policy(self, policy: Policy) -> None:
         if self.on_stale_policy is not None:
