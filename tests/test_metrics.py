@@ -597,7 +597,7 @@ def rule_unit_tests(rules_file: Path) -> tuple[dict, set[str]]:
         ('resilience_slow_call_threshold_seconds{integration="fast"}', "5x30"),
         ('resilience_dead_letters{status="pending"}', "150x30"),
         ('resilience_dead_letters{status="retrying"}', "20x30"),
-        ('resilience_dead_letters{status="dead"}', "500x30"),
+        ('resilience_dead_letters{status="dead"}', "500+1x30"),  # one more dies every minute
         ("resilience_shared_state_fallback", "1x30"),
         ('resilience_metrics_source_up{source="dead_letters"}', "0x30"),
         ('resilience_metrics_source_up{source="integrations"}', "1x30"),
@@ -609,6 +609,7 @@ def rule_unit_tests(rules_file: Path) -> tuple[dict, set[str]]:
         "ResilienceBreakerOpen": [{"severity": "critical", "integration": "billing"}],
         "ResilienceLatencyP99High": [{"severity": "warning", "integration": "slowpoke"}],
         "ResilienceDeadLetterBacklog": [{"severity": "warning"}],
+        "ResilienceDeadLettersDied": [{"severity": "warning"}],
         "ResilienceSharedStateLost": [{"severity": "warning"}],
         "ResilienceMetricsSourceDown": [{"severity": "warning", "source": "dead_letters"}],
     }

@@ -44,6 +44,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -691,10 +692,25 @@ HEADER = ("| {first} | connections | req/s | p50 ms | p95 ms | p99 ms | errors |
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
 
 
+def pair_costs(segments: list[dict]) -> tuple[float, float]:
+    """Median over the interleaved (on, off) pairs of 1 - on/off req/s, and of 1 - off/on CPU per request.
+
+    One slow segment (a stall of the shared machine) moves a mean over a few segments by more than the
+    effect measured; the median of adjacent pairs is not moved by one outlier.
+    """
+    throughput, cpu = [], []
+    for first, second in zip(segments[0::2], segments[1::2]):
+        on, off = (first, second) if first["site"] == "on" else (second, first)
+        throughput.append(1 - on["rps"] / off["rps"])
+        cpu.append(1 - off["site_cpu_ms_per_request"] / on["site_cpu_ms_per_request"])
+    return statistics.median(throughput), statistics.median(cpu)
+
+
 def _cost(cost: dict) -> str:
-    return (f"{cost['cost']:+.1%} ({cost['rps_on']:.0f} vs {cost['rps_off']:.0f} req/s); in CPU "
-            f"{cost['cpu_cost']:+.1%} ({cost['site_cpu_ms_per_request_on']:.2f} vs "
-            f"{cost['site_cpu_ms_per_request_off']:.2f} ms/req)")
+    median_rps, median_cpu = pair_costs(cost["segments"])
+    return (f"median of pairs {median_rps:+.1%}, in CPU {median_cpu:+.1%}; means {cost['cost']:+.1%} "
+            f"({cost['rps_on']:.0f} vs {cost['rps_off']:.0f} req/s), in CPU {cost['cpu_cost']:+.1%} "
+            f"({cost['site_cpu_ms_per_request_on']:.2f} vs {cost['site_cpu_ms_per_request_off']:.2f} ms/req)")
 
 
 def _step(step: dict | None) -> str:
@@ -741,9 +757,11 @@ def markdown(results: dict) -> str:
     out.append("\nSustained at saturation: the ramp's passing step with the most connections (the last before "
                "p95 passed 200 ms), i.e. the site saturated and still within the targets. Best step: the "
                "passing step with the highest req/s (one step can be lucky on a shared machine). Rate-limit cost: "
-               "1 - (req/s with limits on) / (req/s with them off), same connections, interleaved segments of "
-               "one run (negative: the run with limits on was faster, i.e. noise); in CPU: 1 - (site CPU per "
-               "request, off) / (on).\n\n")
+               "1 - (req/s counted) / (req/s not counted), same site and connections, interleaved segments of "
+               "one run (negative: the counted side was faster, i.e. noise); in CPU: 1 - (site CPU per "
+               "request, not counted) / (counted). \"Median of pairs\" takes it for each adjacent on/off pair "
+               "of segments and reports the median, which one stalled segment does not move; \"means\" "
+               "compares the averages of all segments.\n\n")
 
     out.append("## Steady load (fixed connections)\n\n")
     out.append(HEADER.format(first="run, endpoint"))
