@@ -215,7 +215,7 @@ INTEGRATION_RULES = (error_spike, slow_calls, unavailable, quota, traffic_spike,
 # -- one run -----------------------------------------------------------------------------------
 
 def observe(now: datetime, t: dict) -> list[Observed]:
-    """Every integration with its counters for this run, in four queries."""
+    """Every integration with its counters for this run, in four queries (three once an hour's sum is kept)."""
     window_start = now - timedelta(minutes=t["window_minutes"])
     recent_start = now - timedelta(minutes=t["recent_minutes"])
     hour_start = now.replace(minute=0, second=0, microsecond=0)
@@ -230,10 +230,7 @@ def observe(now: datetime, t: dict) -> list[Observed]:
                       hour_attempts=Sum("attempts", filter=Q(minute__gte=hour_start))))
     by_id = {row["integration_id"]: row for row in rows}
     daily = [i.pk for i in integrations if i.daily_limit]
-    day_attempts = dict(
-        CallStats.objects.filter(integration_id__in=daily, minute__gte=day_start, minute__lte=now)
-        .order_by().values("integration_id").annotate(used=Sum("attempts")).values_list("integration_id", "used")
-    ) if daily else {}
+    before_this_hour = _attempts_before_this_hour(daily, day_start, hour_start, now) if daily else {}
     open_since = dict(BreakerState.objects.filter(
         state="open", opened_at__lte=now - timedelta(minutes=t["open_minutes"])).values_list("integration_id",
                                                                                            "opened_at"))
@@ -245,10 +242,30 @@ def observe(now: datetime, t: dict) -> list[Observed]:
             window=describe(row, prefix="window_"),
             recent=describe(row, prefix="recent_"),
             hour_attempts=row.get("hour_attempts") or 0,
-            day_attempts=day_attempts.get(integration.pk) or 0,
+            day_attempts=(before_this_hour.get(integration.pk) or 0) + (row.get("hour_attempts") or 0),
             open_since=open_since.get(integration.pk),
         ))
     return observed
+
+
+# Today's attempts before the current hour, per integration with a daily quota: summed once an
+# hour per process instead of every run (a day of per-minute rows is most of a run's reading).
+# Summed only once the hour is LATE_STATS old, so no process is still flushing minutes of it.
+LATE_STATS = timedelta(seconds=max(60, 3 * settings.RESILIENCE_STATS_FLUSH_S))
+_completed_hours: dict = {"key": None, "sums": {}}
+
+
+def _attempts_before_this_hour(daily: list[int], day_start: datetime, hour_start: datetime,
+                               now: datetime) -> dict[int, int]:
+    key = (day_start, hour_start, tuple(daily))
+    if _completed_hours["key"] == key:
+        return _completed_hours["sums"]
+    sums = dict(
+        CallStats.objects.filter(integration_id__in=daily, minute__gte=day_start, minute__lt=hour_start)
+        .order_by().values("integration_id").annotate(used=Sum("attempts")).values_list("integration_id", "used"))
+    if now - hour_start >= LATE_STATS:
+        _completed_hours.update(key=key, sums=sums)
+    return sums
 
 
 def evaluate(now: datetime | None = None, t: dict | None = None) -> list[Finding]:

@@ -47,6 +47,14 @@ def dlq_spool_dir(settings, tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def fresh_watchdog_sums(monkeypatch):
+    """The watchdog keeps today's earlier hours' sums per process: none survives from another test's data."""
+    from monitoring import watchdog
+
+    monkeypatch.setattr(watchdog, "_completed_hours", {"key": None, "sums": {}})
+
+
+@pytest.fixture(autouse=True)
 def clean_cache():
     cache = caches["default"]
     if hasattr(cache, "delete_pattern"):  # django-redis: only our keys, not the whole Redis database

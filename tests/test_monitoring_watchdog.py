@@ -9,6 +9,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone as django_timezone
 
 from integrations.models import BreakerState, Integration
@@ -177,6 +179,36 @@ def test_the_daily_quota_counts_since_midnight_utc(billing):
     run()
     alert = active(Alert.QUOTA, billing)
     assert (alert.severity, alert.details["window"], alert.details["used"]) == (WARNING, "daily", 9_100)
+
+
+def daily_used(integration, at):
+    (seen,) = [o for o in watchdog.observe(at, watchdog.thresholds()) if o.integration.pk == integration.pk]
+    return seen.day_attempts
+
+
+def test_todays_earlier_hours_are_summed_once_an_hour_and_this_hours_attempts_every_run(billing):
+    billing.daily_limit = 100_000
+    billing.save()
+    traffic(billing, range(40, 700, 60), successes=1, attempts=100)  # 11 rows in earlier hours today
+    traffic(billing, [5], successes=1, attempts=7)  # this hour
+    with CaptureQueriesContext(connection) as first:
+        assert daily_used(billing, NOW) == 1_107
+    traffic(billing, [2], successes=1, attempts=3)  # this hour, later: counted by the next run
+    with CaptureQueriesContext(connection) as second:
+        assert daily_used(billing, NOW) == 1_110
+    assert len(second) == len(first) - 1  # the earlier hours' sum was kept
+    run(NOW + timedelta(minutes=31))  # 13:01: a new hour, summed again
+    assert daily_used(billing, NOW + timedelta(minutes=31)) == 1_110
+
+
+def test_the_hour_just_ended_is_summed_again_while_its_last_minutes_may_still_be_flushed(billing):
+    billing.daily_limit = 100_000
+    billing.save()
+    just_after = NOW.replace(minute=0, second=30)  # 12:00:30: 11:59's rows may still be on their way
+    traffic(billing, [3], now=just_after, successes=1, attempts=10)  # 11:57
+    assert daily_used(billing, just_after) == 10
+    traffic(billing, [1], now=just_after, successes=1, attempts=5)  # 11:59, flushed late
+    assert daily_used(billing, just_after) == 15
 
 
 def test_an_integration_without_limits_has_no_quota_alert(billing):
