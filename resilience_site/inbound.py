@@ -13,8 +13,9 @@ Three middlewares (their place in MIDDLEWARE is explained in settings.py):
 
 The client is the API token (hashed: a key never holds a credential), else the logged-in user,
 else the address. The token is looked up once per request: ``TokenAuthentication`` (the API's
-DRF authentication class) reuses the middleware's lookup instead of querying again. The address is the peer's, unless the peer is in RESILIENCE_TRUSTED_PROXIES:
-then X-Forwarded-For is read from the right. docs/inbound.md gives the reasons.
+DRF authentication class) reuses the middleware's lookup instead of querying again. The address
+is the peer's, unless the peer is in RESILIENCE_TRUSTED_PROXIES: then X-Forwarded-For is read
+from the right. docs/inbound.md gives the reasons.
 """
 
 from __future__ import annotations
@@ -237,12 +238,14 @@ class TokenAuthentication(authentication.TokenAuthentication):
     rate-limit budget it spends, once to authenticate. Same answers and errors as DRF's class.
     """
 
+    _looked_up: tuple[str, Token | None] | None = None  # the middleware's (key, token), set per request
+
     def authenticate(self, request):
         self._looked_up = getattr(request._request, _TOKEN_LOOKUP, None)
         return super().authenticate(request)
 
     def authenticate_credentials(self, key):
-        looked_up = getattr(self, "_looked_up", None)
+        looked_up = self._looked_up
         if looked_up is None or looked_up[0] != key:
             return super().authenticate_credentials(key)
         token = looked_up[1]

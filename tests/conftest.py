@@ -54,6 +54,17 @@ def fresh_watchdog_sums(monkeypatch):
     monkeypatch.setattr(watchdog, "_completed_hours", {"key": None, "sums": {}})
 
 
+@pytest.fixture
+def empty_stats_buffer():
+    """This process's buffered call statistics, emptied before and after: calls of other tests
+    must not land in this test's rows (a watchdog run or a flush writes the buffer)."""
+    from monitoring import stats
+
+    stats.buffer.drain()
+    yield
+    stats.buffer.drain()
+
+
 @pytest.fixture(autouse=True)
 def clean_cache():
     cache = caches["default"]

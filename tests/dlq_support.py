@@ -1,9 +1,12 @@
-"""Helpers of the DLQ tests: a wall clock the tests move, and entries made in one line."""
+"""Helpers of the DLQ tests: a wall clock the tests move, entries made in one line, and the test
+database as a DATABASE_URL for the processes (clusters) a test starts."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+from django.db import connection
 from django.utils import timezone
 
 from integrations.dlq.models import DeadLetter
@@ -33,3 +36,14 @@ def make_redriver(now, **knobs) -> Redriver:
 def enqueue(handler="dlq_test.noop", payload=None, integration="svc", **kwargs) -> DeadLetter:
     entry, _ = DeadLetter.enqueue(integration, handler, {} if payload is None else payload, **kwargs)
     return entry
+
+
+def database_url() -> str:
+    """The test database, as DATABASE_URL for the processes a test starts."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    if connection.vendor == "postgresql":
+        password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+        return f"postgres://{db['USER']}{password}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+    pytest.skip(f"no DATABASE_URL form for {connection.vendor}")

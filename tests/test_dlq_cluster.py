@@ -24,7 +24,7 @@ from django.db import connection
 from django.utils import timezone
 
 import dlq_test_handlers  # noqa: F401 - registers the dlq_test.* handlers in this process too
-from dlq_support import enqueue
+from dlq_support import database_url, enqueue
 from integrations.dlq import DeadLetter as DeadLetterRequest
 from integrations.dlq.models import DeadLetter
 from integrations.models import Integration
@@ -34,17 +34,6 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 60  # the longest any step may take before the test fails
-
-
-def database_url() -> str:
-    """The test database, as DATABASE_URL for the processes a test starts."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    if connection.vendor == "postgresql":
-        password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
-        return f"postgres://{db['USER']}{password}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
-    pytest.skip(f"no DATABASE_URL form for {connection.vendor}")
 
 
 def process_env(files: Path, **knobs) -> dict:

@@ -15,17 +15,9 @@ from monitoring.models import CallStats, HealthCheck, HealthCheckResult
 
 from test_monitoring_counters import AT, event
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_stats_buffer")]
 
 MINUTE = datetime.fromtimestamp(1_699_999_980, tz=timezone.utc)
-
-
-@pytest.fixture(autouse=True)
-def empty_process_buffer():
-    """Calls of earlier tests must not land in this test's database."""
-    stats.buffer.drain()
-    yield
-    stats.buffer.drain()
 
 
 @pytest.fixture

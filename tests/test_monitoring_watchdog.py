@@ -14,20 +14,12 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone as django_timezone
 
 from integrations.models import BreakerState, Integration
-from monitoring import stats, watchdog
+from monitoring import watchdog
 from monitoring.models import CRITICAL, WARNING, Alert, CallStats
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("empty_stats_buffer")]
 
 NOW = datetime(2026, 1, 5, 12, 30, tzinfo=timezone.utc)  # 30 minutes into the UTC hour
-
-
-@pytest.fixture(autouse=True)
-def empty_process_buffer():
-    """The run flushes this process's buffer: calls of earlier tests must not reach these rows."""
-    stats.buffer.drain()
-    yield
-    stats.buffer.drain()
 
 
 @pytest.fixture

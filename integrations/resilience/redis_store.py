@@ -507,25 +507,23 @@ class RedisStore(StateStore):
         """Settle leases past their time (or all): one pipelined round trip for all of them."""
         now_mono = time.monotonic()
         with self._lease_lock:
-            due, self._unsettled = self._unsettled, []
+            due = [(key, view.window_s, view.limit, view.settlement()) for key, view in self._unsettled]
+            self._unsettled = []
             for key, view in list(self._leases.items()):
-                if everything or now_mono >= view.until:
-                    if view.size:
-                        due.append((key, view))
-                    if everything or now_mono - view.synced >= 2 * _LEASE_TTL_S:
-                        del self._leases[key]  # not counted for a while: forgotten
-                    elif view.size:
-                        # settled below; the record stays, without its lease, to tell how busy the client is
-                        idle = _Lease("", 0, view.limit, view.window_s, view.remaining, view.reset_at, view.synced)
-                        idle.used = view.used
-                        self._leases[key] = idle
+                if not (everything or now_mono >= view.until):
+                    continue
+                if view.size:
+                    due.append((key, view.window_s, view.limit, view.settlement()))
+                    view.id, view.size = "", 0  # settled below; ``used`` stays, to tell how busy the client is
+                if everything or now_mono - view.synced >= 2 * _LEASE_TTL_S:
+                    del self._leases[key]  # not counted for a while: forgotten
         if not due or (not self.available and now_mono < self._retry_at):
             return
         now = repr(self.clock.time())
         pipe = self.client.pipeline(transaction=False)
-        for key, view in due:
+        for key, window_s, limit, settlement in due:
             self._rate_script(keys=[self._rate_key(key)], client=pipe, args=[
-                now, repr(view.window_s), view.limit, _unique_id(), 0, *view.settlement(), 0, _LEASE_SHARE])
+                now, repr(window_s), limit, _unique_id(), 0, *settlement, 0, _LEASE_SHARE])
         try:
             pipe.execute()
         except _UNREACHABLE as exc:

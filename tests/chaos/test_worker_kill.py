@@ -33,6 +33,7 @@ from django.utils import timezone
 
 import chaos_handlers
 from chaos_support import ROOT, child_env, record, stop_group, wait_until
+from dlq_support import database_url
 from integrations.dlq.models import DeadLetter
 from integrations.models import Integration
 
@@ -42,17 +43,6 @@ ENTRIES = 200
 HANDLER_SLEEP_S = 0.02
 KILL_AFTER_RUNS = ENTRIES // 4
 DRAIN_WITHIN_S = 60
-
-
-def database_url() -> str:
-    """The test database, as DATABASE_URL for the cluster's processes."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    if connection.vendor == "postgresql":
-        password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
-        return f"postgres://{db['USER']}{password}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
-    pytest.skip(f"no DATABASE_URL form for {connection.vendor}")
 
 
 class Cluster:
