@@ -157,8 +157,12 @@ def test_timeouts_are_honoured_and_the_bulkhead_sheds_behind_a_slow_then_hung_up
     assert measured["latency 500 ms per chunk"]["outcomes"].get("timeout", 0) > 0
     # a trickling answer is cut at the attempt's timeout; retries may still find every slot taken
     assert set(measured["bandwidth 2 KiB/s in 256-byte slices"]["outcomes"]) <= {"timeout", "bulkhead_full"}
+    # a reset is a NETWORK error; an attempt the machine stalled past its 300 ms before the reset arrived
+    # is rightly a TIMEOUT (seen once in CI: 1 of 118 calls, on a busy 2-core machine), never anything else
     for name in ("reset on arrival", "reset after 1 KiB"):
-        assert set(measured[name]["outcomes"]) == {"network"}, name
+        outcomes = measured[name]["outcomes"]
+        assert set(outcomes) <= {"network", "timeout"}, name
+        assert outcomes.get("timeout", 0) <= outcomes.get("network", 0) // 20, (name, outcomes)
     # hung: calls time out (an abandoned attempt ends with its httpx timeout, give or take a retry that finds
     # its own previous attempt still holding the slot); with twice the callers the bulkhead sheds the excess
     # instead of piling up threads
