@@ -45,7 +45,7 @@ from integrations.resilience import Engine, use_engine  # noqa: E402
 from integrations.resilience.events import EventBus  # noqa: E402
 from integrations.resilience.redis_store import RedisStore  # noqa: E402
 from integrations.resilience.state import LocalStore  # noqa: E402
-from resilience_site.inbound import RateLimitMiddleware  # noqa: E402
+from integrations.inbound import RateLimitMiddleware  # noqa: E402
 
 REPEATS = 5
 LIMITS = {"bench": {"paths": ["/bench/"], "limit": 10**9, "window_s": 60}}

@@ -13,7 +13,6 @@ from datetime import datetime
 from datetime import timezone as dt_timezone
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -25,6 +24,7 @@ from django.utils.html import format_html, format_html_join
 
 from .models import BreakerEvent, BreakerState, FaultInjection, Integration
 from .resilience.policy import KIND_PRESETS, KINDS, MODE_NORMAL
+from .conf import app_settings
 
 STATE_COLOURS = {"closed": "#2e7d32", "half_open": "#ef6c00", "open": "#c62828"}
 LEVEL_COLOURS = {"healthy": "#2e7d32", "warning": "#ef6c00", "critical": "#c62828"}
@@ -286,7 +286,7 @@ class IntegrationAdmin(admin.ModelAdmin):
 
     @admin.action(description="Inject fault…", permissions=["change"])
     def inject_fault(self, request, queryset):
-        if not settings.RESILIENCE_FAULT_INJECTION:
+        if not app_settings.FAULT_INJECTION:
             self.message_user(request, FAULT_INJECTION_OFF, messages.ERROR)
             return None
         operator = self._operator(request)

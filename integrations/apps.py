@@ -11,6 +11,7 @@ class IntegrationsConfig(AppConfig):
 
     def ready(self):
         from . import checks as integration_checks
+        from .conf import app_settings
         from .models import Integration, policy_changed
         from .persistence import on_transition
         from .resilience import get_engine, install_policy_source
@@ -41,5 +42,6 @@ class IntegrationsConfig(AppConfig):
         post_save.connect(refresh_policy, sender=Integration, dispatch_uid="integrations.refresh_policy")
         post_delete.connect(forget_policy, sender=Integration, dispatch_uid="integrations.forget_policy")
         policy_changed.connect(refresh_policy, sender=Integration, dispatch_uid="integrations.policy_changed")
+        app_settings.register_check()
         checks.register(integration_checks.check_integration_timeouts, "resilience")
         subscribe(StateTransition, on_transition)

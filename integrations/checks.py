@@ -1,7 +1,7 @@
 """System checks (``manage.py check``) on the integrations' timeouts."""
 
-from django.conf import settings
 from django.core.checks import Warning
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 
 
@@ -19,7 +19,12 @@ def check_integration_timeouts(app_configs=None, **kwargs):
         integrations = list(Integration.objects.all())
     except DatabaseError:
         return []  # not migrated yet (check runs before migrate): nothing to check
-    deadline_ms = settings.RESILIENCE_REQUEST_DEADLINE_MS
+    from .conf import app_settings
+
+    try:
+        deadline_ms = app_settings.REQUEST_DEADLINE_MS
+    except ImproperlyConfigured:
+        return []  # the settings check reports it
     warnings = []
     for integration in integrations:
         policy = integration.to_policy()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models, transaction
@@ -28,6 +27,7 @@ from .resilience.policy import (
     TIMEOUT_THREAD,
     Policy,
 )
+from .conf import app_settings
 
 logger = logging.getLogger("integrations.faults")
 
@@ -249,7 +249,7 @@ class Integration(models.Model):
 
         Refused unless RESILIENCE_FAULT_INJECTION is on. Expires by itself.
         """
-        if not settings.RESILIENCE_FAULT_INJECTION:
+        if not app_settings.FAULT_INJECTION:
             raise PermissionDenied("Fault injection is off: set RESILIENCE_FAULT_INJECTION=true to allow it.")
         injection = FaultInjection(integration=self, error_percent=error_percent, latency_ms=latency_ms,
                                    starts_at=timezone.now(), created_by=by)

@@ -9,23 +9,31 @@ idempotently: an existing one is updated in place, never duplicated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
 class ScheduleSpec:
     name: str
     func: str  # dotted path of the task function
-    minutes: int
+    every: int | Callable[[], int]  # minutes, or a function of the settings read when installed
     description: str = ""
+
+    @property
+    def minutes(self) -> int:
+        minutes = self.every() if callable(self.every) else self.every
+        if minutes < 1:
+            raise ValueError(f"schedule {self.name!r}: minutes must be at least 1, got {minutes}")
+        return minutes
 
 
 _SCHEDULES: dict[str, ScheduleSpec] = {}
 
 
-def register_schedule(name: str, func: str, minutes: int, description: str = "") -> ScheduleSpec:
-    if minutes < 1:
-        raise ValueError(f"schedule {name!r}: minutes must be at least 1, got {minutes}")
+def register_schedule(name: str, func: str, minutes: int | Callable[[], int], description: str = "") -> ScheduleSpec:
     spec = ScheduleSpec(name, func, minutes, description)
+    if not callable(minutes):
+        spec.minutes  # noqa: B018 -- checked now; a setting is checked by manage.py check and when read
     _SCHEDULES[name] = spec
     return spec
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import exceptions, generics, serializers
@@ -30,6 +29,7 @@ from integrations.models import Integration
 from . import watchdog
 from .counters import FAILURE_COLUMNS, REJECTION_COLUMNS
 from .models import SEVERITY_CHOICES, Alert, CallStats, describe
+from .conf import monitoring_settings
 
 DEFAULT_SUMMARY_MINUTES = 60
 
@@ -116,10 +116,16 @@ class RunSerializer(ReportSerializer):
 
 class SummaryQuery(serializers.Serializer):
     minutes = serializers.IntegerField(required=False, default=DEFAULT_SUMMARY_MINUTES, min_value=1,
-                                       max_value=settings.RESILIENCE_STATS_RETENTION_DAYS * 24 * 60,
                                        help_text="The window: the last N minutes (statistics are kept "
                                                  "RESILIENCE_STATS_RETENTION_DAYS).")
     integration = serializers.CharField(required=False, max_length=100, help_text="Only this integration.")
+
+    def validate_minutes(self, minutes: int) -> int:
+        # read here, not at import: the retention is a setting tests and hosts may change
+        retained = monitoring_settings.STATS_RETENTION_DAYS * 24 * 60
+        if minutes > retained:
+            raise serializers.ValidationError(f"Ensure this value is less than or equal to {retained}.")
+        return minutes
 
 
 class IntegrationSummarySerializer(CallStatsSummary):

@@ -7,6 +7,10 @@ class MonitoringConfig(AppConfig):
     verbose_name = "Monitoring"
 
     def ready(self):
+        from .conf import metrics_settings, monitoring_settings
+
+        monitoring_settings.register_check()
+        metrics_settings.register_check()
         from .metrics import install  # Prometheus metrics subscribe to the engine's events
         install()
         self.install_monitoring()

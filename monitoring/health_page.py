@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from django.conf import settings
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.http import JsonResponse
@@ -33,6 +32,7 @@ from integrations.resilience.quota import level_for
 from .models import CRITICAL, WARNING, CallStats, describe
 from .notifications import dlq_installed
 from .watchdog import HEALTHY, report
+from integrations.conf import app_settings
 
 WINDOW_MINUTES = 60
 REFRESH_SECONDS = 30
@@ -203,7 +203,7 @@ def system_health(now: datetime | None = None) -> dict:
         "cache": {"hits": hits, "misses": misses, "hit_ratio": hit_ratio(hits, misses)},
         "dead_letters": dead_letters,
         "faults": list(faults.values()),
-        "fault_injection_enabled": settings.RESILIENCE_FAULT_INJECTION,
+        "fault_injection_enabled": app_settings.FAULT_INJECTION,
         "links": {"integrations": reverse("admin:integrations_integration_changelist"),
                   "alerts": reverse("admin:monitoring_alert_changelist"),
                   "faults": reverse("admin:integrations_faultinjection_changelist")},

@@ -18,7 +18,6 @@ import functools
 import importlib
 import logging
 
-from django.conf import settings
 from django.db import transaction
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -27,6 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from integrations.models import Integration
 from integrations.resilience.breaker import CLOSED, HALF_OPEN, OPEN
 from integrations.resilience.policy import MODE_FORCED_CLOSED, MODE_FORCED_OPEN
+from .conf import metrics_settings
 
 logger = logging.getLogger("monitoring.metrics")
 
@@ -146,8 +146,8 @@ class LiveStateCollector:
 def scrape_registry() -> CollectorRegistry:
     """The metrics a scrape renders: merged across workers in multiprocess mode, else this process's own."""
     registry = CollectorRegistry()
-    if settings.PROMETHEUS_MULTIPROC_DIR:
-        MultiProcessCollector(registry, path=settings.PROMETHEUS_MULTIPROC_DIR)
+    if metrics_settings.PROMETHEUS_MULTIPROC_DIR:
+        MultiProcessCollector(registry, path=metrics_settings.PROMETHEUS_MULTIPROC_DIR)
     else:
         registry.register(REGISTRY)
     registry.register(LiveStateCollector())

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hmac
 
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_safe
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .metrics_scrape import render
+from .conf import monitoring_settings
 
 
 def bearer_token(request: HttpRequest) -> str | None:
@@ -35,7 +35,7 @@ def _refusal(status: int, code: str, message: str) -> JsonResponse:
 
 @require_safe
 def metrics(request: HttpRequest) -> HttpResponse:
-    expected = settings.RESILIENCE_METRICS_TOKEN
+    expected = monitoring_settings.METRICS_TOKEN
     if expected:
         presented = bearer_token(request)
         if presented is None:

@@ -22,11 +22,11 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone as dt_timezone
 
-from django.conf import settings
 from django.db import DatabaseError, connections, transaction
 from django.utils import timezone
 
 from .counters import COUNTER_COLUMNS, LATENCY_SUM, LATENCY_SUM_COLUMN, StatsBuffer
+from .conf import monitoring_settings
 
 logger = logging.getLogger("monitoring.stats")
 
@@ -39,6 +39,10 @@ class Flusher:
     def __init__(self, buffer: StatsBuffer, interval_s: float) -> None:
         self.buffer = buffer
         self.interval_s = interval_s
+        # The database the calls were recorded against. A test run swaps in a test database and
+        # gives the old name back when it destroys it: rows recorded then belong to no database
+        # any more (flushing them would fail with "no such table", or land in the real one).
+        self.database = database_name()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stats-flusher", daemon=True)
 
@@ -50,10 +54,22 @@ class Flusher:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
+    def database_gone(self) -> bool:
+        if database_name() == self.database:
+            return False
+        dropped = len(self.buffer.drain())
+        logger.debug("call statistics not flushed: database %r is gone (a finished test run); %d rows dropped",
+                     self.database, dropped)
+        return True
+
+    def flush(self) -> None:
+        if not self.database_gone():
+            flush_quietly(self.buffer)
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                flush_quietly(self.buffer)
+                self.flush()
             except Exception:  # noqa: BLE001 - the flusher must outlive any one failure: the rows wait for the next
                 logger.exception("call statistics flush failed (%d rows kept in memory)", self.buffer.pending())
             finally:
@@ -66,18 +82,21 @@ _flusher: Flusher | None = None
 def start_periodic_flush(buffer: StatsBuffer) -> None:
     """``buffer.on_first_record``: flush every RESILIENCE_STATS_FLUSH_S and at exit (0: neither)."""
     global _flusher
-    interval = settings.RESILIENCE_STATS_FLUSH_S
+    interval = monitoring_settings.STATS_FLUSH_S
     if interval <= 0:
         return
     _flusher = Flusher(buffer, interval)
     _flusher.start()
-    atexit.register(_flush_at_exit, buffer)
+    atexit.register(_flush_at_exit, _flusher)
 
 
-def _flush_at_exit(buffer: StatsBuffer) -> None:
-    if _flusher is not None:
-        _flusher.stop()
-    flush_quietly(buffer)
+def database_name(alias: str = "default"):
+    return connections[alias].settings_dict.get("NAME")
+
+
+def _flush_at_exit(flusher: Flusher) -> None:
+    flusher.stop()
+    flusher.flush()
 
 
 buffer = StatsBuffer(on_first_record=start_periodic_flush)
@@ -157,7 +176,7 @@ def prune(now: datetime | None = None) -> dict[str, int]:
     """Delete call statistics and health check results older than RESILIENCE_STATS_RETENTION_DAYS."""
     from .models import CallStats, HealthCheckResult
 
-    cutoff = (now or timezone.now()) - timedelta(days=settings.RESILIENCE_STATS_RETENTION_DAYS)
+    cutoff = (now or timezone.now()) - timedelta(days=monitoring_settings.STATS_RETENTION_DAYS)
     stats, _ = CallStats.objects.filter(minute__lt=cutoff).delete()
     results, _ = HealthCheckResult.objects.filter(at__lt=cutoff).delete()
     return {"call_stats": stats, "health_check_results": results}

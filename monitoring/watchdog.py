@@ -13,7 +13,7 @@ One run (``run``), every minute from django-q and by ``manage.py watchdog``:
    is gone;
 5. return the report: warnings, critical alerts, overall status, generated at.
 
-Thresholds live in ``settings.RESILIENCE_WATCHDOG``. Rates need at least
+Thresholds live in ``RESILIENCE_WATCHDOG`` (monitoring/conf.py). Rates need at least
 ``min_calls`` calls in their window, so one failure among three calls is
 not an error spike. Errors are the failures the breaker counts (timeout,
 network, server error, rate limit, unknown) over the calls the pipeline let
@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from django.conf import settings
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
@@ -39,6 +38,7 @@ from .models import CRITICAL, WARNING, Alert, CallStats, describe
 from .notifications import dlq_installed
 from .stats import flush_quietly
 from .stats import buffer as stats_buffer
+from .conf import monitoring_settings
 
 WATCHDOG_KINDS = (Alert.ERROR_SPIKE, Alert.SLOW_CALLS, Alert.UNAVAILABLE, Alert.QUOTA, Alert.DLQ_BACKLOG,
                   Alert.TRAFFIC_SPIKE, Alert.DEGRADED_SERVICE)
@@ -72,7 +72,7 @@ class Observed:
 
 
 def thresholds() -> dict:
-    return dict(settings.RESILIENCE_WATCHDOG)
+    return dict(monitoring_settings.WATCHDOG)
 
 
 def _percent(ratio: float | None) -> float | None:
@@ -250,8 +250,11 @@ def observe(now: datetime, t: dict) -> list[Observed]:
 
 # Today's attempts before the current hour, per integration with a daily quota: summed once an
 # hour per process instead of every run (a day of per-minute rows is most of a run's reading).
-# Summed only once the hour is LATE_STATS old, so no process is still flushing minutes of it.
-LATE_STATS = timedelta(seconds=max(60, 3 * settings.RESILIENCE_STATS_FLUSH_S))
+# Summed only once the hour is late_stats() old, so no process is still flushing minutes of it.
+def late_stats() -> timedelta:
+    return timedelta(seconds=max(60, 3 * monitoring_settings.STATS_FLUSH_S))
+
+
 _completed_hours: dict = {"key": None, "sums": {}}
 
 
@@ -263,7 +266,7 @@ def _attempts_before_this_hour(daily: list[int], day_start: datetime, hour_start
     sums = dict(
         CallStats.objects.filter(integration_id__in=daily, minute__gte=day_start, minute__lt=hour_start)
         .order_by().values("integration_id").annotate(used=Sum("attempts")).values_list("integration_id", "used"))
-    if now - hour_start >= LATE_STATS:
+    if now - hour_start >= late_stats():
         _completed_hours.update(key=key, sums=sums)
     return sums
 

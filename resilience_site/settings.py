@@ -27,7 +27,7 @@ def env_str(name, default=""):
     return value or default
 
 
-def env_bool(name, default):
+def env_bool(name, default=None):
     raw = env_str(name)
     if not raw:
         return default
@@ -41,7 +41,7 @@ def env_bool(name, default):
     )
 
 
-def env_int(name, default, minimum=0):
+def env_int(name, default=None):
     raw = env_str(name)
     if not raw:
         return default
@@ -49,8 +49,6 @@ def env_int(name, default, minimum=0):
         value = int(raw)
     except ValueError:
         raise ImproperlyConfigured(f"{name} must be an integer; got {raw!r}.") from None
-    if value < minimum:
-        raise ImproperlyConfigured(f"{name} must be at least {minimum}; got {value}.")
     return value
 
 
@@ -106,7 +104,7 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Right inside SecurityMiddleware, so every response from below (a 403, a 429) carries it.
-    "resilience_site.inbound.ContentSecurityPolicyMiddleware",
+    "integrations.inbound.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -114,12 +112,12 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
-    # Inbound protection (resilience_site/inbound.py) comes last: after authentication, since the
+    # Inbound protection (integrations/inbound.py) comes last: after authentication, since the
     # rate limit's client is the token or the user; inside PrometheusAfterMiddleware, so 403s and
     # 429s are counted by status; and inside the header middlewares above, so they carry HSTS,
     # CSP and X-Frame-Options. A refused admin address spends no rate-limit budget.
-    "resilience_site.inbound.AdminAllowlistMiddleware",
-    "resilience_site.inbound.RateLimitMiddleware",
+    "integrations.inbound.AdminAllowlistMiddleware",
+    "integrations.inbound.RateLimitMiddleware",
 ]
 
 ROOT_URLCONF = "resilience_site.urls"
@@ -226,7 +224,7 @@ AUTH_PASSWORD_VALIDATORS = [
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         # DRF's, reusing the token lookup the rate limiter made for the same request
-        "resilience_site.inbound.TokenAuthentication",
+        "integrations.inbound.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
@@ -300,157 +298,65 @@ LOGGING = {
 
 # Resilience
 #
-# RESILIENCE_ADMIN_ALLOWED_IPS: CIDRs allowed to reach the operations console; empty allows any address.
-# RESILIENCE_METRICS_TOKEN: bearer token required on /metrics; empty leaves it open.
-# RESILIENCE_REQUEST_DEADLINE_MS: the longest a request may wait for an integration;
-#   `manage.py check` warns when an integration's overall timeout exceeds it.
-# RESILIENCE_POLICY_REFRESH_S: how long a process keeps an integration's policy before
-#   reloading it (saves in this process refresh it at once).
-# RESILIENCE_AUTO_REGISTER: an unknown integration name creates an Integration with the
-#   external_api preset instead of raising ImproperlyConfigured.
-# RESILIENCE_CACHE_ALIAS: the Django cache that holds cached responses and last known values.
-# RESILIENCE_CACHE_STALE_S: how long past its TTL a cached response may still be served
-#   by Fallback.cache().
-# RESILIENCE_LAST_KNOWN_TTL_S: how long a last known good value is kept for Fallback.last_known().
-# RESILIENCE_REDIS_URL: where breaker, quota and rate-limit state is shared by every process
-#   and host (default: REDIS_URL); unset, that state is per process.
-# RESILIENCE_KEY_PREFIX: the site's prefix on every shared-state key in Redis.
-# RESILIENCE_FAULT_INJECTION: operators may inject errors or latency into an integration's
-#   calls for a limited time (game days); off by default.
+# Every RESILIENCE_* setting has its default and its validation in the app that reads it
+# (integrations/conf.py, integrations/dlq/conf.py, monitoring/conf.py; docs/reference.md lists
+# them): this site only maps the environment onto them. A variable left unset keeps the app's
+# default, and a bad value fails `manage.py check` (and the first use) naming the setting.
 
-RESILIENCE_ADMIN_ALLOWED_IPS = env_networks("RESILIENCE_ADMIN_ALLOWED_IPS")
-RESILIENCE_METRICS_TOKEN = env_str("RESILIENCE_METRICS_TOKEN")
-RESILIENCE_REQUEST_DEADLINE_MS = env_int("RESILIENCE_REQUEST_DEADLINE_MS", 60_000, minimum=1)
-RESILIENCE_POLICY_REFRESH_S = env_int("RESILIENCE_POLICY_REFRESH_S", 30)
-RESILIENCE_AUTO_REGISTER = env_bool("RESILIENCE_AUTO_REGISTER", False)
-RESILIENCE_CACHE_ALIAS = env_str("RESILIENCE_CACHE_ALIAS", "default")
-RESILIENCE_CACHE_STALE_S = env_int("RESILIENCE_CACHE_STALE_S", 3600)
-RESILIENCE_LAST_KNOWN_TTL_S = env_int("RESILIENCE_LAST_KNOWN_TTL_S", 604_800)
+_ENV_SETTINGS = {
+    # integrations
+    "RESILIENCE_POLICY_REFRESH_S": env_int,
+    "RESILIENCE_AUTO_REGISTER": env_bool,
+    "RESILIENCE_CACHE_ALIAS": env_str,
+    "RESILIENCE_CACHE_STALE_S": env_int,
+    "RESILIENCE_LAST_KNOWN_TTL_S": env_int,
+    "RESILIENCE_KEY_PREFIX": env_str,
+    "RESILIENCE_FAULT_INJECTION": env_bool,
+    "RESILIENCE_REQUEST_DEADLINE_MS": env_int,
+    # inbound protection (integrations/inbound.py; docs/inbound.md)
+    "RESILIENCE_ADMIN_ALLOWED_IPS": env_networks,
+    "RESILIENCE_TRUSTED_PROXIES": env_networks,
+    "RESILIENCE_RATE_LIMIT_EXEMPT_PATHS": env_list,
+    "RESILIENCE_CONTENT_SECURITY_POLICY": env_str,
+    # dead letter queue (docs/dlq.md)
+    "RESILIENCE_DLQ_MAX_REDRIVES": env_int,
+    "RESILIENCE_DLQ_BACKOFF_BASE_MS": env_int,
+    "RESILIENCE_DLQ_BACKOFF_MAX_MS": env_int,
+    "RESILIENCE_DLQ_LEASE_S": env_int,
+    "RESILIENCE_DLQ_RATE_PER_MINUTE": env_int,
+    "RESILIENCE_DLQ_BATCH_SIZE": env_int,
+    "RESILIENCE_DLQ_REDRIVE_EVERY_MIN": env_int,
+    "RESILIENCE_DLQ_HANDLER_MODULES": env_list,
+    # monitoring
+    "RESILIENCE_METRICS_TOKEN": env_str,
+    "RESILIENCE_STATS_FLUSH_S": env_int,
+    "RESILIENCE_STATS_RETENTION_DAYS": env_int,
+    # prometheus_client's multiprocess directory (deploy/gunicorn.conf.py sets it)
+    "PROMETHEUS_MULTIPROC_DIR": env_str,
+}
+for _name, _read in _ENV_SETTINGS.items():
+    if env_str(_name):
+        globals()[_name] = _read(_name)
+
+# The shared state follows the site's Redis unless RESILIENCE_REDIS_URL names another.
 RESILIENCE_REDIS_URL = env_str("RESILIENCE_REDIS_URL", REDIS_URL)
-RESILIENCE_KEY_PREFIX = env_str("RESILIENCE_KEY_PREFIX", "resilience")
-RESILIENCE_FAULT_INJECTION = env_bool("RESILIENCE_FAULT_INJECTION", False)
-
-if RESILIENCE_CACHE_ALIAS not in CACHES:
-    raise ImproperlyConfigured(
-        f"RESILIENCE_CACHE_ALIAS names the cache {RESILIENCE_CACHE_ALIAS!r}, "
-        f"which is not in CACHES ({', '.join(CACHES)})."
-    )
-
-# Dead letter queue (integrations.dlq; docs/dlq.md)
-#
-# RESILIENCE_DLQ_MAX_REDRIVES: redrives of an entry before it is dead, unless its DeadLetter asks otherwise.
-# RESILIENCE_DLQ_BACKOFF_BASE_MS, RESILIENCE_DLQ_BACKOFF_MAX_MS: the wait before redrive n + 1 is
-#   min(base x 2^(n-1), max), drawn between half and all of it; the first redrive waits base.
-# RESILIENCE_DLQ_LEASE_S: how long a worker holds the entries it claimed (at least the integration's
-#   overall timeout plus 5 s); a crashed worker's entries are redriven once it has passed.
-# RESILIENCE_DLQ_RATE_PER_MINUTE: entries redriven per integration per minute; 0: no cap.
-# RESILIENCE_DLQ_BATCH_SIZE: entries claimed at once by a redrive.
-# RESILIENCE_DLQ_REDRIVE_EVERY_MIN: how often the scheduled redrive (dlq.redrive) runs.
-# RESILIENCE_DLQ_HANDLER_MODULES: comma-separated modules that register dead letter handlers,
-#   imported at start-up besides each app's dead_letters module.
-# RESILIENCE_DLQ_SPOOL_DIR: where a dead letter the database refused (outside the caller's
-#   transaction) waits on local disk until it can be stored (integrations/dlq/spool.py); empty:
-#   not spooled, only logged for recovery by hand.
-
-RESILIENCE_DLQ_MAX_REDRIVES = env_int("RESILIENCE_DLQ_MAX_REDRIVES", 10, minimum=1)
-RESILIENCE_DLQ_BACKOFF_BASE_MS = env_int("RESILIENCE_DLQ_BACKOFF_BASE_MS", 60_000, minimum=1)
-RESILIENCE_DLQ_BACKOFF_MAX_MS = env_int("RESILIENCE_DLQ_BACKOFF_MAX_MS", 6 * 3_600_000, minimum=1)
-RESILIENCE_DLQ_LEASE_S = env_int("RESILIENCE_DLQ_LEASE_S", 300, minimum=1)
-RESILIENCE_DLQ_RATE_PER_MINUTE = env_int("RESILIENCE_DLQ_RATE_PER_MINUTE", 600)
-RESILIENCE_DLQ_BATCH_SIZE = env_int("RESILIENCE_DLQ_BATCH_SIZE", 100, minimum=1)
-RESILIENCE_DLQ_REDRIVE_EVERY_MIN = env_int("RESILIENCE_DLQ_REDRIVE_EVERY_MIN", 5, minimum=1)
-RESILIENCE_DLQ_HANDLER_MODULES = env_list("RESILIENCE_DLQ_HANDLER_MODULES")
+# This site spools a dead letter the database refused under var/ (the app's default: no spool).
 RESILIENCE_DLQ_SPOOL_DIR = env_str("RESILIENCE_DLQ_SPOOL_DIR", str(BASE_DIR / "var" / "dlq-spool"))
 
-if RESILIENCE_DLQ_BACKOFF_BASE_MS > RESILIENCE_DLQ_BACKOFF_MAX_MS:
-    raise ImproperlyConfigured(
-        f"RESILIENCE_DLQ_BACKOFF_BASE_MS ({RESILIENCE_DLQ_BACKOFF_BASE_MS}) must not exceed "
-        f"RESILIENCE_DLQ_BACKOFF_MAX_MS ({RESILIENCE_DLQ_BACKOFF_MAX_MS})."
-    )
-
-# Metrics
-#
-# PROMETHEUS_MULTIPROC_DIR: where prometheus_client's multiprocess mode keeps each worker's
-#   values so /metrics can merge them (deploy/gunicorn.conf.py sets it); prometheus_client
-#   reads it too, at import. Unset: one process, metrics in memory (runserver, tests).
-
-PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR")
-if PROMETHEUS_MULTIPROC_DIR and not Path(PROMETHEUS_MULTIPROC_DIR).is_dir():
-    raise ImproperlyConfigured(
-        f"PROMETHEUS_MULTIPROC_DIR names {PROMETHEUS_MULTIPROC_DIR!r}, which is not a directory."
-    )
-
-# Monitoring: call statistics and watchdog thresholds (the monitoring app)
-#
-# RESILIENCE_STATS_FLUSH_S: how often each process writes its buffered call statistics
-#   (it also writes them at exit); 0: no background writer, call monitoring.stats.flush().
-# RESILIENCE_STATS_RETENTION_DAYS: call statistics and health check results are kept this long.
-# RESILIENCE_WATCHDOG_<NAME>: each threshold below, e.g. RESILIENCE_WATCHDOG_MIN_CALLS=50.
-#   Rates are over WINDOW_MINUTES (error spike, slow calls, fallbacks, traffic average) or
-#   RECENT_MINUTES (unavailable, traffic spike), once MIN_CALLS calls were made; percents are
-#   "above" except quota's ("from"). DLQ_PENDING: dead letters still waiting after DLQ_MINUTES.
-
-RESILIENCE_STATS_FLUSH_S = env_int("RESILIENCE_STATS_FLUSH_S", 10)
-RESILIENCE_STATS_RETENTION_DAYS = env_int("RESILIENCE_STATS_RETENTION_DAYS", 7, minimum=1)
+# RESILIENCE_WATCHDOG_<NAME>: one watchdog threshold each, e.g. RESILIENCE_WATCHDOG_MIN_CALLS=50.
 RESILIENCE_WATCHDOG = {
-    name: env_int(f"RESILIENCE_WATCHDOG_{name.upper()}", default, minimum=1)
-    for name, default in {
-        "window_minutes": 60,
-        "recent_minutes": 5,
-        "min_calls": 20,
-        "error_warning_percent": 30,
-        "error_critical_percent": 70,
-        "slow_percent": 50,
-        "open_minutes": 5,
-        "unavailable_failure_percent": 50,
-        "unavailable_timeout_percent": 30,
-        "quota_warning_percent": 80,
-        "quota_critical_percent": 95,
-        "dlq_pending": 100,
-        "dlq_minutes": 10,
-        "traffic_factor": 3,
-        "fallback_warning_percent": 50,
-        "fallback_critical_percent": 70,
-    }.items()
+    _key[len("RESILIENCE_WATCHDOG_"):].lower(): env_int(_key)
+    for _key in sorted(os.environ)
+    if _key.startswith("RESILIENCE_WATCHDOG_") and env_str(_key)
 }
 
-# Inbound protection (resilience_site/inbound.py; docs/inbound.md)
-#
-# RESILIENCE_TRUSTED_PROXIES: comma-separated CIDRs of the proxies in front of the site.
-#   X-Forwarded-For is believed only when the peer is one of them, and the client is then its
-#   right-most address outside them; empty: the client is the peer. Rate limits and the admin
-#   allowlist (RESILIENCE_ADMIN_ALLOWED_IPS) both use this client address.
-# RESILIENCE_RATE_LIMITS: the route groups as a JSON object, replacing the defaults below; each
-#   {"paths": [prefixes], "methods": [...] (left out: any), "limit": N, "window_s": S}. A request
-#   counts against the first group matching its path and method; {} turns rate limits off. Checked
-#   when the site starts (an error names the group and the field).
-# RESILIENCE_RATE_LIMIT_EXEMPT_PATHS: comma-separated path prefixes never rate limited. By default
-#   the health probe and the Prometheus scrape: they come often, from a few addresses, and a 429
-#   there would take a healthy instance out of rotation or leave a gap in monitoring.
-# RESILIENCE_CONTENT_SECURITY_POLICY: the Content-Security-Policy header of every response.
-
-RESILIENCE_TRUSTED_PROXIES = env_networks("RESILIENCE_TRUSTED_PROXIES")
-
-_DEFAULT_RATE_LIMITS = {
-    "api_read": {"paths": ["/api/"], "methods": ["GET", "HEAD", "OPTIONS"], "limit": 100, "window_s": 60},
-    "api_write": {"paths": ["/api/"], "methods": ["POST", "PUT", "PATCH", "DELETE"], "limit": 10, "window_s": 60},
-    "admin_login": {"paths": ["/admin/login/"], "methods": ["POST"], "limit": 5, "window_s": 60},
-}
-_rate_limits_json = env_str("RESILIENCE_RATE_LIMITS")
-try:
-    RESILIENCE_RATE_LIMITS = json.loads(_rate_limits_json) if _rate_limits_json else _DEFAULT_RATE_LIMITS
-except json.JSONDecodeError as exc:
-    raise ImproperlyConfigured(f"RESILIENCE_RATE_LIMITS must be a JSON object of route groups: {exc}.") from None
-
-RESILIENCE_RATE_LIMIT_EXEMPT_PATHS = env_list("RESILIENCE_RATE_LIMIT_EXEMPT_PATHS", "/api/health/,/metrics")
-RESILIENCE_CONTENT_SECURITY_POLICY = env_str(
-    "RESILIENCE_CONTENT_SECURITY_POLICY",
-    # Everything from this origin only (the admin and the System health page need nothing else).
-    # style="" attributes are allowed: admin columns colour their values with them; <style>
-    # blocks, inline scripts and event handler attributes are not.
-    "default-src 'self'; style-src-attr 'unsafe-inline'; object-src 'none'; base-uri 'self'; "
-    "form-action 'self'; frame-ancestors 'none'",
-)
+# RESILIENCE_RATE_LIMITS: the route groups as a JSON object, replacing the defaults.
+if env_str("RESILIENCE_RATE_LIMITS"):
+    try:
+        RESILIENCE_RATE_LIMITS = json.loads(env_str("RESILIENCE_RATE_LIMITS"))
+    except json.JSONDecodeError as exc:
+        raise ImproperlyConfigured(
+            f"RESILIENCE_RATE_LIMITS must be a JSON object of route groups: {exc}.") from None
 
 LOGGING["loggers"]["resilience_site"] = {"handlers": ["console"], "level": LOG_LEVEL}
 

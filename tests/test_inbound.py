@@ -1,4 +1,4 @@
-"""Inbound protection (resilience_site/inbound.py): rate limits, the admin allowlist, security headers."""
+"""Inbound protection (integrations.inbound.py): rate limits, the admin allowlist, security headers."""
 
 import hashlib
 import ipaddress
@@ -27,8 +27,8 @@ from integrations.resilience import Engine, use_engine
 from integrations.resilience.events import EventBus
 from integrations.resilience.redis_store import RedisStore
 from integrations.resilience.state import LocalStore
-from resilience_site import settings as site_settings
-from resilience_site.inbound import ContentSecurityPolicyMiddleware, client_ip, rate_limit_groups
+from integrations.conf import DEFAULT_RATE_LIMITS, app_settings
+from integrations.inbound import ContentSecurityPolicyMiddleware, client_ip, rate_limit_groups
 
 from conftest import redis_url
 
@@ -75,13 +75,13 @@ def statuses(client, count, path="/api/ping/", **extra):
 
 
 def test_the_default_groups_separate_api_reads_api_writes_and_admin_logins():
-    groups = {group.name: group for group in rate_limit_groups(site_settings._DEFAULT_RATE_LIMITS)}
+    groups = {group.name: group for group in rate_limit_groups(DEFAULT_RATE_LIMITS)}
     assert (groups["api_read"].limit, groups["api_write"].limit, groups["admin_login"].limit) == (100, 10, 5)
     assert groups["api_read"].matches("/api/integrations/", "GET")
     assert groups["api_write"].matches("/api/dlq/retry/", "POST")
     assert groups["admin_login"].matches("/admin/login/", "POST")
     assert not any(group.matches("/admin/login/", "GET") for group in groups.values())
-    assert {"/api/health/", "/metrics"} <= set(site_settings.RESILIENCE_RATE_LIMIT_EXEMPT_PATHS)
+    assert {"/api/health/", "/metrics"} <= set(app_settings.specs["RATE_LIMIT_EXEMPT_PATHS"].default)
 
 
 def api_group(**fields):
@@ -407,7 +407,7 @@ def test_every_response_carries_the_security_headers(settings, client):
     responses.append(client.get("/api/ping/"))
     assert [r.status_code for r in responses] == [200, 404, 200, 429]
     for response in responses:
-        assert response["Content-Security-Policy"] == settings.RESILIENCE_CONTENT_SECURITY_POLICY
+        assert response["Content-Security-Policy"] == app_settings.CONTENT_SECURITY_POLICY
         assert response["X-Content-Type-Options"] == "nosniff"
         assert response["X-Frame-Options"] == "DENY"
         assert response["Referrer-Policy"] == "same-origin"
@@ -533,7 +533,7 @@ def test_a_fault_in_the_limiter_lets_the_request_through_and_is_logged(client, c
         response = client.get("/api/ping/")
     assert response.status_code == 200
     assert not response.has_header("X-RateLimit-Limit")
-    (record,) = [r for r in caplog.records if r.name == "resilience_site.inbound"]
+    (record,) = [r for r in caplog.records if r.name == "integrations.inbound"]
     assert "'api_read' not applied to GET /api/ping/" in record.getMessage()
     assert record.exc_info[0] is RuntimeError
 

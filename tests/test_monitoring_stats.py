@@ -1,5 +1,6 @@
 """Call statistics into the database: the upsert adds up processes, a failed flush loses nothing, pruning."""
 
+import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -155,6 +156,18 @@ def test_a_process_flushes_periodically_and_at_exit(settings, monkeypatch):
     stats.start_periodic_flush(buffer)
     try:
         assert stats._flusher._thread.is_alive() and stats._flusher.interval_s == 3600
-        assert registered == [(stats._flush_at_exit, buffer)]
+        assert registered == [(stats._flush_at_exit, stats._flusher)] and stats._flusher.buffer is buffer
     finally:
         stats._flusher.stop()
+
+
+def test_rows_of_a_database_that_is_gone_are_dropped_without_a_word(monkeypatch, caplog):
+    buffer = StatsBuffer()
+    flusher = stats.Flusher(buffer, 3600)
+    flushed = []
+    monkeypatch.setattr(stats, "flush_quietly", flushed.append)
+    monkeypatch.setattr(stats, "database_name", lambda alias="default": "the real one")
+    buffer.record(event())
+    flusher.flush()
+    assert flushed == [] and buffer.pending() == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]

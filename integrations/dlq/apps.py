@@ -1,5 +1,4 @@
 from django.apps import AppConfig
-from django.conf import settings
 
 
 class DlqConfig(AppConfig):
@@ -12,11 +11,14 @@ class DlqConfig(AppConfig):
         from integrations.resilience.events import DeadLetterRequested, subscribe
         from integrations.schedules import register_schedule
 
+        from .conf import dlq_settings
         from .handlers import autodiscover
         from .subscriber import on_dead_letter_requested
 
+        dlq_settings.register_check()
+
         subscribe(DeadLetterRequested, on_dead_letter_requested)
         register_schedule("dlq.redrive", "integrations.dlq.tasks.redrive",
-                          minutes=settings.RESILIENCE_DLQ_REDRIVE_EVERY_MIN,
+                          minutes=lambda: dlq_settings.REDRIVE_EVERY_MIN,
                           description="Redrive due dead letters through their integration's pipeline.")
         autodiscover()

@@ -105,11 +105,12 @@ def registered_handlers() -> list[str]:
 
 def autodiscover() -> None:
     """Import every app's ``dead_letters`` module and the modules of RESILIENCE_DLQ_HANDLER_MODULES."""
-    from django.conf import settings
     from django.utils.module_loading import autodiscover_modules
 
+    from .conf import dlq_settings
+
     autodiscover_modules("dead_letters")
-    for module in settings.RESILIENCE_DLQ_HANDLER_MODULES:
+    for module in dlq_settings.HANDLER_MODULES:
         try:
             importlib.import_module(module)
         except ImportError as exc:

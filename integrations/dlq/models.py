@@ -24,7 +24,6 @@ import random
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import connections, models, transaction
 from django.db.models import Count, Min, Q
@@ -36,6 +35,7 @@ from .jsondata import json_payload, json_safe
 from .redaction import redact_secrets
 from .request import MAX_REDRIVES_LIMIT, check_idempotency_key, check_max_redrives
 from .signals import dead_letter_died
+from .conf import dlq_settings
 
 logger = logging.getLogger("integrations.dlq")
 
@@ -72,8 +72,8 @@ def backoff_delay_s(attempt: int, rng, retry_after: float | None = None) -> floa
     Half-to-full ("equal") jitter spreads a burst of failures out without ever
     coming back at once; a Retry-After from the upstream is a floor (capped at max).
     """
-    base = settings.RESILIENCE_DLQ_BACKOFF_BASE_MS / 1000
-    ceiling = settings.RESILIENCE_DLQ_BACKOFF_MAX_MS / 1000
+    base = dlq_settings.BACKOFF_BASE_MS / 1000
+    ceiling = dlq_settings.BACKOFF_MAX_MS / 1000
     delay = min(base * 2 ** max(attempt - 1, 0), ceiling)
     delay = rng.uniform(delay / 2, delay)
     if retry_after is not None:
@@ -303,7 +303,7 @@ class DeadLetter(models.Model):
         entry = cls(
             integration_name=integration, handler_name=handler, payload=json_payload(payload),
             idempotency_key=check_idempotency_key(idempotency_key),
-            max_redrives=check_max_redrives(max_redrives) or settings.RESILIENCE_DLQ_MAX_REDRIVES,
+            max_redrives=check_max_redrives(max_redrives) or dlq_settings.MAX_REDRIVES,
             status=PENDING, attempts=0, created_at=now, updated_at=now,
         )
         entry.next_attempt_at = now + timedelta(seconds=backoff_delay_s(1, random))

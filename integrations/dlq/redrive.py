@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable
 
-from django.conf import settings
 from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
@@ -55,6 +54,8 @@ from integrations.resilience.quota import CRITICAL
 
 from .handlers import RedriveContext, UnknownHandler, get_handler
 from .models import DEAD, SUCCEEDED, DeadLetter, DeadLetterQuerySet, backoff_delay_s, error_record
+from integrations.conf import app_settings
+from .conf import dlq_settings
 
 logger = logging.getLogger("integrations.dlq")
 
@@ -180,9 +181,9 @@ class Redriver:
     @classmethod
     def from_settings(cls, *, budget_s: float | None = None, **overrides) -> Redriver:
         knobs = {
-            "batch_size": settings.RESILIENCE_DLQ_BATCH_SIZE,
-            "lease_s": settings.RESILIENCE_DLQ_LEASE_S,
-            "rate_cap": RateCap(settings.RESILIENCE_DLQ_RATE_PER_MINUTE, settings.RESILIENCE_CACHE_ALIAS),
+            "batch_size": dlq_settings.BATCH_SIZE,
+            "lease_s": dlq_settings.LEASE_S,
+            "rate_cap": RateCap(dlq_settings.RATE_PER_MINUTE, app_settings.CACHE_ALIAS),
             "budget_s": budget_s,
         }
         knobs.update(overrides)

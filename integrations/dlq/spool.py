@@ -36,8 +36,8 @@ import socket
 import uuid
 from pathlib import Path
 
-from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
+from .conf import dlq_settings
 
 logger = logging.getLogger("integrations.dlq")
 
@@ -50,7 +50,7 @@ _spooled_here = False  # this process wrote to its file since its last replay of
 
 def spool_dir() -> Path | None:
     """RESILIENCE_DLQ_SPOOL_DIR, or None when spooling is turned off (empty setting)."""
-    configured = settings.RESILIENCE_DLQ_SPOOL_DIR
+    configured = dlq_settings.SPOOL_DIR
     return Path(configured) if configured else None
 
 

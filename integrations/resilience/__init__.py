@@ -38,7 +38,7 @@ _policy_source: dict = {"loader": None, "creator": None}
 
 
 def _build_default_engine() -> Engine:
-    from django.conf import settings
+    from ..conf import app_settings as settings
 
     from .cache import ResponseCache
     from .registry import PolicyRegistry
@@ -46,20 +46,20 @@ def _build_default_engine() -> Engine:
     registry = PolicyRegistry(
         loader=_policy_source["loader"],
         creator=_policy_source["creator"],
-        refresh_s=settings.RESILIENCE_POLICY_REFRESH_S,
-        auto_register=settings.RESILIENCE_AUTO_REGISTER,
+        refresh_s=settings.POLICY_REFRESH_S,
+        auto_register=settings.AUTO_REGISTER,
     )
     cache = ResponseCache(
-        alias=settings.RESILIENCE_CACHE_ALIAS,
-        stale_s=settings.RESILIENCE_CACHE_STALE_S,
-        last_known_ttl_s=settings.RESILIENCE_LAST_KNOWN_TTL_S,
+        alias=settings.CACHE_ALIAS,
+        stale_s=settings.CACHE_STALE_S,
+        last_known_ttl_s=settings.LAST_KNOWN_TTL_S,
     )
     store = None
-    if settings.RESILIENCE_REDIS_URL:
+    if settings.REDIS_URL:
         from .redis_store import RedisStore
 
-        store = RedisStore(settings.RESILIENCE_REDIS_URL, prefix=settings.RESILIENCE_KEY_PREFIX)
-    return Engine(registry=registry, cache=cache, store=store, faults_enabled=settings.RESILIENCE_FAULT_INJECTION)
+        store = RedisStore(settings.REDIS_URL, prefix=settings.KEY_PREFIX)
+    return Engine(registry=registry, cache=cache, store=store, faults_enabled=settings.FAULT_INJECTION)
 
 
 def get_engine() -> Engine:

@@ -1,6 +1,7 @@
 """Inbound protection: who may reach the site, how often, and the headers every page carries.
 
-Three middlewares (their place in MIDDLEWARE is explained in settings.py):
+Three middlewares, each optional (docs/inbound.md says where each goes in MIDDLEWARE); their
+settings and defaults are in integrations/conf.py:
 
 - ``ContentSecurityPolicyMiddleware`` sets RESILIENCE_CONTENT_SECURITY_POLICY on every response.
 - ``AdminAllowlistMiddleware`` answers 403 to /admin/ requests from addresses outside
@@ -36,13 +37,12 @@ from django.utils.translation import gettext_lazy as _
 from rest_framework import authentication, exceptions
 from rest_framework.authtoken.models import Token
 
-from integrations.resilience import get_engine
-from integrations.resilience.state import RateLimit
+from .conf import app_settings
+from .resilience import get_engine
+from .resilience.state import RateLimit
 
 logger = logging.getLogger(__name__)
 
-API_PATH_PREFIX = "/api/"
-ADMIN_PATH_PREFIX = "/admin/"
 # DRF's TokenAuthentication: "Authorization: Token <key>", keyword compared without case.
 TOKEN_KEYWORD = "token"
 # Where api_token() keeps its lookup on the request: (key, Token or None).
@@ -123,26 +123,6 @@ def _rate_limit_group(name, spec) -> RateLimitGroup:
 
 def _is_list_of_str(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, str) for item in value)
-
-
-def _path_prefixes(setting_name: str) -> tuple[str, ...]:
-    prefixes = getattr(settings, setting_name)
-    if not isinstance(prefixes, (list, tuple)) or not all(
-            isinstance(prefix, str) and prefix.startswith("/") for prefix in prefixes):
-        raise ImproperlyConfigured(f"{setting_name} must be a list of path prefixes starting with '/'; "
-                                   f"got {prefixes!r}.")
-    return tuple(prefixes)
-
-
-def _networks(setting_name: str) -> tuple[IPNetwork, ...]:
-    cidrs = getattr(settings, setting_name)
-    # a bare string would be read character by character, and "1" is a valid address
-    if not isinstance(cidrs, (list, tuple)):
-        raise ImproperlyConfigured(f"{setting_name} must be a list of CIDRs such as 10.0.0.0/8; got {cidrs!r}.")
-    try:
-        return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
-    except (TypeError, ValueError) as exc:
-        raise ImproperlyConfigured(f"{setting_name} must be a list of CIDRs such as 10.0.0.0/8: {exc}.") from None
 
 
 # -- who the client is ---------------------------------------------------------------------
@@ -264,11 +244,7 @@ class ContentSecurityPolicyMiddleware:
 
     def __init__(self, get_response) -> None:
         self.get_response = get_response
-        policy = settings.RESILIENCE_CONTENT_SECURITY_POLICY
-        if not isinstance(policy, str) or not policy.strip() or "\r" in policy or "\n" in policy:
-            raise ImproperlyConfigured(
-                f"RESILIENCE_CONTENT_SECURITY_POLICY must be a one-line header value; got {policy!r}.")
-        self.policy = policy.strip()
+        self.policy = app_settings.CONTENT_SECURITY_POLICY
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         response = self.get_response(request)
@@ -281,13 +257,14 @@ class AdminAllowlistMiddleware:
 
     def __init__(self, get_response) -> None:
         self.get_response = get_response
-        self.allowed_networks = _networks("RESILIENCE_ADMIN_ALLOWED_IPS")
+        self.allowed_networks = app_settings.ADMIN_ALLOWED_IPS
         if not self.allowed_networks:
             raise MiddlewareNotUsed("RESILIENCE_ADMIN_ALLOWED_IPS is empty: the admin is open to any address.")
-        self.trusted_proxies = _networks("RESILIENCE_TRUSTED_PROXIES")
+        self.trusted_proxies = app_settings.TRUSTED_PROXIES
+        self.admin_prefix = app_settings.ADMIN_PREFIX
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        if request.path_info.startswith(ADMIN_PATH_PREFIX):
+        if request.path_info.startswith(self.admin_prefix):
             address = client_ip(request, self.trusted_proxies)
             if address is None or not _in_networks(address, self.allowed_networks):
                 logger.info("Refused %s %s from %s: not in RESILIENCE_ADMIN_ALLOWED_IPS.",
@@ -316,9 +293,10 @@ class RateLimitMiddleware:
 
     def __init__(self, get_response) -> None:
         self.get_response = get_response
-        self.groups = rate_limit_groups(settings.RESILIENCE_RATE_LIMITS)
-        self.exempt_paths = _path_prefixes("RESILIENCE_RATE_LIMIT_EXEMPT_PATHS")
-        self.trusted_proxies = _networks("RESILIENCE_TRUSTED_PROXIES")
+        self.groups = app_settings.RATE_LIMITS
+        self.exempt_paths = app_settings.RATE_LIMIT_EXEMPT_PATHS
+        self.trusted_proxies = app_settings.TRUSTED_PROXIES
+        self.api_prefix = app_settings.API_PREFIX
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         group = self._group_for(request.path_info, request.method)
@@ -329,7 +307,7 @@ class RateLimitMiddleware:
             return self.get_response(request)
         verdict, reset_s = counted
         response = self.get_response(request) if verdict.allowed else _too_many_requests(group, reset_s)
-        if request.path_info.startswith(API_PATH_PREFIX):
+        if request.path_info.startswith(self.api_prefix):
             response["X-RateLimit-Limit"] = str(verdict.limit)
             response["X-RateLimit-Remaining"] = str(verdict.remaining)
             response["X-RateLimit-Reset"] = str(reset_s)

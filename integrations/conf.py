@@ -1,0 +1,223 @@
+"""The integrations app's settings: each one's default and its validation, in one place.
+
+In the spirit of DRF's ``api_settings``: code reads ``app_settings.POLICY_REFRESH_S``,
+never ``django.conf.settings`` directly, so a host project that sets nothing gets the
+embedded behaviour (per-process state, the ``default`` cache). A value is read from the
+host's settings on first use and kept until ``setting_changed`` says it changed (as
+pytest-django's ``settings`` fixture and ``override_settings`` do).
+
+A bad value raises ImproperlyConfigured naming the setting when it is used, and fails
+``manage.py check`` (``AppSettings.check``) before that. docs/reference.md lists them all.
+
+The dead letter queue and monitoring apps declare theirs the same way
+(integrations/dlq/conf.py, monitoring/conf.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from django.conf import settings as django_settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+
+PREFIX = "RESILIENCE_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its default and a function that returns the value to use or raises ValueError."""
+
+    default: Any
+    validate: Callable[[Any], Any]
+    doc: str = ""
+
+
+class AppSettings:
+    """The settings one app reads, with their defaults, validated on first use."""
+
+    def __init__(self, app_label: str, specs: dict[str, Setting], prefix: str = PREFIX, check_series: int = 1) -> None:
+        self.app_label = app_label
+        self.check_series = check_series
+        self.prefix = prefix
+        self.specs = specs
+        self._values: dict[str, Any] = {}
+        setting_changed.connect(self._on_setting_changed, weak=False)
+
+    def setting_name(self, attr: str) -> str:
+        return f"{self.prefix}{attr}"
+
+    def __getattr__(self, attr: str) -> Any:
+        # only called for names that are not instance attributes: the settings themselves
+        values = self.__dict__.get("_values")
+        if values is None or attr not in self.__dict__["specs"]:
+            raise AttributeError(f"{type(self).__name__} of {self.__dict__.get('app_label')!r} "
+                                 f"has no setting {attr!r}")
+        if attr not in values:
+            values[attr] = self._validated(attr)
+        return values[attr]
+
+    def raw(self, attr: str) -> Any:
+        """The host's value, or the default when the host does not set it."""
+        return getattr(django_settings, self.setting_name(attr), self.specs[attr].default)
+
+    def _validated(self, attr: str) -> Any:
+        try:
+            return self.specs[attr].validate(self.raw(attr))
+        except ValueError as exc:
+            message = str(exc)
+            separator = "" if message.startswith("[") else " "
+            raise ImproperlyConfigured(f"{self.setting_name(attr)}{separator}{message}") from None
+
+    def reload(self) -> None:
+        self._values.clear()
+
+    def _on_setting_changed(self, *, setting, **kwargs) -> None:
+        if setting.startswith(self.prefix) and setting[len(self.prefix):] in self.specs or setting == "CACHES":
+            self.reload()
+
+    def register_check(self) -> None:
+        """Have ``manage.py check`` run ``check`` (a function of its own: Django tags what it registers)."""
+
+        def check_settings(app_configs=None, **kwargs):
+            return self.check()
+
+        check_settings.__qualname__ = f"check_{self.app_label}_settings"
+        checks.register(check_settings, checks.Tags.compatibility)
+
+    def check(self) -> list[checks.CheckMessage]:
+        """One error per bad setting, naming it."""
+        errors = []
+        for number, attr in enumerate(self.specs, start=1):
+            try:
+                self._validated(attr)
+            except ImproperlyConfigured as exc:
+                errors.append(checks.Error(str(exc), hint=self.specs[attr].doc or None,
+                                           id=f"{self.app_label}.E{self.check_series}{number:02d}"))
+        return errors
+
+
+# -- validators: each returns the value to use or raises ValueError saying what is wanted ---------
+
+
+def integer(minimum: int = 0) -> Callable[[Any], int]:
+    def validate(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number, at least {minimum}; got {value!r}.")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}; got {value!r}.")
+        return value
+
+    return validate
+
+
+def boolean(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be True or False; got {value!r}.")
+    return value
+
+
+def string(*, allow_empty: bool = True, one_line: bool = False) -> Callable[[Any], str]:
+    def validate(value):
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string; got {value!r}.")
+        if not allow_empty and not value.strip():
+            raise ValueError("must not be empty.")
+        if one_line and ("\r" in value or "\n" in value):
+            raise ValueError(f"must be one line; got {value!r}.")
+        return value.strip() if one_line else value
+
+    return validate
+
+
+def list_of_strings(value) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"must be a list of strings; got {value!r}.")
+    return tuple(value)
+
+
+def path_prefixes(value) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(prefix, str) and prefix.startswith("/") for prefix in value):
+        raise ValueError(f"must be a list of path prefixes starting with '/'; got {value!r}.")
+    return tuple(value)
+
+
+def path_prefix(value) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"must be a path prefix starting with '/'; got {value!r}.")
+    return value
+
+
+def networks(value) -> tuple:
+    # a bare string would be read character by character, and "1" is a valid address
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list of CIDRs such as 10.0.0.0/8; got {value!r}.")
+    try:
+        return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"must be a list of CIDRs such as 10.0.0.0/8: {exc}.") from None
+
+
+def cache_alias(value) -> str:
+    if not isinstance(value, str) or value not in django_settings.CACHES:
+        raise ValueError(f"names the cache {value!r}, which is not in CACHES ({', '.join(django_settings.CACHES)}).")
+    return value
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def redis_url(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a Redis URL such as redis://127.0.0.1:6379/0, or empty; got {value!r}.")
+    value = value.strip()
+    if value and not value.startswith(REDIS_SCHEMES):
+        raise ValueError(f"must start with {', '.join(REDIS_SCHEMES)} (or be empty: per-process state); "
+                         f"got {value!r}.")
+    return value
+
+
+def rate_limits(value):
+    from .inbound import rate_limit_groups  # raises ImproperlyConfigured naming the group and the field
+
+    return rate_limit_groups(value)
+
+
+DEFAULT_RATE_LIMITS = {
+    "api_read": {"paths": ["/api/"], "methods": ["GET", "HEAD", "OPTIONS"], "limit": 100, "window_s": 60},
+    "api_write": {"paths": ["/api/"], "methods": ["POST", "PUT", "PATCH", "DELETE"], "limit": 10, "window_s": 60},
+    "admin_login": {"paths": ["/admin/login/"], "methods": ["POST"], "limit": 5, "window_s": 60},
+}
+
+DEFAULT_CONTENT_SECURITY_POLICY = (
+    # Everything from this origin only (the admin and the System health page need nothing else).
+    # style="" attributes are allowed: admin columns colour their values with them; <style>
+    # blocks, inline scripts and event handler attributes are not.
+    "default-src 'self'; style-src-attr 'unsafe-inline'; object-src 'none'; base-uri 'self'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+
+app_settings = AppSettings("integrations", {
+    "POLICY_REFRESH_S": Setting(30, integer(0), "How long a process keeps a policy before reloading it."),
+    "AUTO_REGISTER": Setting(False, boolean, "An unknown integration name creates one with the external_api preset."),
+    "CACHE_ALIAS": Setting("default", cache_alias, "The Django cache holding cached responses and last known values."),
+    "CACHE_STALE_S": Setting(3600, integer(0), "How long past its TTL a cached response may be served."),
+    "LAST_KNOWN_TTL_S": Setting(604_800, integer(0), "How long a last known good value is kept."),
+    "REDIS_URL": Setting("", redis_url, "Where breaker, quota and rate-limit state is shared; empty: per process."),
+    "KEY_PREFIX": Setting("resilience", string(allow_empty=False), "The prefix of every shared-state key."),
+    "FAULT_INJECTION": Setting(False, boolean, "Operators may inject faults into calls (game days)."),
+    "REQUEST_DEADLINE_MS": Setting(60_000, integer(1), "check warns when an overall timeout exceeds it."),
+    # inbound protection (integrations/inbound.py): read only where its middlewares are installed
+    "RATE_LIMITS": Setting(DEFAULT_RATE_LIMITS, rate_limits, "Route groups: {name: {paths, methods, limit, window_s}}."),
+    "RATE_LIMIT_EXEMPT_PATHS": Setting(["/api/health/", "/metrics"], path_prefixes, "Paths never rate limited."),
+    "ADMIN_ALLOWED_IPS": Setting([], networks, "CIDRs allowed to reach the admin; empty: any address."),
+    "TRUSTED_PROXIES": Setting([], networks, "CIDRs of the proxies whose X-Forwarded-For is believed."),
+    "CONTENT_SECURITY_POLICY": Setting(DEFAULT_CONTENT_SECURITY_POLICY, string(allow_empty=False, one_line=True),
+                                       "The Content-Security-Policy header of every response."),
+    "API_PREFIX": Setting("/api/", path_prefix, "Where the HTTP API is mounted: its responses carry X-RateLimit-*."),
+    "ADMIN_PREFIX": Setting("/admin/", path_prefix, "Where the admin is mounted: the allowlist guards it."),
+})
