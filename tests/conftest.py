@@ -92,7 +92,10 @@ def store_kind(request):
 
 
 def redis_url():
-    return settings.RESILIENCE_REDIS_URL
+    """The real Redis of this run (REDIS_URL), whatever a test sets RESILIENCE_REDIS_URL to."""
+    from resilience_site import settings as site_settings
+
+    return site_settings.RESILIENCE_REDIS_URL
 
 
 @pytest.fixture
