@@ -1,4 +1,4 @@
-"""The integrations' HTTP API (CONTRACT.md): thin views over the Integration model's methods.
+"""The integrations' HTTP API (docs/reference.md): thin views over the Integration model's methods.
 
     GET    /api/integrations/?kind=&mode=&state=
     GET    /api/integrations/{name}/
@@ -10,7 +10,7 @@
 Breakers and quotas are read from the engine's state store: the fleet's with
 Redis, this process's without; each says which as ``scope``. Call statistics
 come from the ``call_stats`` source the project gives the views (monitoring's,
-wired in resilience_site/api_urls.py), since integrations never imports
+wired in monitoring/api_urls.py), since integrations never imports
 monitoring; without one, ``stats`` is null.
 """
 
@@ -20,11 +20,11 @@ from datetime import datetime, timezone
 
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter
 from rest_framework import exceptions, generics, serializers
 from rest_framework.response import Response
 
-from .api_common import IsoDateTimeField, StaffReadsModelPermissionActs, error_responses, validated
+from .api_common import APIDefaults, api_operation, IsoDateTimeField, error_responses, validated
 from .models import BREAKER_ACTIONS, BreakerEvent, BreakerState, Integration
 from .resilience import get_engine
 from .resilience.breaker import STATES
@@ -272,14 +272,13 @@ class QuotaQuery(serializers.Serializer):
 
 # -- views ---------------------------------------------------------------------------------------
 
-class IntegrationAPIView(generics.GenericAPIView):
+class IntegrationAPIView(APIDefaults, generics.GenericAPIView):
     """Staff reads; changes need integrations.change_integration.
 
-    ``call_stats``, given by the project's URLconf: ``call_stats(integration_ids, minutes)``
+    ``call_stats``, given by monitoring's URLconf (monitoring/api_urls.py): ``call_stats(integration_ids, minutes)``
     returns a CallStatsSummary per integration id.
     """
 
-    permission_classes = [StaffReadsModelPermissionActs]
     permission_model = Integration
     permission_action = "change"  # clearing a cache (DELETE) changes an integration, it deletes nothing
     queryset = Integration.objects.select_related("breaker_state").order_by("name")
@@ -306,7 +305,7 @@ class IntegrationAPIView(generics.GenericAPIView):
 
 
 class IntegrationListView(IntegrationAPIView):
-    @extend_schema(summary="Every integration with its live breaker, quota and last hour's statistics",
+    @api_operation(summary="Every integration with its live breaker, quota and last hour's statistics",
                    parameters=[IntegrationQuery],
                    responses={200: IntegrationSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
@@ -328,7 +327,7 @@ class IntegrationListView(IntegrationAPIView):
 
 
 class IntegrationDetailView(IntegrationAPIView):
-    @extend_schema(summary="One integration: live state, statistics, policy and recent breaker events",
+    @api_operation(summary="One integration: live state, statistics, policy and recent breaker events",
                    parameters=[NAME_PARAMETER],
                    responses={200: IntegrationDetailSerializer, **error_responses(404)})
     def get(self, request, name):
@@ -341,7 +340,7 @@ class IntegrationDetailView(IntegrationAPIView):
 
 
 class BreakerActionView(IntegrationAPIView):
-    @extend_schema(summary="Reset (normal mode, closed, counts cleared), force open or force close a breaker",
+    @api_operation(summary="Reset (normal mode, closed, counts cleared), force open or force close a breaker",
                    parameters=[NAME_PARAMETER,
                                OpenApiParameter("action", str, OpenApiParameter.PATH, enum=tuple(BREAKER_ACTIONS))],
                    request=None,
@@ -357,7 +356,7 @@ class BreakerActionView(IntegrationAPIView):
 
 
 class QuotaListView(IntegrationAPIView):
-    @extend_schema(summary="Every integration's hourly and daily quota usage",
+    @api_operation(summary="Every integration's hourly and daily quota usage",
                    parameters=[QuotaQuery], responses={200: QuotaSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
         query = validated(QuotaQuery, request.query_params)
@@ -369,7 +368,7 @@ class QuotaListView(IntegrationAPIView):
 
 
 class CacheStatsView(IntegrationAPIView):
-    @extend_schema(summary="Every integration's response cache: TTL, version, hits and misses",
+    @api_operation(summary="Every integration's response cache: TTL, version, hits and misses",
                    responses={200: CacheStatsSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
         page = self.paginate_queryset(self.get_queryset())
@@ -378,7 +377,7 @@ class CacheStatsView(IntegrationAPIView):
 
 
 class CacheClearView(IntegrationAPIView):
-    @extend_schema(summary="Clear an integration's cached responses and last known values",
+    @api_operation(summary="Clear an integration's cached responses and last known values",
                    description="Needs integrations.change_integration: the cache's version is bumped, so "
                                "every entry becomes unreachable in every process at once.",
                    parameters=[NAME_PARAMETER],

@@ -1,4 +1,6 @@
-"""What every view of the HTTP API shares (CONTRACT.md): the error shape and the permission rule.
+"""What every view of the HTTP API shares (docs/reference.md): the error shape, the permission rule,
+and ``APIDefaults``, the DRF configuration each view carries itself so that the host's
+REST_FRAMEWORK settings (its authentication, permissions, pagination, error handler) do not change it.
 
 Errors are ``{"error": {"code", "message", ...}}``; a bad input also names
 its fields: ``{"error": {"code": "invalid", "message": "limit: ...",
@@ -11,11 +13,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from drf_spectacular.utils import OpenApiResponse
+from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, serializers, status
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.metadata import SimpleMetadata
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import SAFE_METHODS, BasePermission
+
+from .inbound import TokenAuthentication
 
 # What a change needs, by method: this API's POSTs act on existing objects
 # (retry, acknowledge, reset), so they need the change permission, not add.
@@ -140,6 +146,7 @@ class Metadata(SimpleMetadata):
 
 
 MAX_PAGE_SIZE = 500
+PAGE_SIZE = 50
 
 
 class PageQuery(serializers.Serializer):
@@ -148,13 +155,14 @@ class PageQuery(serializers.Serializer):
 
 
 class Pagination(PageNumberPagination):
-    """Pages of REST_FRAMEWORK["PAGE_SIZE"] items; ``?page_size=`` asks for 1 to MAX_PAGE_SIZE.
+    """Pages of PAGE_SIZE items; ``?page_size=`` asks for 1 to MAX_PAGE_SIZE.
 
     A page or page size that is not a positive integer, or a page size over the
     maximum, is a 400 naming it rather than silently the default: a client that
     asked for 1000 rows must not believe it has them all. A page past the last is a 404.
     """
 
+    page_size = PAGE_SIZE
     page_size_query_param = "page_size"
     max_page_size = MAX_PAGE_SIZE
     last_page_strings = ()
@@ -205,3 +213,33 @@ def error_responses(*statuses: int) -> dict:
     """The schema's responses for these error statuses plus the authentication ones, all in the error shape."""
     return {status_code: OpenApiResponse(ErrorSerializer, description=ERROR_MEANINGS[status_code])
             for status_code in sorted({*statuses, *AUTH_ERRORS})}
+
+
+# -- the views' own configuration ------------------------------------------------------------------
+
+class APIDefaults:
+    """Mixed into every view of the API (before DRF's view class): its authentication (an API token,
+    looked up once per request with the rate limiter, or the admin's session), the permission rule,
+    paging, OPTIONS, the OpenAPI schema and the error shape, whatever the host's REST_FRAMEWORK says."""
+
+    authentication_classes = (TokenAuthentication, SessionAuthentication)
+    permission_classes = (StaffReadsModelPermissionActs,)
+    pagination_class = Pagination
+    metadata_class = Metadata
+    schema = AutoSchema()
+
+    def get_exception_handler(self):
+        return exception_handler
+
+
+def api_operation(**kwargs):
+    """drf-spectacular's ``extend_schema`` for a method of an API view, built on the API's own schema
+    class. Left to itself, extend_schema builds on REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"], which a
+    host need not point at drf-spectacular; the schema would then fail to generate."""
+    decorate = extend_schema(**kwargs)
+
+    def apply(method):
+        method.schema = AutoSchema  # where extend_schema looks first for the class to extend
+        return decorate(method)
+
+    return apply

@@ -50,6 +50,10 @@ class TestEngine(Engine):
     store: LocalStore
     clock: FakeClock
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.given: dict[str, Policy] = {}  # use_policy's: they win over the Integration rows
+
     def advance(self, seconds: float) -> None:
         """Move time on: open breakers half-open once reset_timeout_s has passed, quota windows roll."""
         self.clock.advance(seconds)
@@ -57,6 +61,7 @@ class TestEngine(Engine):
     def use_policy(self, policy: Policy) -> Policy:
         """Use this policy for its integration (instead of, or without, an Integration row)."""
         policy = _inline(policy)
+        self.given[policy.name] = policy
         self.registry.put(policy)
         return policy
 
@@ -115,15 +120,19 @@ def resilience_test_engine(*, policies: Iterable[Policy] = (), clock: FakeClock 
     engine's events go to a bus of its own (``bus``) instead of the apps' subscribers, which
     write breaker events, statistics and dead letters to the database.
     """
+    engine: TestEngine | None = None
     loader = creator = None
     if orm_policies:
         orm_loader, creator = _policy_source["loader"], _policy_source["creator"]
 
         def loader(name):
+            if name in engine.given:
+                return engine.given[name]
             policy = orm_loader(name) if orm_loader is not None else None
             return None if policy is None else _inline(policy)
 
     clock = clock or FakeClock()
+    # refresh_s=0: an Integration row a test saves is what the next call uses
     registry = PolicyRegistry(loader=loader, creator=creator, refresh_s=0)
     engine = TestEngine(registry=registry, store=LocalStore(clock), cache=ResponseCache(), clock=clock,
                         rng=random.Random(seed), bus=bus or (default_bus if orm_policies else EventBus()))

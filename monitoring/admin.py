@@ -4,13 +4,14 @@ Every action calls the model's own method and is recorded in the admin log.
 """
 
 from django.contrib import admin, messages
+from django.urls import path
 from django.utils.html import format_html
 
 from integrations.admin import LEVEL_COLOURS, IntegrationAdmin, badge
 from integrations.models import Integration
 
 from . import health_page
-from .models import Alert, CallStats, Delivery, HealthCheck, HealthCheckResult, NotificationChannel
+from .models import Alert, CallStats, Delivery, HealthCheck, HealthCheckResult, NotificationChannel, SystemHealth
 
 SEVERITY_COLOURS = {"warning": LEVEL_COLOURS["warning"], "critical": LEVEL_COLOURS["critical"]}
 STATUS_COLOURS = {Alert.OPEN: LEVEL_COLOURS["critical"], Alert.ACKNOWLEDGED: LEVEL_COLOURS["warning"],
@@ -66,6 +67,29 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+@admin.register(SystemHealth)
+class SystemHealthAdmin(ReadOnlyAdmin):
+    """Monitoring > System health: the live dashboard, at admin:system_health, for staff who may
+    view integrations. Nothing to add, change or delete."""
+
+    def has_module_permission(self, request):
+        return health_page.may_see(request, self.admin_site)
+
+    def has_view_permission(self, request, obj=None):
+        return health_page.may_see(request, self.admin_site)
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_urls(self):
+        view = self.admin_site.admin_view(self.changelist_view)
+        return [path("", view, name="system_health"),
+                path("", view, name="monitoring_systemhealth_changelist")]
+
+    def changelist_view(self, request, extra_context=None):
+        return health_page.system_health_view(request, self.admin_site)
 
 
 @admin.register(CallStats)

@@ -1,4 +1,4 @@
-"""Monitoring's HTTP API (CONTRACT.md): thin views over the Alert model, the watchdog and the call statistics.
+"""Monitoring's HTTP API (docs/reference.md): thin views over the Alert model, the watchdog and the call statistics.
 
     GET    /api/alerts/?active=&severity=&status=&kind=&integration=
     POST   /api/alerts/{id}/acknowledge/
@@ -17,12 +17,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter
 from rest_framework import exceptions, generics, serializers
 from rest_framework.response import Response
 
 from integrations.api import CallStatsSummary
-from integrations.api_common import (Conflict, IsoDateTimeField, StaffReadsModelPermissionActs, error_responses,
+from integrations.api_common import (APIDefaults, api_operation, Conflict, IsoDateTimeField, error_responses,
                                      validated)
 from integrations.models import Integration
 
@@ -156,10 +156,9 @@ ID_PARAMETER = OpenApiParameter("id", int, OpenApiParameter.PATH, description="T
                                 examples=[OpenApiExample("1", value=1)])
 
 
-class AlertAPIView(generics.GenericAPIView):
+class AlertAPIView(APIDefaults, generics.GenericAPIView):
     """Staff reads; changes need monitoring.change_alert."""
 
-    permission_classes = [StaffReadsModelPermissionActs]
     permission_model = Alert
     queryset = Alert.objects.select_related("integration", "acknowledged_by")
 
@@ -171,7 +170,7 @@ class AlertAPIView(generics.GenericAPIView):
 
 
 class AlertListView(AlertAPIView):
-    @extend_schema(summary="Alerts, most recently seen first", parameters=[AlertQuery],
+    @api_operation(summary="Alerts, most recently seen first", parameters=[AlertQuery],
                    responses={200: AlertSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
         query = validated(AlertQuery, request.query_params)
@@ -188,7 +187,7 @@ class AlertListView(AlertAPIView):
 
 
 class AlertAcknowledgeView(AlertAPIView):
-    @extend_schema(summary="Acknowledge an open alert (an operator has seen it)", parameters=[ID_PARAMETER],
+    @api_operation(summary="Acknowledge an open alert (an operator has seen it)", parameters=[ID_PARAMETER],
                    request=None, responses={200: AlertSerializer, **error_responses(404, 409)})
     def post(self, request, id):
         alert = self.get_alert()
@@ -198,7 +197,7 @@ class AlertAcknowledgeView(AlertAPIView):
 
 
 class AlertResolveView(AlertAPIView):
-    @extend_schema(summary="Resolve an active alert", parameters=[ID_PARAMETER],
+    @api_operation(summary="Resolve an active alert", parameters=[ID_PARAMETER],
                    request=ResolveRequest, responses={200: AlertSerializer, **error_responses(400, 404, 409)})
     def post(self, request, id):
         data = validated(ResolveRequest, request.data)
@@ -209,25 +208,24 @@ class AlertResolveView(AlertAPIView):
 
 
 class WatchdogReportView(AlertAPIView):
-    @extend_schema(summary="The active alerts and the overall status, without running the rules",
+    @api_operation(summary="The active alerts and the overall status, without running the rules",
                    responses={200: ReportSerializer, **error_responses()})
     def get(self, request):
         return Response(ReportSerializer(watchdog.report()).data)
 
 
 class WatchdogRunView(AlertAPIView):
-    @extend_schema(summary="Run the watchdog now: apply its rules, raise and resolve alerts",
+    @api_operation(summary="Run the watchdog now: apply its rules, raise and resolve alerts",
                    description="Needs monitoring.change_alert, since a run raises and resolves alerts.",
                    request=None, responses={200: RunSerializer, **error_responses()})
     def post(self, request):
         return Response(RunSerializer(watchdog.run()).data)
 
 
-class MetricsSummaryView(generics.GenericAPIView):
-    permission_classes = [StaffReadsModelPermissionActs]
+class MetricsSummaryView(APIDefaults, generics.GenericAPIView):
     permission_model = CallStats
 
-    @extend_schema(summary="Fleet call statistics over the last N minutes, in total and per integration",
+    @api_operation(summary="Fleet call statistics over the last N minutes, in total and per integration",
                    parameters=[SummaryQuery], responses={200: MetricsSummarySerializer, **error_responses(400, 404)})
     def get(self, request):
         query = validated(SummaryQuery, request.query_params)

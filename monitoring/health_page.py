@@ -210,13 +210,18 @@ def system_health(now: datetime | None = None) -> dict:
     }
 
 
-def system_health_view(request):
-    """The page, or its document at ``?format=json`` (staff: wrapped in ``admin.site.admin_view``)."""
-    if not admin.site.get_model_admin(Integration).has_view_permission(request):
+def may_see(request, admin_site=admin.site) -> bool:
+    """Seeing the system's health needs the view permission on integrations."""
+    return admin_site.get_model_admin(Integration).has_view_permission(request)
+
+
+def system_health_view(request, admin_site=admin.site):
+    """The page, or its document at ``?format=json`` (staff: served by SystemHealthAdmin)."""
+    if not may_see(request, admin_site):
         raise PermissionDenied("Seeing the system's health needs the view permission on integrations.")
     document = system_health()
     if request.GET.get("format") == "json":
         return JsonResponse(document)
-    context = {**admin.site.each_context(request), "title": "System health", "document": document,
+    context = {**admin_site.each_context(request), "title": "System health", "document": document,
                "json_url": f"{request.path}?format=json"}
-    return TemplateResponse(request, "admin/system_health.html", context)
+    return TemplateResponse(request, "monitoring/system_health.html", context)

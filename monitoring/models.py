@@ -308,6 +308,20 @@ class Alert(models.Model):
 
 # -- health checks ----------------------------------------------------------------------------
 
+
+class SystemHealth(Alert):
+    """The admin's System health page (monitoring/admin.py, monitoring/health_page.py).
+
+    A proxy with no rows or permissions of its own: it gives the page its place in the admin's
+    index and sidebar (Monitoring > System health) in any project, with no URL to add.
+    """
+
+    class Meta:
+        proxy = True
+        verbose_name = verbose_name_plural = "System health"
+        default_permissions = ()
+
+
 class HealthCheckQuerySet(models.QuerySet):
     def due(self, now: datetime | None = None) -> list[HealthCheck]:
         """Enabled checks whose interval has passed since they last ran (or that never ran)."""

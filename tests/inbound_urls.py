@@ -6,9 +6,11 @@ from django.http import HttpResponse, JsonResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST, require_safe
-from rest_framework.decorators import api_view, permission_classes
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from integrations.api_common import APIDefaults
 
 
 @require_safe
@@ -32,15 +34,17 @@ def metrics(request):
     return HttpResponse("up 1\n", content_type="text/plain; version=0.0.4")
 
 
-@api_view(["GET"])
-@permission_classes([IsAuthenticated])
-def whoami(request):
-    """A DRF view with the site's default authentication classes."""
-    return Response({"username": request.user.username})
+class WhoAmI(APIDefaults, APIView):
+    """A DRF view configured as the API's views are (authentication, error shape)."""
+
+    permission_classes = [IsAuthenticated]
+
+    def get(self, request):
+        return Response({"username": request.user.username})
 
 
 urlpatterns = [
-    path("api/whoami/", whoami),
+    path("api/whoami/", WhoAmI.as_view()),
     path("admin/", admin.site.urls),
     path("api/ping/", ping),
     path("api/things/", create_thing),

@@ -377,5 +377,5 @@ def test_the_fault_injection_history_is_read_only(admin_client, billing, setting
 
 def test_the_admin_index_links_to_the_system_health_page(admin_client):
     content = admin_client.get("/admin/").content.decode()
-    assert f'href="{reverse("system_health")}"' in content
+    assert f'href="{reverse("admin:system_health")}"' in content
     assert "Recent actions" in content  # the stock index is still there

@@ -15,7 +15,7 @@ from integrations.models import Integration
 from integrations.resilience import execute, get_engine
 from integrations.resilience.redis_store import RedisStore
 from monitoring.models import CRITICAL, WARNING, Alert
-from resilience_site import api_views
+from monitoring import api_views
 
 pytestmark = pytest.mark.django_db
 

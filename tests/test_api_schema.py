@@ -23,7 +23,7 @@ from monitoring.models import CRITICAL, WARNING, Alert, CallStats
 
 pytestmark = pytest.mark.django_db
 
-# Every operation of CONTRACT.md's HTTP API (but /metrics, which is not under /api/).
+# Every operation of docs/reference.md's HTTP API (but /metrics, which is not under /api/).
 CONTRACT_OPERATIONS = {
     ("get", "/api/health/"), ("get", "/api/integrations/"), ("get", "/api/integrations/{name}/"),
     ("post", "/api/integrations/{name}/breaker/{action}/"), ("get", "/api/quotas/"), ("get", "/api/cache/stats/"),

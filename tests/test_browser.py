@@ -65,7 +65,7 @@ def refresh_now(browser, wait, seconds):
 def test_the_system_health_page_draws_itself_and_shows_an_operators_action_after_its_refresh(browser, console,
                                                                                              monkeypatch):
     base_url, billing = console
-    log_in(browser, base_url, "/admin/system-health/")
+    log_in(browser, base_url, "/admin/monitoring/systemhealth/")
     wait = WebDriverWait(browser, 15)
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, 'article[data-integration="search"]')))
 

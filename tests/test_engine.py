@@ -1,4 +1,4 @@
-"""The pipeline through execute / aexecute / @resilient, as CONTRACT.md describes it."""
+"""The pipeline through execute / aexecute / @resilient, as docs/reference.md describes it."""
 
 import asyncio
 import hashlib

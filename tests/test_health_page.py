@@ -20,7 +20,7 @@ from monitoring.models import CRITICAL, WARNING, Alert, CallStats
 
 pytestmark = pytest.mark.django_db
 
-URL = reverse("system_health")
+URL = reverse("admin:system_health")
 JSON_URL = f"{URL}?format=json"
 
 
@@ -72,6 +72,14 @@ def test_view_only_staff_see_the_page(client):
     client.force_login(user)
     assert client.get(URL).status_code == 200
     assert client.get(JSON_URL).status_code == 200
+    # the page is in the admin's index, under Monitoring, for them: a project adds no URL for it
+    index = client.get(reverse("admin:index")).content.decode()
+    assert f'href="{URL}"' in index and "System health" in index
+
+
+def test_the_page_is_not_in_the_index_of_staff_who_may_not_see_it(client):
+    client.force_login(User.objects.create_user("clerk", password="pw", is_staff=True))
+    assert f'href="{URL}"' not in client.get(reverse("admin:index")).content.decode()
 
 
 # -- the document --------------------------------------------------------------------------------
@@ -210,7 +218,7 @@ class PolicyFinder(HTMLParser):
 def test_the_page_carries_its_document_its_own_static_files_and_nothing_the_csp_forbids(admin_client, integrations):
     response = admin_client.get(URL)
     assert response.status_code == 200
-    assert [t.name for t in response.templates][0] == "admin/system_health.html"
+    assert [t.name for t in response.templates][0] == "monitoring/system_health.html"
     content = response.content.decode()
     finder = PolicyFinder()
     finder.feed(content)

@@ -1,4 +1,4 @@
-"""The dead letter queue's HTTP API (CONTRACT.md): thin views over the model's methods.
+"""The dead letter queue's HTTP API (docs/reference.md): thin views over the model's methods.
 
     GET    /api/dlq/stats/
     GET    /api/dlq/?status=&integration=&limit=
@@ -8,12 +8,11 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from integrations.api_common import StaffReadsModelPermissionActs, StrictIntegerField, error_responses, validated
+from integrations.api_common import APIDefaults, api_operation, StrictIntegerField, error_responses, validated
 
 from .models import STATUSES, DeadLetter, check_purgeable
 
@@ -94,13 +93,12 @@ class RetryingSerializer(serializers.Serializer):
     retrying = serializers.IntegerField()
 
 
-class DeadLetterAPIView(APIView):
-    permission_classes = [StaffReadsModelPermissionActs]
+class DeadLetterAPIView(APIDefaults, APIView):
     permission_model = DeadLetter
 
 
 class DeadLetterListView(DeadLetterAPIView):
-    @extend_schema(summary="Dead letters, newest first", parameters=[ListQuery],
+    @api_operation(summary="Dead letters, newest first", parameters=[ListQuery],
                    responses={200: DeadLetterListSerializer, **error_responses(400)})
     def get(self, request):
         query = validated(ListQuery, request.query_params)
@@ -112,7 +110,7 @@ class DeadLetterListView(DeadLetterAPIView):
         return Response({"count": entries.count(), "limit": query["limit"],
                          "results": [entry.as_dict() for entry in entries[:query["limit"]]]})
 
-    @extend_schema(summary="Purge the finished entries of one status", parameters=[PurgeQuery],
+    @api_operation(summary="Purge the finished entries of one status", parameters=[PurgeQuery],
                    responses={200: PurgedSerializer, **error_responses(400)})
     def delete(self, request):
         query = validated(PurgeQuery, request.query_params)
@@ -120,14 +118,14 @@ class DeadLetterListView(DeadLetterAPIView):
 
 
 class DeadLetterStatsView(DeadLetterAPIView):
-    @extend_schema(summary="Dead letter counts by status and integration",
+    @api_operation(summary="Dead letter counts by status and integration",
                    responses={200: DeadLetterStatsSerializer, **error_responses()})
     def get(self, request):
         return Response(DeadLetter.objects.stats())
 
 
 class DeadLetterRetryView(DeadLetterAPIView):
-    @extend_schema(summary="Retry entries now: the given ids, or every waiting entry",
+    @api_operation(summary="Retry entries now: the given ids, or every waiting entry",
                    request=RetryRequest, responses={202: RetryingSerializer, **error_responses(400)})
     def post(self, request):
         data = validated(RetryRequest, request.data)

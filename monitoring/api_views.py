@@ -1,14 +1,17 @@
-"""The site's own part of the HTTP API: the public health check, and JSON errors under /api/.
+"""The API's own endpoints above both apps: the public health check, the schema, and JSON errors.
 
-``GET /api/health/`` is public (load balancers and uptime probes call it
+``GET <prefix>/health/`` is public (load balancers and uptime probes call it
 without credentials) and names no integration, only counts. Its statuses
 are in HEALTH_STATUSES. An open breaker is an upstream's trouble, not this
 instance's: it degrades the status but never answers 503, so a load
 balancer does not take every instance out of rotation because one partner is down.
 
-Django's own 400, 403, 404 and 500 responses for /api/ paths (an unknown
-path, an uncaught exception) are in the API's error shape; elsewhere they
-are Django's pages.
+Django's own 400, 403, 404 and 500 responses for paths under
+RESILIENCE_API_PREFIX (an uncaught exception, say) are in the API's error
+shape when the project names these handlers in its root URLconf
+(``handler404 = "monitoring.api_views.page_not_found"``...); elsewhere they are
+Django's pages. An unknown path under the API is always a JSON 404
+(``unknown_endpoint``, the API URLconf's last route).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from django.urls import Resolver404, resolve
 from django.utils import timezone
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.utils import OpenApiResponse
+from drf_spectacular.settings import patched_settings
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny
 from rest_framework.renderers import JSONRenderer
@@ -31,13 +35,15 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from integrations.api import SHARED, state_scope
-from integrations.api_common import IsoDateTimeField
+from integrations.api_common import APIDefaults, api_operation, IsoDateTimeField
+from integrations.conf import app_settings
 from integrations.models import Integration
 from integrations.resilience import get_engine
 from integrations.resilience.breaker import HALF_OPEN, OPEN
-from monitoring.models import CRITICAL, Alert
 
-API_PREFIX = "/api/"
+from .models import CRITICAL, Alert
+from .schema_names import ENUM_NAME_OVERRIDES
+
 OK, DEGRADED, DOWN, UNKNOWN = "ok", "degraded", "down", "unknown"
 HEALTH_STATUS_CHOICES = (OK, DEGRADED, DOWN)
 CHECK_STATUS_CHOICES = (*HEALTH_STATUS_CHOICES, UNKNOWN)
@@ -134,11 +140,11 @@ class HealthSerializer(serializers.Serializer):
     checks = ChecksSerializer()
 
 
-class HealthView(APIView):
+class HealthView(APIDefaults, APIView):
     authentication_classes = ()  # public: a stale token must not turn a probe into a 401
     permission_classes = (AllowAny,)
 
-    @extend_schema(summary="The site's health (public)", auth=[],
+    @api_operation(summary="The site's health (public)", auth=[],
                    description=HEALTH_STATUSES,
                    responses={200: OpenApiResponse(HealthSerializer, description="ok or degraded"),
                               503: OpenApiResponse(HealthSerializer, description="down")})
@@ -150,17 +156,57 @@ class HealthView(APIView):
 
 # -- the schema --------------------------------------------------------------------------------
 
-class SchemaView(SpectacularAPIView):
+def only_this_api(endpoints, **kwargs):
+    """drf-spectacular's preprocessing hook: the schema describes this API's views, not the host's
+    (nor the schema and its Swagger UI themselves)."""
+    def described(view) -> bool:
+        cls = getattr(view, "cls", object)
+        return issubclass(cls, APIDefaults) and not issubclass(cls, (SchemaView, SwaggerView))
+
+    return [endpoint for endpoint in endpoints if described(endpoint[3])]
+
+
+SCHEMA_SETTINGS = {
+    "TITLE": "Resilience control plane API",
+    "DESCRIPTION": "Operate the integrations' breakers, quotas, caches, dead letters, alerts and watchdog. "
+                   "Reads need a staff user; changes need a staff user with the model permission.",
+    "VERSION": "1.0.0",
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "PREPROCESSING_HOOKS": ["monitoring.api_views.only_this_api"],
+    "ENUM_NAME_OVERRIDES": ENUM_NAME_OVERRIDES,
+}
+
+
+class SchemaView(APIDefaults, SpectacularAPIView):
     """The OpenAPI document: YAML, or JSON with ?format=json (or Accept: application/vnd.oai.openapi+json).
 
-    Its errors are in the API's JSON shape, like every other error.
+    Like every read of the API it needs a staff user; its settings are its own (SCHEMA_SETTINGS),
+    not the host's SPECTACULAR_SETTINGS. Its errors are in the API's JSON shape.
     """
+
+    custom_settings = SCHEMA_SETTINGS
+
+    @api_operation(exclude=True)  # the document does not describe itself (nor its Swagger UI, below)
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
 
     def handle_exception(self, exc):
         response = super().handle_exception(exc)
         # an error is no OpenAPI document: render it as every other error of the API
         self.request.accepted_renderer, self.request.accepted_media_type = JSONRenderer(), "application/json"
         return response
+
+
+class SwaggerView(APIDefaults, SpectacularSwaggerSplitView):
+    """Swagger UI over SchemaView; its script is served by the view itself and its assets by
+    drf-spectacular-sidecar, so the page runs under a same-origin Content-Security-Policy."""
+
+    @api_operation(exclude=True)
+    def get(self, request, *args, **kwargs):
+        with patched_settings(SCHEMA_SETTINGS):
+            return super().get(request, *args, **kwargs)
 
 
 # -- Django's errors under /api/ in the API's shape --------------------------------------------
@@ -183,7 +229,7 @@ def not_found_message(request) -> str:
 
 def _json_under_api(status: int, code: str, message: str, html_handler):
     def handler(request, *args, **kwargs):
-        if not request.path_info.startswith(API_PREFIX):
+        if not request.path_info.startswith(app_settings.API_PREFIX):
             return html_handler(request, *args, **kwargs)
         return error_response(status, code, not_found_message(request) if status == 404 else message)
 
@@ -200,5 +246,5 @@ server_error = _json_under_api(500, "server_error", "The server failed to answer
 
 @csrf_exempt
 def unknown_endpoint(request, path=""):
-    """Any /api/ path no endpoint matched, whatever DEBUG is (Django's debug 404 page is HTML)."""
+    """Any path under the API that no endpoint matched, whatever DEBUG is (Django's debug 404 page is HTML)."""
     return error_response(404, "not_found", not_found_message(request))

@@ -1,21 +1,22 @@
-"""Every endpoint of the HTTP API under /api/ (CONTRACT.md; docs/api.md), in the contract's order.
+"""Every endpoint of the HTTP API (docs/reference.md; docs/api.md), in the reference's order.
 
-The project wires the apps together here: the integrations' views get their
-call statistics from monitoring (``call_stats``), since integrations never
-imports monitoring. Any other path under /api/ is a 404 in the API's error shape.
+A project includes it under any prefix: ``path("api/", include("monitoring.api_urls"))``
+(namespace ``resilience_api``). Monitoring wires the apps together here: the
+integrations' views get their call statistics from monitoring (``call_stats``),
+since integrations never imports monitoring. Any other path under the prefix is
+a 404 in the API's error shape.
 """
 
 from django.urls import include, path, re_path
-from drf_spectacular.views import SpectacularSwaggerSplitView
 
 from integrations import api as integrations_api
-from monitoring import api as monitoring_api
 
+from . import api as monitoring_api
 from . import api_views
 
 with_stats = {"call_stats": monitoring_api.integration_stats}
 
-app_name = "api"
+app_name = "resilience_api"
 
 urlpatterns = [
     path("health/", api_views.HealthView.as_view(), name="health"),
@@ -35,8 +36,6 @@ urlpatterns = [
     path("watchdog/run/", monitoring_api.WatchdogRunView.as_view(), name="watchdog-run"),
     path("metrics/summary/", monitoring_api.MetricsSummaryView.as_view(), name="metrics-summary"),
     path("schema/", api_views.SchemaView.as_view(), name="schema"),
-    # Swagger UI; its script is served by the view itself and its assets by drf-spectacular-sidecar,
-    # so the page runs under the site's same-origin Content-Security-Policy.
-    path("docs/", SpectacularSwaggerSplitView.as_view(url_name="api:schema"), name="docs"),
+    path("docs/", api_views.SwaggerView.as_view(url_name="resilience_api:schema"), name="docs"),
     re_path(r"^(?P<path>.*)$", api_views.unknown_endpoint),
 ]
