@@ -44,4 +44,5 @@ class IntegrationsConfig(AppConfig):
         policy_changed.connect(refresh_policy, sender=Integration, dispatch_uid="integrations.policy_changed")
         app_settings.register_check()
         checks.register(integration_checks.check_integration_timeouts, "resilience")
+        checks.register(integration_checks.check_task_broker)
         subscribe(StateTransition, on_transition)

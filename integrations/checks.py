@@ -45,3 +45,19 @@ def check_integration_timeouts(app_configs=None, **kwargs):
                 obj=integration, id="integrations.W002",
             ))
     return warnings
+
+
+def check_task_broker(app_configs=None, **kwargs):
+    """W003: no Q_CLUSTER, so django-q2 would look for Redis on localhost for the scheduled
+    redrive, watchdog and health checks. The embedded choice is its ORM broker."""
+    from django.conf import settings
+
+    if hasattr(settings, "Q_CLUSTER"):
+        return []
+    return [Warning(
+        "Q_CLUSTER is not set: django-q2, which runs the dead letter redrive, the watchdog and the "
+        "health checks, then uses a Redis broker on localhost.",
+        hint='Set Q_CLUSTER = {"name": "myproject", "orm": "default", "timeout": 120, "retry": 180} to queue '
+             'tasks in the database, or {"redis": ...} for Redis (README, "Add it to your Django project").',
+        id="integrations.W003",
+    )]

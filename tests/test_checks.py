@@ -102,3 +102,13 @@ def test_manage_py_check_runs_the_timeouts_check_under_the_resilience_tag():
     call_command("check", tags=["resilience"], stdout=StringIO(), stderr=err)
 
     assert "integrations.W001" in err.getvalue()
+
+
+def test_a_project_without_q_cluster_is_told_which_broker_to_set(settings):
+    from integrations.checks import check_task_broker
+
+    assert check_task_broker() == []
+    del settings.Q_CLUSTER
+    (warning,) = check_task_broker()
+    assert warning.id == "integrations.W003" and "Q_CLUSTER is not set" in warning.msg
+    assert '"orm": "default"' in warning.hint

@@ -12,10 +12,13 @@ from integrations.dlq import tasks
 from integrations.dlq.models import DeadLetter
 
 
-def test_a_run_stops_starting_entries_at_half_the_clusters_task_timeout(settings):
-    settings.Q_CLUSTER = {**settings.Q_CLUSTER, "timeout": 90}
+def test_a_run_stops_starting_entries_at_half_the_clusters_task_timeout(monkeypatch):
+    from django_q.conf import Conf  # django-q2 reads Q_CLUSTER once, at import: its reading is patched
+
+    assert tasks.run_budget_s() == Conf.TIMEOUT / 2 == 60  # our site's Q_CLUSTER timeout: 120 s
+    monkeypatch.setattr(Conf, "TIMEOUT", 90)
     assert tasks.run_budget_s() == 45
-    settings.Q_CLUSTER = {key: value for key, value in settings.Q_CLUSTER.items() if key != "timeout"}
+    monkeypatch.setattr(Conf, "TIMEOUT", None)
     assert tasks.run_budget_s() is None
 
 

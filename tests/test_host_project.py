@@ -173,6 +173,13 @@ from monitoring.models import CallStats
 print("partner calls stored:", CallStats.objects.filter(integration__name="partner").aggregate(n=Sum("calls"))["n"])
 """
 
+BARE_CALL = """
+from integrations.models import Integration
+from integrations.resilience import execute, get_engine
+Integration.objects.create(name="partner", kind="external_api")
+print("store:", type(get_engine().store).__name__, "value:", execute("partner", lambda: 42).value)
+"""
+
 HOST_TESTS = '''
 from integrations.resilience import Fallback, Policy, execute
 from integrations.testing import redrive_now, resilience_test_engine
@@ -287,3 +294,18 @@ def test_the_wheel_works_in_a_fresh_project_set_up_as_the_readme_says(wheel, tmp
     assert suite.stdout.rstrip().endswith(summary_line), suite.stdout[-2000:]
     assert suite.stderr == "", suite.stderr[-3000:]
     assert manage("shell", "-c", CALL_STATS).stdout == stored_before
+
+    # a project that sets nothing but the apps: migrate and check work, calls use per-process state,
+    # and check says which django-q2 broker to set
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    run([str(venv / "bin" / "django-admin"), "startproject", "bareproject", str(bare)], cwd=tmp_path, env=env)
+    bare_settings = bare / "bareproject" / "settings.py"
+    apps_only = readme_block("# settings.py").split("INSTALLED_APPS += [", 1)[1].split("]", 1)[0]
+    bare_settings.write_text(bare_settings.read_text() + f"\nINSTALLED_APPS += [{apps_only}]\n")
+    run([python, "manage.py", "migrate", "--noinput"], cwd=bare, env=env)
+    bare_check = run([python, "manage.py", "check"], cwd=bare, env=env)
+    assert "integrations.W003" in bare_check.stderr and "identified 1 issue" in bare_check.stderr, \
+        bare_check.stdout + bare_check.stderr
+    bare_call = run([python, "manage.py", "shell", "-c", BARE_CALL], cwd=bare, env=env)
+    assert "store: LocalStore value: 42" in bare_call.stdout, bare_call.stdout + bare_call.stderr

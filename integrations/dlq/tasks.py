@@ -9,15 +9,15 @@ database refused them (spool.py), then runs the steps of ``Redriver.run``
 
 from __future__ import annotations
 
-from django.conf import settings
-
 from . import spool
 from .redrive import Redriver
 
 
 def run_budget_s() -> float | None:
     """Half the cluster's task timeout: no entry is started later, so the task ends before it is killed."""
-    timeout = settings.Q_CLUSTER.get("timeout")
+    from django_q.conf import Conf  # django-q2's reading of Q_CLUSTER, with its defaults
+
+    timeout = Conf.TIMEOUT
     return timeout / 2 if timeout else None
 
 
