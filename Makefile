@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 # The site and the demo in one process (without Redis, breakers and quotas are per process: the admin
 # must live where the demo's traffic runs), plus the django-q cluster, which redrives the demo's dead
 # letters (it needs the demo's handler module) every minute. Ctrl-C stops all of it.
-up: export RESILIENCE_DLQ_HANDLER_MODULES = integrations.demo.handlers
+up: export RESILIENCE_DLQ_HANDLER_MODULES = monitoring.demo.handlers
 up: export RESILIENCE_DLQ_REDRIVE_EVERY_MIN = 1
 up: export RESILIENCE_DLQ_BACKOFF_BASE_MS = 15000
 up: install

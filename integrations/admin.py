@@ -22,11 +22,14 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from .figures import call_figures
+from .levels import latency_level, success_level, success_rate
 from .models import BreakerEvent, BreakerState, FaultInjection, Integration
 from .resilience.policy import KIND_PRESETS, KINDS, MODE_NORMAL
 from .conf import app_settings
 
 STATE_COLOURS = {"closed": "#2e7d32", "half_open": "#ef6c00", "open": "#c62828"}
+FIGURES_MINUTES = 60  # the window of the list's success rate and p95
 LEVEL_COLOURS = {"healthy": "#2e7d32", "warning": "#ef6c00", "critical": "#c62828"}
 RECENT_BREAKER_EVENTS = 10
 FAULT_INJECTION_OFF = ("Fault injection is off on this site: set RESILIENCE_FAULT_INJECTION=true to allow it "
@@ -138,8 +141,8 @@ class FaultInjectionAdmin(ReadOnlyAdmin):
 
 @admin.register(Integration)
 class IntegrationAdmin(admin.ModelAdmin):
-    list_display = ("name", "kind", "breaker", "quota_level", "degraded", "fault", "timeout_ms",
-                    "max_retries")
+    list_display = ("name", "kind", "breaker", "quota_level", "success_rate", "p95", "degraded", "fault",
+                    "timeout_ms", "max_retries")
     list_filter = ("kind", "mode")
     search_fields = ("name", "description")
     readonly_fields = ("breaker", "live_breaker", "recent_breaker_events", "quota_level", "fault",
@@ -148,6 +151,36 @@ class IntegrationAdmin(admin.ModelAdmin):
                "clear_caches", "inject_fault", "stop_fault")
     live_fieldset = ("Live state", {"fields": ("breaker", "live_breaker", "quota_level", "fault",
                                                "recent_breaker_events")})
+
+    # -- the last hour of calls, from the call figures monitoring keeps (integrations/figures.py) --
+
+    def get_changelist_instance(self, request):
+        changelist = super().get_changelist_instance(request)
+        figures = call_figures()
+        if figures is not None:
+            rows = list(changelist.result_list)  # evaluated once here; the template iterates the same rows
+            stats = figures.window([row.pk for row in rows], FIGURES_MINUTES)  # one query for the page
+            for row in rows:
+                row.last_hour = stats[row.pk]
+        return changelist
+
+    @admin.display(description=f"Success ({FIGURES_MINUTES} min)")
+    def success_rate(self, obj):
+        stats = getattr(obj, "last_hour", None)
+        rate = success_rate(stats) if stats else None
+        if rate is None:
+            return "-"
+        return format_html('<span title="{} of {} calls">{}</span>', stats["successes"], stats["calls"],
+                           badge(f"{rate:.1%}", LEVEL_COLOURS[success_level(rate)]))
+
+    @admin.display(description=f"p95 ({FIGURES_MINUTES} min)")
+    def p95(self, obj):
+        stats = getattr(obj, "last_hour", None)
+        p95 = stats["latency_p95_ms"] if stats else None
+        if p95 is None:
+            return "-"
+        return format_html('<span title="slow calls: over {} ms">{}</span>', obj.slow_call_ms,
+                           badge(f"{p95:.0f} ms", LEVEL_COLOURS[latency_level(p95, obj.slow_call_ms)]))
     fieldsets = (
         (None, {"fields": ("name", "kind", "description")}),
         ("Circuit breaker", {"fields": ("mode", "failure_threshold", "failure_rate_threshold",

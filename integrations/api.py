@@ -9,9 +9,9 @@
 
 Breakers and quotas are read from the engine's state store: the fleet's with
 Redis, this process's without; each says which as ``scope``. Call statistics
-come from the ``call_stats`` source the project gives the views (monitoring's,
-wired in monitoring/api_urls.py), since integrations never imports
-monitoring; without one, ``stats`` is null.
+come from the call figures source (integrations/figures.py) the monitoring
+app installs, since integrations never imports monitoring; without one,
+``stats`` is null.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter
 from rest_framework import exceptions, generics, serializers
 from rest_framework.response import Response
 
-from .api_common import APIDefaults, api_operation, IsoDateTimeField, error_responses, validated
+from .api_common import APIDefaults, IsoDateTimeField, api_operation, error_responses, validated
+from .figures import call_figures
 from .models import BREAKER_ACTIONS, BreakerEvent, BreakerState, Integration
 from .resilience import get_engine
 from .resilience.breaker import STATES
@@ -117,7 +118,7 @@ def integration_view(integration: Integration, scope: str, stats: dict | None) -
 # -- serializers: the documented shapes (responses are rendered through them) ------------------
 
 class CallStatsSummary(serializers.Serializer):
-    """Call statistics over a window, summed over every process (what a ``call_stats`` source returns)."""
+    """Call statistics over a window, summed over every process (what the figures source's ``window`` returns)."""
 
     window_minutes = serializers.IntegerField()
     calls = serializers.IntegerField(help_text="Calls made, each counted once in one outcome.")
@@ -273,16 +274,11 @@ class QuotaQuery(serializers.Serializer):
 # -- views ---------------------------------------------------------------------------------------
 
 class IntegrationAPIView(APIDefaults, generics.GenericAPIView):
-    """Staff reads; changes need integrations.change_integration.
-
-    ``call_stats``, given by monitoring's URLconf (monitoring/api_urls.py): ``call_stats(integration_ids, minutes)``
-    returns a CallStatsSummary per integration id.
-    """
+    """Staff reads; changes need integrations.change_integration."""
 
     permission_model = Integration
     permission_action = "change"  # clearing a cache (DELETE) changes an integration, it deletes nothing
     queryset = Integration.objects.select_related("breaker_state").order_by("name")
-    call_stats = None
 
     def get_integration(self) -> Integration:
         name = self.kwargs["name"]
@@ -298,9 +294,10 @@ class IntegrationAPIView(APIDefaults, generics.GenericAPIView):
 
     def stats_for(self, integrations) -> list[dict | None]:
         """The last hour's statistics of each integration, in order; None each without a source."""
-        if self.call_stats is None:
+        figures = call_figures()
+        if figures is None:
             return [None] * len(integrations)
-        by_id = self.call_stats([integration.pk for integration in integrations], STATS_MINUTES)
+        by_id = figures.window([integration.pk for integration in integrations], STATS_MINUTES)
         return [by_id[integration.pk] for integration in integrations]
 
 

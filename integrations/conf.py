@@ -16,6 +16,8 @@ The dead letter queue and monitoring apps declare theirs the same way
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -182,9 +184,79 @@ def redis_url(value) -> str:
 
 
 def rate_limits(value):
-    from .inbound import rate_limit_groups  # raises ImproperlyConfigured naming the group and the field
+    return rate_limit_groups(value)  # raises ImproperlyConfigured naming the group and the field
 
-    return rate_limit_groups(value)
+
+_GROUP_FIELDS = ("paths", "methods", "limit", "window_s")
+_REQUIRED_GROUP_FIELDS = ("paths", "limit", "window_s")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")  # it becomes part of a Redis key
+_HTTP_METHOD = re.compile(r"[A-Z]+")
+
+
+# -- inbound rate-limit groups (RESILIENCE_RATE_LIMITS), parsed here so that the check names the field --
+
+
+@dataclass(frozen=True)
+class RateLimitGroup:
+    """Requests whose path starts with one of ``paths`` and whose method is in ``methods``
+    (None: any method): at most ``limit`` per client in any ``window_s`` seconds."""
+
+    name: str
+    paths: tuple[str, ...]
+    methods: frozenset[str] | None
+    limit: int
+    window_s: float
+
+    def matches(self, path: str, method: str) -> bool:
+        return path.startswith(self.paths) and (self.methods is None or method in self.methods)
+
+
+def rate_limit_groups(config) -> tuple[RateLimitGroup, ...]:
+    """RESILIENCE_RATE_LIMITS as groups, in its order; ImproperlyConfigured names the group and the field."""
+    if not isinstance(config, dict):
+        raise ImproperlyConfigured(
+            f"RESILIENCE_RATE_LIMITS must be a dict of route groups; got {type(config).__name__}.")
+    return tuple(_rate_limit_group(name, spec) for name, spec in config.items())
+
+
+def _rate_limit_group(name, spec) -> RateLimitGroup:
+    where = f"RESILIENCE_RATE_LIMITS[{name!r}]"
+    if not isinstance(name, str) or not _GROUP_NAME.fullmatch(name):
+        raise ImproperlyConfigured(f"{where}: a group's name is made of letters, digits, '_' and '-'.")
+    if not isinstance(spec, dict):
+        raise ImproperlyConfigured(
+            f"{where} must be a dict with paths, limit, window_s and optionally methods; "
+            f"got {type(spec).__name__}.")
+    unknown = sorted(str(field) for field in spec if field not in _GROUP_FIELDS)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"{where}['{unknown[0]}'] is not a field of a group; the fields are {', '.join(_GROUP_FIELDS)}.")
+    for field in _REQUIRED_GROUP_FIELDS:
+        if field not in spec:
+            raise ImproperlyConfigured(f"{where}['{field}'] is required.")
+
+    paths = spec["paths"]
+    if not _is_list_of_str(paths) or not all(path.startswith("/") for path in paths):
+        raise ImproperlyConfigured(
+            f"{where}['paths'] must be a non-empty list of path prefixes starting with '/'; got {paths!r}.")
+    methods = spec.get("methods")
+    if methods is not None:
+        if not _is_list_of_str(methods) or not all(_HTTP_METHOD.fullmatch(m.upper()) for m in methods):
+            raise ImproperlyConfigured(
+                f"{where}['methods'] must be a non-empty list of HTTP methods such as GET or POST; "
+                f"got {methods!r}.")
+        methods = frozenset(method.upper() for method in methods)
+    limit = spec["limit"]
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ImproperlyConfigured(f"{where}['limit'] must be a whole number of requests, at least 1; got {limit!r}.")
+    window_s = spec["window_s"]
+    if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or not 0 < window_s < math.inf:
+        raise ImproperlyConfigured(f"{where}['window_s'] must be a number of seconds above 0; got {window_s!r}.")
+    return RateLimitGroup(name, tuple(paths), methods, limit, float(window_s))
+
+
+def _is_list_of_str(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, str) for item in value)
 
 
 DEFAULT_RATE_LIMITS = {

@@ -26,18 +26,16 @@ import hashlib
 import ipaddress
 import logging
 import math
-import re
-from dataclasses import dataclass
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured, MiddlewareNotUsed
+from django.core.exceptions import MiddlewareNotUsed
 from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, JsonResponse
 from django.utils.html import escape
 from django.utils.translation import gettext_lazy as _
 from rest_framework import authentication, exceptions
 from rest_framework.authtoken.models import Token
 
-from .conf import app_settings
+from .conf import RateLimitGroup, app_settings
 from .resilience import get_engine
 from .resilience.state import RateLimit
 
@@ -50,79 +48,8 @@ _TOKEN_LOOKUP = "_resilience_api_token"
 # An IPv6 client usually holds a whole /64: counting single addresses would give it 2^64 budgets.
 IPV6_CLIENT_PREFIX_LENGTH = 64
 
-_GROUP_FIELDS = ("paths", "methods", "limit", "window_s")
-_REQUIRED_GROUP_FIELDS = ("paths", "limit", "window_s")
-_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")  # it becomes part of a Redis key
-_HTTP_METHOD = re.compile(r"[A-Z]+")
-
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-# -- configuration, checked when the site starts -----------------------------------------
-
-
-@dataclass(frozen=True)
-class RateLimitGroup:
-    """Requests whose path starts with one of ``paths`` and whose method is in ``methods``
-    (None: any method): at most ``limit`` per client in any ``window_s`` seconds."""
-
-    name: str
-    paths: tuple[str, ...]
-    methods: frozenset[str] | None
-    limit: int
-    window_s: float
-
-    def matches(self, path: str, method: str) -> bool:
-        return path.startswith(self.paths) and (self.methods is None or method in self.methods)
-
-
-def rate_limit_groups(config) -> tuple[RateLimitGroup, ...]:
-    """RESILIENCE_RATE_LIMITS as groups, in its order; ImproperlyConfigured names the group and the field."""
-    if not isinstance(config, dict):
-        raise ImproperlyConfigured(
-            f"RESILIENCE_RATE_LIMITS must be a dict of route groups; got {type(config).__name__}.")
-    return tuple(_rate_limit_group(name, spec) for name, spec in config.items())
-
-
-def _rate_limit_group(name, spec) -> RateLimitGroup:
-    where = f"RESILIENCE_RATE_LIMITS[{name!r}]"
-    if not isinstance(name, str) or not _GROUP_NAME.fullmatch(name):
-        raise ImproperlyConfigured(f"{where}: a group's name is made of letters, digits, '_' and '-'.")
-    if not isinstance(spec, dict):
-        raise ImproperlyConfigured(
-            f"{where} must be a dict with paths, limit, window_s and optionally methods; "
-            f"got {type(spec).__name__}.")
-    unknown = sorted(str(field) for field in spec if field not in _GROUP_FIELDS)
-    if unknown:
-        raise ImproperlyConfigured(
-            f"{where}['{unknown[0]}'] is not a field of a group; the fields are {', '.join(_GROUP_FIELDS)}.")
-    for field in _REQUIRED_GROUP_FIELDS:
-        if field not in spec:
-            raise ImproperlyConfigured(f"{where}['{field}'] is required.")
-
-    paths = spec["paths"]
-    if not _is_list_of_str(paths) or not all(path.startswith("/") for path in paths):
-        raise ImproperlyConfigured(
-            f"{where}['paths'] must be a non-empty list of path prefixes starting with '/'; got {paths!r}.")
-    methods = spec.get("methods")
-    if methods is not None:
-        if not _is_list_of_str(methods) or not all(_HTTP_METHOD.fullmatch(m.upper()) for m in methods):
-            raise ImproperlyConfigured(
-                f"{where}['methods'] must be a non-empty list of HTTP methods such as GET or POST; "
-                f"got {methods!r}.")
-        methods = frozenset(method.upper() for method in methods)
-    limit = spec["limit"]
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ImproperlyConfigured(f"{where}['limit'] must be a whole number of requests, at least 1; got {limit!r}.")
-    window_s = spec["window_s"]
-    if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or not 0 < window_s < math.inf:
-        raise ImproperlyConfigured(f"{where}['window_s'] must be a number of seconds above 0; got {window_s!r}.")
-    return RateLimitGroup(name, tuple(paths), methods, limit, float(window_s))
-
-
-def _is_list_of_str(value) -> bool:
-    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(item, str) for item in value)
 
 
 # -- who the client is ---------------------------------------------------------------------

@@ -121,15 +121,16 @@ def resilience_test_engine(*, policies: Iterable[Policy] = (), clock: FakeClock 
     write breaker events, statistics and dead letters to the database.
     """
     engine: TestEngine | None = None
-    loader = creator = None
-    if orm_policies:
-        orm_loader, creator = _policy_source["loader"], _policy_source["creator"]
+    orm_loader, creator = _policy_source["loader"], _policy_source["creator"]
 
-        def loader(name):
-            if name in engine.given:
-                return engine.given[name]
-            policy = orm_loader(name) if orm_loader is not None else None
-            return None if policy is None else _inline(policy)
+    def given_or_orm(name):
+        if name in engine.given:
+            return engine.given[name]
+        policy = orm_loader(name) if orm_loader is not None else None
+        return None if policy is None else _inline(policy)
+
+    loader = given_or_orm if orm_policies else None
+    creator = creator if orm_policies else None
 
     clock = clock or FakeClock()
     # refresh_s=0: an Integration row a test saves is what the next call uses

@@ -1,14 +1,12 @@
-"""Admin pages of the monitoring models, and the call statistics columns of the Integration list.
+"""Admin pages of the monitoring models, and the System health page.
 
 Every action calls the model's own method and is recorded in the admin log.
 """
 
 from django.contrib import admin, messages
 from django.urls import path
-from django.utils.html import format_html
 
-from integrations.admin import LEVEL_COLOURS, IntegrationAdmin, badge
-from integrations.models import Integration
+from integrations.admin import LEVEL_COLOURS, badge
 
 from . import health_page
 from .models import Alert, CallStats, Delivery, HealthCheck, HealthCheckResult, NotificationChannel, SystemHealth
@@ -16,47 +14,6 @@ from .models import Alert, CallStats, Delivery, HealthCheck, HealthCheckResult, 
 SEVERITY_COLOURS = {"warning": LEVEL_COLOURS["warning"], "critical": LEVEL_COLOURS["critical"]}
 STATUS_COLOURS = {Alert.OPEN: LEVEL_COLOURS["critical"], Alert.ACKNOWLEDGED: LEVEL_COLOURS["warning"],
                   Alert.RESOLVED: LEVEL_COLOURS["healthy"]}
-
-
-class IntegrationConsoleAdmin(IntegrationAdmin):
-    """The Integration list with each row's last hour of calls: success rate and p95 latency.
-
-    The statistics are monitoring's, and integrations never imports monitoring: so this subclass,
-    registered in place of integrations' own admin, adds them. They are read for the whole page
-    in one query when the changelist is built, and kept on the rows it shows.
-    """
-
-    list_display = (*IntegrationAdmin.list_display[:4], "success_rate", "p95", *IntegrationAdmin.list_display[4:])
-
-    def get_changelist_instance(self, request):
-        changelist = super().get_changelist_instance(request)
-        rows = list(changelist.result_list)  # evaluated once here; the template iterates the same rows
-        stats = health_page.last_hour_stats([row.pk for row in rows])
-        for row in rows:
-            row.last_hour = stats[row.pk]
-        return changelist
-
-    @admin.display(description=f"Success ({health_page.WINDOW_MINUTES} min)")
-    def success_rate(self, obj):
-        stats = getattr(obj, "last_hour", None)
-        rate = health_page.success_rate(stats) if stats else None
-        if rate is None:
-            return "-"
-        return format_html('<span title="{} of {} calls">{}</span>', stats["successes"], stats["calls"],
-                           badge(f"{rate:.1%}", LEVEL_COLOURS[health_page.success_level(rate)]))
-
-    @admin.display(description=f"p95 ({health_page.WINDOW_MINUTES} min)")
-    def p95(self, obj):
-        stats = getattr(obj, "last_hour", None)
-        p95 = stats["latency_p95_ms"] if stats else None
-        if p95 is None:
-            return "-"
-        return format_html('<span title="slow calls: over {} ms">{}</span>', obj.slow_call_ms,
-                           badge(f"{p95:.0f} ms", LEVEL_COLOURS[health_page.latency_level(p95, obj.slow_call_ms)]))
-
-
-admin.site.unregister(Integration)
-admin.site.register(Integration, IntegrationConsoleAdmin)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

@@ -1,10 +1,9 @@
 """Every endpoint of the HTTP API (docs/reference.md; docs/api.md), in the reference's order.
 
 A project includes it under any prefix: ``path("api/", include("monitoring.api_urls"))``
-(namespace ``resilience_api``). Monitoring wires the apps together here: the
-integrations' views get their call statistics from monitoring (``call_stats``),
-since integrations never imports monitoring. Any other path under the prefix is
-a 404 in the API's error shape.
+(namespace ``resilience_api``). The integrations' views get their call
+statistics from the figures source monitoring installs (integrations/figures.py).
+Any other path under the prefix is a 404 in the API's error shape.
 """
 
 from django.urls import include, path, re_path
@@ -14,19 +13,17 @@ from integrations import api as integrations_api
 from . import api as monitoring_api
 from . import api_views
 
-with_stats = {"call_stats": monitoring_api.integration_stats}
-
 app_name = "resilience_api"
 
 urlpatterns = [
     path("health/", api_views.HealthView.as_view(), name="health"),
-    path("integrations/", integrations_api.IntegrationListView.as_view(**with_stats), name="integrations"),
-    path("integrations/<str:name>/", integrations_api.IntegrationDetailView.as_view(**with_stats),
+    path("integrations/", integrations_api.IntegrationListView.as_view(), name="integrations"),
+    path("integrations/<str:name>/", integrations_api.IntegrationDetailView.as_view(),
          name="integration"),
     re_path(r"^integrations/(?P<name>[^/]+)/breaker/(?P<action>reset|open|close)/$",
             integrations_api.BreakerActionView.as_view(), name="breaker-action"),
     path("quotas/", integrations_api.QuotaListView.as_view(), name="quotas"),
-    path("cache/stats/", integrations_api.CacheStatsView.as_view(**with_stats), name="cache-stats"),
+    path("cache/stats/", integrations_api.CacheStatsView.as_view(), name="cache-stats"),
     path("cache/<str:name>/", integrations_api.CacheClearView.as_view(), name="cache-clear"),
     path("dlq/", include("integrations.dlq.urls")),
     path("alerts/", monitoring_api.AlertListView.as_view(), name="alerts"),

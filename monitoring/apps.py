@@ -23,9 +23,15 @@ class MonitoringConfig(AppConfig):
         from integrations.resilience.events import CallFinished, subscribe
         from integrations.schedules import register_schedule
 
-        from . import stats
+        from integrations.figures import install_call_figures
+
+        from . import notifications, stats
+        from .figures import StoredCallFigures
+        from .models import alert_event
 
         subscribe(CallFinished, stats.buffer.record)
+        install_call_figures(StoredCallFigures())  # integrations' API, admin and commands show them
+        alert_event.connect(notifications.on_alert_event, dispatch_uid="monitoring.notify_alert_event")
         register_schedule("monitoring.watchdog", "monitoring.tasks.run_watchdog", minutes=1,
                           description="Watchdog rules over the call statistics; raises and resolves alerts.")
         register_schedule("monitoring.health_checks", "monitoring.tasks.run_due_health_checks", minutes=1,

@@ -26,33 +26,17 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 
+from integrations.levels import latency_level, success_level, success_rate
 from integrations.models import FaultInjection, Integration
 from integrations.resilience.quota import level_for
 
-from .models import CRITICAL, WARNING, CallStats, describe
+from .models import CallStats, describe
 from .notifications import dlq_installed
-from .watchdog import HEALTHY, report
+from .watchdog import report
 from integrations.conf import app_settings
 
 WINDOW_MINUTES = 60
 REFRESH_SECONDS = 30
-# Success rate (successes over calls, refusals included) from which a rate is a warning, then critical.
-SUCCESS_WARNING_BELOW = 0.95
-SUCCESS_CRITICAL_BELOW = 0.80
-# p95 latency as a share of the integration's slow_call_ms from which it is a warning (above 1: critical).
-LATENCY_WARNING_FROM = 0.8
-
-
-def success_level(rate: float | None) -> str | None:
-    if rate is None:
-        return None
-    return HEALTHY if rate >= SUCCESS_WARNING_BELOW else WARNING if rate >= SUCCESS_CRITICAL_BELOW else CRITICAL
-
-
-def latency_level(p95_ms: float | None, slow_call_ms: int) -> str | None:
-    if p95_ms is None:
-        return None
-    return HEALTHY if p95_ms < LATENCY_WARNING_FROM * slow_call_ms else WARNING if p95_ms <= slow_call_ms else CRITICAL
 
 
 def window(now: datetime | None = None) -> tuple[datetime, datetime]:
@@ -70,10 +54,6 @@ def last_hour_stats(integration_ids=None, now: datetime | None = None) -> dict[i
         rows = rows.filter(integration_id__in=integration_ids)
     stats = rows.totals_by_integration()
     return {pk: stats.get(pk) or describe({}) for pk in (integration_ids if integration_ids is not None else stats)}
-
-
-def success_rate(stats: dict) -> float | None:
-    return stats["successes"] / stats["calls"] if stats["calls"] else None
 
 
 def hit_ratio(hits: int, misses: int) -> float | None:

@@ -18,16 +18,19 @@ from django.core.validators import MinValueValidator, RegexValidator, validate_e
 from django.db import IntegrityError, models, transaction
 from django.db.models import Count, F, Q, Sum, Value
 from django.db.models.functions import Coalesce
+from django.dispatch import Signal
 from django.utils import timezone
 
 from integrations.models import Integration
 
-from . import notifications
 from .counters import COUNTER_COLUMNS, ERROR_COLUMNS, FALLBACK_COLUMNS, LATENCY_SUM_COLUMN, REJECTION_COLUMNS
 from .healthchecks import probe, registered_checks
 from .histogram import BUCKET_NAMES, percentiles
 
 logger = logging.getLogger("monitoring.models")
+
+# An alert was raised, escalated or resolved (after commit): alert_id, event. notifications.py delivers it.
+alert_event = Signal()
 
 WARNING = "warning"
 CRITICAL = "critical"
@@ -303,7 +306,8 @@ class Alert(models.Model):
         }
 
     def _notify_after_commit(self, event: str) -> None:
-        transaction.on_commit(partial(NotificationChannel.notify_all, self.pk, event))
+        # notifications.py delivers it (a receiver connected by the app): a model sends no message itself
+        transaction.on_commit(partial(alert_event.send, sender=Alert, alert_id=self.pk, event=event))
 
 
 # -- health checks ----------------------------------------------------------------------------
@@ -544,33 +548,6 @@ class NotificationChannel(models.Model):
         return bool(channels.filter(window_start=hour, sent_in_window__lt=F("hourly_cap")).update(
             sent_in_window=F("sent_in_window") + 1))
 
-    def notify(self, alert: Alert, event: str, now: datetime | None = None) -> Delivery | None:
-        """Send one alert event through this channel; None when its severity is below the channel's minimum."""
-        if not self.accepts(alert.severity):
-            return None
-        subject, body = notifications.render(alert, event, now)
-        delivery = Delivery.objects.create(channel=self, alert=alert, event=event, subject=subject, body=body)
-        if not self.claim_slot(now):
-            delivery.mark(Delivery.CAPPED, f"hourly cap of {self.hourly_cap} reached")
-            logger.warning("channel %s: hourly cap of %d reached; %s alert %s not sent", self.name,
-                           self.hourly_cap, event, alert.pk)
-            return delivery
-        delivery.send()
-        return delivery
-
-    @classmethod
-    def notify_all(cls, alert_id: int, event: str) -> list[Delivery]:
-        """Send an alert event to every enabled channel that takes its severity (called after commit)."""
-        alert = Alert.objects.select_related("integration").filter(pk=alert_id).first()
-        if alert is None:
-            return []  # deleted before its notification went out
-        deliveries = []
-        for channel in cls.objects.filter(enabled=True).select_related("integration"):
-            delivery = channel.notify(alert, event)
-            if delivery is not None:
-                deliveries.append(delivery)
-        return deliveries
-
 
 class Delivery(models.Model):
     """One notification of one alert event to one channel, and what became of it."""
@@ -608,27 +585,3 @@ class Delivery(models.Model):
         if status == self.SENT:
             self.sent_at = timezone.now()
         self.save(update_fields=["status", "error", "attempts", "sent_at"])
-
-    def send(self) -> bool:
-        """Deliver through the channel's integration; a failure goes to the dead letter queue if there is one."""
-        result, queued = notifications.deliver(self)
-        if result.ok:
-            self.mark(self.SENT, attempts=result.attempts)
-        else:
-            self.mark(self.QUEUED if queued else self.FAILED, str(result.error), attempts=result.attempts)
-            logger.error("notification %s to channel %s failed%s: %s", self.pk, self.channel.name,
-                         " (queued for redrive)" if queued else "", result.error)
-        return result.ok
-
-    def redeliver(self) -> None:
-        """One more attempt, made by the dead letter redrive inside the channel's pipeline.
-
-        A failure is recorded and re-raised: the redrive classifies it and backs off.
-        """
-        fn, args = notifications.operation(self)
-        try:
-            fn(*args)
-        except Exception as exc:
-            self.mark(self.QUEUED, f"{type(exc).__name__}: {exc}", attempts=1)
-            raise
-        self.mark(self.SENT, attempts=1)

@@ -37,6 +37,8 @@ from integrations.http import raise_for_category
 from integrations.resilience import execute
 from integrations.resilience.timeouts import attempt_time_left
 
+from .models import Alert, Delivery, NotificationChannel, split_emails
+
 logger = logging.getLogger("monitoring.notifications")
 
 SIGNATURE_HEADER = "X-Resilience-Signature"
@@ -145,8 +147,6 @@ def dlq_installed() -> bool:
 
 def operation(delivery) -> tuple[Callable, tuple]:
     """The one-attempt operation that sends a delivery, and its arguments."""
-    from .models import NotificationChannel, split_emails
-
     channel = delivery.channel
     if channel.kind == NotificationChannel.WEBHOOK:
         return post_webhook, (channel.integration.name, channel.url, channel.secret, delivery.body.encode())
@@ -171,17 +171,76 @@ def redeliver_notification(payload: dict) -> None:
 
     Raises while the receiver still fails, so the redrive backs off and tries again.
     """
-    from .models import Delivery
-
     try:
         delivery = Delivery.objects.select_related("channel__integration", "alert").filter(
             pk=payload["delivery"]).first()
         if delivery is None:
             logger.warning("dead letter for notification %s dropped: the delivery was deleted", payload["delivery"])
             return
-        delivery.redeliver()
+        redeliver(delivery)
     finally:
         # The redrive runs handlers in the integration's worker threads, which live on: a connection
         # opened here would stay open with them. Outside a transaction, closing it costs a reconnect.
         if not connection.in_atomic_block:
             connection.close()
+
+
+# -- sending: what the models' alert events set off ----------------------------------------------
+
+def on_alert_event(sender, *, alert_id: int, event: str, **kwargs) -> list[Delivery]:
+    """models.alert_event's receiver (connected by the app): every channel is told."""
+    return notify_all(alert_id, event)
+
+
+def notify_all(alert_id: int, event: str) -> list[Delivery]:
+    """Send an alert event to every enabled channel that takes its severity (called after commit)."""
+    alert = Alert.objects.select_related("integration").filter(pk=alert_id).first()
+    if alert is None:
+        return []  # deleted before its notification went out
+    deliveries = []
+    for channel in NotificationChannel.objects.filter(enabled=True).select_related("integration"):
+        delivery = notify(channel, alert, event)
+        if delivery is not None:
+            deliveries.append(delivery)
+    return deliveries
+
+
+def notify(channel: NotificationChannel, alert: Alert, event: str, now: datetime | None = None) -> Delivery | None:
+    """Send one alert event through ``channel``; None when its severity is below the channel's minimum."""
+    if not channel.accepts(alert.severity):
+        return None
+    subject, body = render(alert, event, now)
+    delivery = Delivery.objects.create(channel=channel, alert=alert, event=event, subject=subject, body=body)
+    if not channel.claim_slot(now):
+        delivery.mark(Delivery.CAPPED, f"hourly cap of {channel.hourly_cap} reached")
+        logger.warning("channel %s: hourly cap of %d reached; %s alert %s not sent", channel.name,
+                       channel.hourly_cap, event, alert.pk)
+        return delivery
+    send(delivery)
+    return delivery
+
+
+def send(delivery: Delivery) -> bool:
+    """Deliver through the channel's integration; a failure goes to the dead letter queue if there is one."""
+    result, queued = deliver(delivery)
+    if result.ok:
+        delivery.mark(Delivery.SENT, attempts=result.attempts)
+    else:
+        delivery.mark(Delivery.QUEUED if queued else Delivery.FAILED, str(result.error), attempts=result.attempts)
+        logger.error("notification %s to channel %s failed%s: %s", delivery.pk, delivery.channel.name,
+                     " (queued for redrive)" if queued else "", result.error)
+    return result.ok
+
+
+def redeliver(delivery: Delivery) -> None:
+    """One more attempt, made by the dead letter redrive inside the channel's pipeline.
+
+    A failure is recorded and re-raised: the redrive classifies it and backs off.
+    """
+    fn, args = operation(delivery)
+    try:
+        fn(*args)
+    except Exception as exc:
+        delivery.mark(Delivery.QUEUED, f"{type(exc).__name__}: {exc}", attempts=1)
+        raise
+    delivery.mark(Delivery.SENT, attempts=1)

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from django.core.management import CommandError, call_command
 
-from integrations.demo import handlers, scenario
-from integrations.demo.scenario import LLM, NAMES, PAYMENTS, QUOTES, Timing, integration_entries
-from integrations.demo.site import SiteServer, parse_address
-from integrations.demo.upstream import DROPPED, Outage, RouteFaults, SimulatedUpstream
+from monitoring.demo import handlers, scenario
+from monitoring.demo.scenario import LLM, NAMES, PAYMENTS, QUOTES, Timing, integration_entries
+from monitoring.demo.site import SiteServer, parse_address
+from monitoring.demo.upstream import DROPPED, Outage, RouteFaults, SimulatedUpstream
 from integrations.dlq.models import DeadLetter
 from integrations.management.commands.integrations import sync_integrations
 from integrations.models import BreakerEvent, Integration

@@ -28,7 +28,8 @@ from integrations.resilience.events import EventBus
 from integrations.resilience.redis_store import RedisStore
 from integrations.resilience.state import LocalStore
 from integrations.conf import DEFAULT_RATE_LIMITS, app_settings
-from integrations.inbound import ContentSecurityPolicyMiddleware, client_ip, rate_limit_groups
+from integrations.conf import rate_limit_groups
+from integrations.inbound import ContentSecurityPolicyMiddleware, client_ip
 
 from conftest import redis_url
 

@@ -11,13 +11,16 @@ class DlqConfig(AppConfig):
         from integrations.resilience.events import DeadLetterRequested, subscribe
         from integrations.schedules import register_schedule
 
+        from . import tasks
         from .conf import dlq_settings
         from .handlers import autodiscover
+        from .signals import redrive_requested
         from .subscriber import on_dead_letter_requested
 
         dlq_settings.register_check()
 
         subscribe(DeadLetterRequested, on_dead_letter_requested)
+        redrive_requested.connect(tasks.on_redrive_requested, dispatch_uid="dlq.queue_redrive")
         register_schedule("dlq.redrive", "integrations.dlq.tasks.redrive",
                           minutes=lambda: dlq_settings.REDRIVE_EVERY_MIN,
                           description="Redrive due dead letters through their integration's pipeline.")

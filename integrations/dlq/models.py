@@ -22,6 +22,7 @@ import contextlib
 import logging
 import random
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from django.core.validators import MaxValueValidator, MinValueValidator
@@ -34,7 +35,7 @@ from integrations.errors import ErrorCategory, ResilienceError
 from .jsondata import json_payload, json_safe
 from .redaction import redact_secrets
 from .request import MAX_REDRIVES_LIMIT, check_idempotency_key, check_max_redrives
-from .signals import dead_letter_died
+from .signals import dead_letter_died, redrive_requested
 from .conf import dlq_settings
 
 logger = logging.getLogger("integrations.dlq")
@@ -191,14 +192,12 @@ class DeadLetterQuerySet(models.QuerySet):
         instead. Health gate and rate cap still apply: "now" means as soon as
         the integration can take them.
         """
-        from .tasks import queue_redrive
-
         now = timezone.now()
         with transaction.atomic(using=self.db):
             made_due = self.waiting().update(next_attempt_at=now, updated_at=now)
             requeued = self.filter(status=DEAD).requeue(by)
         if ask_cluster and (made_due or requeued):
-            transaction.on_commit(queue_redrive, using=self.db)
+            transaction.on_commit(partial(redrive_requested.send, sender=DeadLetter), using=self.db)
         return made_due + requeued
 
     def requeue(self, by: str | None = None) -> int:

@@ -30,6 +30,11 @@ def redrive() -> dict:
     return report
 
 
+def on_redrive_requested(sender, **kwargs) -> str:
+    """signals.redrive_requested's receiver (connected by the app)."""
+    return queue_redrive()
+
+
 def queue_redrive() -> str:
     """Ask the cluster for a redrive run now (operators' "retry now"); returns the task id."""
     from django_q.tasks import async_task

@@ -29,7 +29,7 @@ import difflib
 import getpass
 import json
 import os
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import datetime, timezone as dt_timezone
 from types import SimpleNamespace
 
 from django.core.management.base import BaseCommand, CommandError
@@ -40,6 +40,7 @@ from integrations.resilience import get_engine
 from integrations.resilience.breaker import CLOSED, OPEN
 from integrations.resilience.policy import MODE_NORMAL
 from integrations.resilience.quota import DAY, HOUR, QuotaUsage
+from integrations.figures import call_figures
 from integrations.schedules import install_schedules
 
 STATS_WINDOW_MINUTES = 60
@@ -56,26 +57,18 @@ def shared_state(engine) -> bool:
     return isinstance(engine.store, RedisStore)
 
 
-def call_statistics(now: datetime) -> dict | None:
+def call_statistics(integrations: list[Integration], now: datetime) -> dict | None:
     """Per integration id: the last hour's call statistics and this hour's and today's attempts.
 
-    None when the monitoring app is not installed (no statistics are kept).
+    None when no call figures source is installed (the monitoring app keeps them).
     """
-    from django.apps import apps
-
-    if not apps.is_installed("monitoring"):
+    figures = call_figures()
+    if figures is None:
         return None
-    from django.db.models import Q, Sum
-
-    from monitoring.models import CallStats
-
     hour_start = now.replace(minute=0, second=0, microsecond=0)
     day_start = hour_start.replace(hour=0)
-    window = CallStats.objects.between(now - timedelta(minutes=STATS_WINDOW_MINUTES), now + timedelta(minutes=1))
-    totals = window.totals_by_integration()
-    used = (CallStats.objects.filter(minute__gte=day_start).order_by().values("integration_id")
-            .annotate(day=Sum("attempts"), hour=Sum("attempts", filter=Q(minute__gte=hour_start))))
-    return {"window": totals, "used": {row["integration_id"]: row for row in used},
+    ids = [integration.pk for integration in integrations]
+    return {"window": figures.window(ids, STATS_WINDOW_MINUTES), "used": figures.attempts(ids, hour_start, day_start),
             "hour_resets_at": int(hour_start.timestamp()) + HOUR, "day_resets_at": int(day_start.timestamp()) + DAY}
 
 
@@ -145,10 +138,11 @@ def collect_status(names=None, now: datetime | None = None, *, process_state: bo
     engine = get_engine()
     shared = shared_state(engine)
     live = shared or process_state
-    stats = call_statistics(now)
     rows = Integration.objects.select_related("breaker_state").order_by("name")
     if names is not None:
         rows = rows.filter(name__in=names)
+    rows = list(rows)
+    stats = call_statistics(rows, now)
     return {
         "generated_at": now.isoformat(),
         "sources": {

@@ -4,7 +4,7 @@ Steps:
 
 1. start the simulated upstream on 127.0.0.1 (``--port``, or a free port),
    with its faults: a payments outage on a schedule, erratic quotes, a slow
-   and failing LLM (``integrations.demo.scenario``);
+   and failing LLM (``monitoring.demo.scenario``);
 2. create or update the demo integrations (demo-payments, demo-quotes,
    demo-llm) as ``integrations import`` would: idempotent; and reset their
    breakers, so a run starts closed;
@@ -22,7 +22,7 @@ Steps:
    flush the statistics and print a summary.
 
 Dead letters are redriven by the django-q cluster (``manage.py qcluster``),
-which needs ``RESILIENCE_DLQ_HANDLER_MODULES=integrations.demo.handlers`` to
+which needs ``RESILIENCE_DLQ_HANDLER_MODULES=monitoring.demo.handlers`` to
 know the handler ``demo.charge``; ``make up`` starts it so.
 """
 
@@ -37,16 +37,15 @@ from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
 
-from integrations.demo.scenario import (NAMES, Tally, Timing, Traffic, build_upstream, integration_entries,
-                                        integration_summary)
-from integrations.demo.site import SiteServer, parse_address
+from integrations.management.commands.integrations import ImportFailed, sync_integrations
+from integrations.management.commands.resilience import breaker_text, collect_status, quota_text, shared_state
 from integrations.models import BreakerState, Integration
 from integrations.persistence import write_transition
 from integrations.resilience import get_engine
 from integrations.resilience.breaker import CLOSED, Transition
-
-from .integrations import ImportFailed, sync_integrations
-from .resilience import breaker_text, collect_status, quota_text, shared_state
+from monitoring.demo.scenario import (NAMES, Tally, Timing, Traffic, build_upstream, integration_entries,
+                                      integration_summary)
+from monitoring.demo.site import SiteServer, parse_address
 
 OPERATOR = "demo"
 
@@ -89,7 +88,7 @@ def counts_text(label: str, counts: dict[str, int] | None) -> str | None:
 class Command(BaseCommand):
     help = ("Run demo integrations against a simulated flaky upstream on 127.0.0.1: breakers open and close, "
             "quotas fill, fallbacks and dead letters appear, alerts are raised.")
-    # ``timing``: an integrations.demo.scenario.Timing (tests run the scenario faster)
+    # ``timing``: an monitoring.demo.scenario.Timing (tests run the scenario faster)
     stealth_options = ("timing",)
 
     def add_arguments(self, parser):

@@ -4,7 +4,7 @@ A charge that fails (after retries, or refused by an open breaker) is left in
 the dead letter queue with its payload; the redrive calls ``demo.charge``
 with that payload through demo-payments' pipeline, which posts it again.
 Processes that redrive import this module through
-``RESILIENCE_DLQ_HANDLER_MODULES=integrations.demo.handlers`` (``make up``
+``RESILIENCE_DLQ_HANDLER_MODULES=monitoring.demo.handlers`` (``make up``
 sets it for the django-q cluster); the demo command imports it itself.
 """
 
