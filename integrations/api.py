@@ -25,7 +25,7 @@ from rest_framework import exceptions, generics, serializers
 from rest_framework.response import Response
 
 from .api_common import APIDefaults, IsoDateTimeField, api_operation, error_responses, validated
-from .figures import call_figures
+from .status import PROCESS, SHARED, IntegrationStatus, read_statuses
 from .models import BREAKER_ACTIONS, BreakerEvent, BreakerState, Integration
 from .resilience import get_engine
 from .resilience.breaker import STATES
@@ -34,7 +34,6 @@ from .resilience.quota import CRITICAL, HEALTHY, WARNING
 
 STATS_MINUTES = 60
 RECENT_EVENTS = 10
-SHARED, PROCESS = "shared", "process"
 
 NAME_FIELD = Integration._meta.get_field("name")
 NAME_PARAMETER = OpenApiParameter(
@@ -57,18 +56,17 @@ def state_scope() -> str:
 
 # -- what an integration looks like: live state from the model's methods ---------------------
 
-def breaker_view(integration: Integration, scope: str) -> dict:
-    snapshot = integration.breaker_snapshot()
+def breaker_view(status: IntegrationStatus) -> dict:
+    integration, snapshot = status.integration, status.breaker
     try:
         recorded = integration.breaker_state
     except BreakerState.DoesNotExist:
         recorded = None
     return {
-        "state": integration.effective_breaker_state(snapshot),
-        "own_state": snapshot.state,
+        "state": status.state,
+        "own_state": status.own_state,
         "mode": integration.mode,
-        # a shared store that could not reach Redis answered with this process's breaker
-        "scope": scope if snapshot.extra.get("shared", True) else PROCESS,
+        "scope": status.scope,
         "opened_at": _datetime(snapshot.opened_at),
         "changed_at": _datetime(snapshot.changed_at),
         "consecutive_failures": snapshot.consecutive_failures,
@@ -83,11 +81,11 @@ def breaker_view(integration: Integration, scope: str) -> dict:
     }
 
 
-def quota_view(integration: Integration, scope: str) -> dict:
-    usage = integration.quota_usage().as_dict()
+def quota_view(status: IntegrationStatus) -> dict:
+    usage = status.quota.as_dict()
     for window in ("hourly", "daily"):
         usage[window]["resets_at"] = _datetime(usage[window]["resets_at"])
-    return {**usage, "scope": scope}
+    return {**usage, "scope": status.scope}
 
 
 def cache_view(integration: Integration, stats: dict | None) -> dict:
@@ -102,16 +100,17 @@ def cache_view(integration: Integration, stats: dict | None) -> dict:
     }
 
 
-def integration_view(integration: Integration, scope: str, stats: dict | None) -> dict:
+def integration_view(status: IntegrationStatus) -> dict:
+    integration = status.integration
     return {
         "name": integration.name,
         "kind": integration.kind,
         "description": integration.description,
         "capacity": integration.capacity,
-        "breaker": breaker_view(integration, scope),
-        "quota": quota_view(integration, scope),
-        "stats": stats,
-        "in_flight": get_engine().in_flight(integration.name),
+        "breaker": breaker_view(status),
+        "quota": quota_view(status),
+        "stats": status.figures,
+        "in_flight": status.in_flight,
     }
 
 
@@ -292,14 +291,6 @@ class IntegrationAPIView(APIDefaults, generics.GenericAPIView):
             raise exceptions.NotFound(f'No integration is named "{name}".')
         return integration
 
-    def stats_for(self, integrations) -> list[dict | None]:
-        """The last hour's statistics of each integration, in order; None each without a source."""
-        figures = call_figures()
-        if figures is None:
-            return [None] * len(integrations)
-        by_id = figures.window([integration.pk for integration in integrations], STATS_MINUTES)
-        return [by_id[integration.pk] for integration in integrations]
-
 
 class IntegrationListView(IntegrationAPIView):
     @api_operation(summary="Every integration with its live breaker, quota and last hour's statistics",
@@ -312,14 +303,13 @@ class IntegrationListView(IntegrationAPIView):
             integrations = integrations.filter(kind=query["kind"])
         if "mode" in query:
             integrations = integrations.filter(mode=query["mode"])
-        scope = state_scope()
         if "state" in query:
             # the live state is in the store, not the database: filter before paginating
-            integrations = [integration for integration in integrations
-                            if integration.effective_breaker_state() == query["state"]]
-        page = self.paginate_queryset(integrations)
-        rows = [integration_view(integration, scope, stats)
-                for integration, stats in zip(page, self.stats_for(page))]
+            statuses = [status for status in read_statuses(integrations) if status.state == query["state"]]
+            page = self.paginate_queryset(statuses)
+        else:
+            page = read_statuses(self.paginate_queryset(integrations))
+        rows = [integration_view(status) for status in page]
         return self.get_paginated_response(IntegrationSerializer(rows, many=True).data)
 
 
@@ -329,8 +319,8 @@ class IntegrationDetailView(IntegrationAPIView):
                    responses={200: IntegrationDetailSerializer, **error_responses(404)})
     def get(self, request, name):
         integration = self.get_integration()
-        (stats,) = self.stats_for([integration])
-        row = {**integration_view(integration, state_scope(), stats), "policy": integration,
+        (status,) = read_statuses([integration])
+        row = {**integration_view(status), "policy": integration,
                "events": integration.breaker_events.all()[:RECENT_EVENTS],
                "fault_injection": integration if integration.fault_active else None}
         return Response(IntegrationDetailSerializer(row).data)
@@ -348,7 +338,7 @@ class BreakerActionView(IntegrationAPIView):
         integration = self.get_integration()  # the breaker's recorded state has moved on
         return Response(BreakerActionSerializer({
             "integration": integration.name, "action": action,
-            "breaker": breaker_view(integration, state_scope()),
+            "breaker": breaker_view(read_statuses([integration], figures_minutes=None)[0]),
             "event": integration.breaker_events.first()}).data)
 
 
@@ -357,8 +347,7 @@ class QuotaListView(IntegrationAPIView):
                    parameters=[QuotaQuery], responses={200: QuotaSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
         query = validated(QuotaQuery, request.query_params)
-        scope = state_scope()
-        rows = [quota_view(integration, scope) for integration in self.get_queryset()]
+        rows = [quota_view(status) for status in read_statuses(self.get_queryset(), figures_minutes=None)]
         if "level" in query:
             rows = [row for row in rows if row["level"] == query["level"]]
         return self.get_paginated_response(QuotaSerializer(self.paginate_queryset(rows), many=True).data)
@@ -368,8 +357,8 @@ class CacheStatsView(IntegrationAPIView):
     @api_operation(summary="Every integration's response cache: TTL, version, hits and misses",
                    responses={200: CacheStatsSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
-        page = self.paginate_queryset(self.get_queryset())
-        rows = [cache_view(integration, stats) for integration, stats in zip(page, self.stats_for(page))]
+        page = read_statuses(self.paginate_queryset(self.get_queryset()))
+        rows = [cache_view(status.integration, status.figures) for status in page]
         return self.get_paginated_response(CacheStatsSerializer(rows, many=True).data)
 
 

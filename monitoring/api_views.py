@@ -40,6 +40,7 @@ from integrations.conf import app_settings
 from integrations.models import Integration
 from integrations.resilience import get_engine
 from integrations.resilience.breaker import HALF_OPEN, OPEN
+from integrations.status import read_statuses
 
 from .models import CRITICAL, Alert
 from .schema_names import ENUM_NAME_OVERRIDES
@@ -67,7 +68,7 @@ def database_check() -> dict:
 
 
 def breakers_check() -> dict:
-    states = Counter(integration.effective_breaker_state() for integration in Integration.objects.all())
+    states = Counter(status.state for status in read_statuses(Integration.objects.all(), figures_minutes=None))
     total = sum(states.values())
     return {"status": DEGRADED if states[OPEN] or states[HALF_OPEN] else OK, "total": total,
             "open": states[OPEN], "half_open": states[HALF_OPEN], "scope": state_scope()}

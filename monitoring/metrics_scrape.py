@@ -24,8 +24,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from integrations.models import Integration
+from integrations.status import read_statuses
 from integrations.resilience.breaker import CLOSED, HALF_OPEN, OPEN
-from integrations.resilience.policy import MODE_FORCED_CLOSED, MODE_FORCED_OPEN
 from .conf import metrics_settings
 
 logger = logging.getLogger("monitoring.metrics")
@@ -50,15 +50,6 @@ def optional_model(module_path: str, class_name: str):
     return getattr(module, class_name, None)
 
 
-def breaker_state_value(snapshot) -> int:
-    """0 closed, 1 half-open, 2 open: the state that decides calls, so a forced mode overrides the recorded one."""
-    if snapshot.mode == MODE_FORCED_OPEN:
-        return BREAKER_STATE_VALUES[OPEN]
-    if snapshot.mode == MODE_FORCED_CLOSED:
-        return BREAKER_STATE_VALUES[CLOSED]
-    return BREAKER_STATE_VALUES[snapshot.state]
-
-
 def integration_families() -> list[GaugeMetricFamily]:
     state = GaugeMetricFamily(
         "resilience_breaker_state",
@@ -76,11 +67,9 @@ def integration_families() -> list[GaugeMetricFamily]:
         "The integration's slow_call_ms, in seconds: the latency alert's threshold.",
         labels=["integration"],
     )
-    for integration in Integration.objects.all():
-        name = integration.name
-        snapshot = integration.breaker_snapshot()
-        state.add_metric([name, snapshot.mode], breaker_state_value(snapshot))
-        usage = integration.quota_usage()
+    for status in read_statuses(Integration.objects.all(), figures_minutes=None):  # one store round trip
+        integration, name, usage = status.integration, status.name, status.quota
+        state.add_metric([name, integration.mode], BREAKER_STATE_VALUES[status.state])
         for window, ratio in (("hourly", usage.hourly_ratio), ("daily", usage.daily_ratio)):
             if ratio is not None:
                 quota.add_metric([name, window], ratio)

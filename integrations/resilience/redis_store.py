@@ -392,16 +392,50 @@ class RedisStore(StateStore):
             local.extra["shared"] = False
             return local
         self._observe(policy.name, result)
-        fields = result[6]
-        values = dict(zip(map(_text, fields[0::2]), map(_text, fields[1::2])))
-        return BreakerSnapshot(
-            integration=policy.name, state=values["st"], mode=values["mode"],
-            opened_at=_float_or_none(values["oa"]), changed_at=_float_or_none(values["ca"]),
-            consecutive_failures=int(values["cf"]), consecutive_successes=int(values["cs"]),
-            half_open_in_flight=int(values["leases"]), window_calls=int(values["cnt"]),
-            window_failures=int(values["nf"]), window_slow=int(values["ns"]), window_retries=int(values["nr"]),
-            extra={"shared": True},
-        )
+        return _snapshot_from(policy, result)
+
+    def _local_read(self, policy: Policy) -> tuple[BreakerSnapshot, QuotaUsage]:
+        local = self.local.snapshot(policy)
+        local.extra["shared"] = False
+        return local, self.local.quota_usage(policy)
+
+    def read_many(self, policies: list[Policy]) -> list[tuple[BreakerSnapshot, QuotaUsage]]:
+        """Every policy's breaker and quota in one pipelined round trip (a page of the console)."""
+        if not policies:
+            return []
+        if not self.available and time.monotonic() < self._retry_at:
+            return [self._local_read(policy) for policy in policies]
+        now = self.clock.time()
+        calls = [(self._keys(policy, now), self._args("s", policy, now, pending=self._take_pending(policy.name)))
+                 for policy in policies]
+        for first_try in (True, False):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(self._state_script.sha, len(keys), *keys, *args)
+                pipe.mget(keys[2], keys[3])
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except _UNREACHABLE as exc:
+                self._lost(exc)
+                return [self._local_read(policy) for policy in policies]
+            if first_try and any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+                # a restarted Redis forgot the script, which therefore ran nowhere: load it, send again
+                self.client.script_load(self._state_script.script)
+                continue
+            break
+        failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        if failed is not None:
+            raise failed
+        if not self.available:
+            self._regained()
+        reads = []
+        for policy, result, (hourly, daily) in zip(policies, replies[0::2], replies[1::2]):
+            self._observe(policy.name, result)
+            reads.append((_snapshot_from(policy, result),
+                          QuotaUsage(policy.name, int(hourly or 0), policy.hourly_limit, int(daily or 0),
+                                     policy.daily_limit, window_start(now, HOUR) + HOUR,
+                                     window_start(now, DAY) + DAY)))
+        return reads
 
     def quota_usage(self, policy: Policy) -> QuotaUsage:
         now = self.clock.time()
@@ -539,6 +573,20 @@ class RedisStore(StateStore):
     def _stale_policy(self, policy: Policy) -> None:
         if self.on_stale_policy is not None:
             self.on_stale_policy(policy.name)
+
+
+def _snapshot_from(policy: Policy, result) -> BreakerSnapshot:
+    """The state script's answer to a snapshot ("s"): its seventh item is the breaker hash's fields."""
+    fields = result[6]
+    values = dict(zip(map(_text, fields[0::2]), map(_text, fields[1::2])))
+    return BreakerSnapshot(
+        integration=policy.name, state=values["st"], mode=values["mode"],
+        opened_at=_float_or_none(values["oa"]), changed_at=_float_or_none(values["ca"]),
+        consecutive_failures=int(values["cf"]), consecutive_successes=int(values["cs"]),
+        half_open_in_flight=int(values["leases"]), window_calls=int(values["cnt"]),
+        window_failures=int(values["nf"]), window_slow=int(values["ns"]), window_retries=int(values["nr"]),
+        extra={"shared": True},
+    )
 
 
 def _lease_wanted(seen: _Lease | None, window_s: float, now_mono: float) -> int:

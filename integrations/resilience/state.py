@@ -84,6 +84,10 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def quota_usage(self, policy: Policy) -> QuotaUsage: ...
 
+    def read_many(self, policies: list[Policy]) -> list[tuple[BreakerSnapshot, QuotaUsage]]:
+        """Each policy's breaker and quota, for pages that show many (a shared store: one round trip)."""
+        return [(self.snapshot(policy), self.quota_usage(policy)) for policy in policies]
+
     @abc.abstractmethod
     def reset(self, policy: Policy, by: str | None = None, reason: str = "manual reset") -> Transition | None:
         """Close the breaker and clear its counts (an operator's action)."""
