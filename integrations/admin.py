@@ -22,14 +22,13 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from .figures import call_figures
-from .levels import latency_level, success_level, success_rate
+from .levels import latency_level, success_level
 from .models import BreakerEvent, BreakerState, FaultInjection, Integration
 from .resilience.policy import KIND_PRESETS, KINDS, MODE_NORMAL
 from .conf import app_settings
+from .status import FIGURES_MINUTES, PROCESS, SHARED, IntegrationStatus, read_statuses
 
 STATE_COLOURS = {"closed": "#2e7d32", "half_open": "#ef6c00", "open": "#c62828"}
-FIGURES_MINUTES = 60  # the window of the list's success rate and p95
 LEVEL_COLOURS = {"healthy": "#2e7d32", "warning": "#ef6c00", "critical": "#c62828"}
 RECENT_BREAKER_EVENTS = 10
 FAULT_INJECTION_OFF = ("Fault injection is off on this site: set RESILIENCE_FAULT_INJECTION=true to allow it "
@@ -152,22 +151,26 @@ class IntegrationAdmin(admin.ModelAdmin):
     live_fieldset = ("Live state", {"fields": ("breaker", "live_breaker", "quota_level", "fault",
                                                "recent_breaker_events")})
 
-    # -- the last hour of calls, from the call figures monitoring keeps (integrations/figures.py) --
+    # -- each row's status (integrations/status.py): one store round trip and one figures query a page --
 
     def get_changelist_instance(self, request):
         changelist = super().get_changelist_instance(request)
-        figures = call_figures()
-        if figures is not None:
-            rows = list(changelist.result_list)  # evaluated once here; the template iterates the same rows
-            stats = figures.window([row.pk for row in rows], FIGURES_MINUTES)  # one query for the page
-            for row in rows:
-                row.last_hour = stats[row.pk]
+        rows = list(changelist.result_list)  # evaluated once here; the template iterates the same rows
+        for row, status in zip(rows, read_statuses(rows)):
+            row.status = status
         return changelist
+
+    @staticmethod
+    def status_of(obj) -> IntegrationStatus:
+        """The row's status, read with its page; a change form reads its one integration's."""
+        if getattr(obj, "status", None) is None:
+            (obj.status,) = read_statuses([obj])
+        return obj.status
 
     @admin.display(description=f"Success ({FIGURES_MINUTES} min)")
     def success_rate(self, obj):
-        stats = getattr(obj, "last_hour", None)
-        rate = success_rate(stats) if stats else None
+        stats = self.status_of(obj).figures
+        rate = stats["success_rate"] if stats else None
         if rate is None:
             return "-"
         return format_html('<span title="{} of {} calls">{}</span>', stats["successes"], stats["calls"],
@@ -175,7 +178,7 @@ class IntegrationAdmin(admin.ModelAdmin):
 
     @admin.display(description=f"p95 ({FIGURES_MINUTES} min)")
     def p95(self, obj):
-        stats = getattr(obj, "last_hour", None)
+        stats = self.status_of(obj).figures
         p95 = stats["latency_p95_ms"] if stats else None
         if p95 is None:
             return "-"
@@ -218,7 +221,7 @@ class IntegrationAdmin(admin.ModelAdmin):
     def breaker(self, obj):
         if obj.pk is None:
             return "-"
-        state = obj.effective_breaker_state()
+        state = self.status_of(obj).state
         label = state.replace("_", "-")
         if obj.mode != MODE_NORMAL:
             label = f"{label} ({obj.get_mode_display()})"
@@ -228,7 +231,7 @@ class IntegrationAdmin(admin.ModelAdmin):
     def quota_level(self, obj):
         if obj.pk is None or (obj.hourly_limit is None and obj.daily_limit is None):
             return "-"
-        usage = obj.quota_usage()
+        usage = self.status_of(obj).quota
         parts = [f"{used}/{limit}" for used, limit in ((usage.hourly_used, usage.hourly_limit),
                                                        (usage.daily_used, usage.daily_limit)) if limit]
         return badge(f"{usage.level} ({', '.join(parts)})", LEVEL_COLOURS[usage.level])
@@ -250,12 +253,12 @@ class IntegrationAdmin(admin.ModelAdmin):
 
     @admin.display(description="Live breaker")
     def live_breaker(self, obj):
-        snapshot = obj.breaker_snapshot()
+        status = self.status_of(obj)
+        snapshot = status.breaker
         rate = snapshot.failure_rate
         changed = ("" if snapshot.changed_at is None else " since " + timezone.localtime(
             datetime.fromtimestamp(snapshot.changed_at, tz=dt_timezone.utc)).strftime("%Y-%m-%d %H:%M:%S"))
-        held_by = {True: "shared (Redis)", False: "this process (Redis unreachable)"}.get(
-            snapshot.extra.get("shared"), "this process")
+        held_by = {SHARED: "shared (Redis)", PROCESS: "this process"}[status.scope]
         return format_html(
             "{}{} · {} consecutive failure(s), {} consecutive success(es) · window: {} call(s), {} failure(s){}, "
             "{} slow, {} retries · {} trial call(s) in flight · state held by {}",

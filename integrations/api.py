@@ -47,13 +47,6 @@ def _datetime(timestamp: float | None) -> datetime | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, tz=timezone.utc)
 
 
-def state_scope() -> str:
-    """Whether breakers and quotas are the fleet's (shared in Redis) or this process's."""
-    from .resilience.redis_store import RedisStore
-
-    return SHARED if isinstance(get_engine().store, RedisStore) else PROCESS
-
-
 # -- what an integration looks like: live state from the model's methods ---------------------
 
 def breaker_view(status: IntegrationStatus) -> dict:

@@ -14,8 +14,9 @@ SUCCESS_CRITICAL_BELOW = 0.80
 LATENCY_WARNING_FROM = 0.8
 
 
-def success_rate(stats: dict) -> float | None:
-    return stats["successes"] / stats["calls"] if stats["calls"] else None
+def ratio(part: int, whole: int) -> float | None:
+    """``part / whole``, None when there is nothing to divide (no calls, no cacheable calls)."""
+    return part / whole if whole else None
 
 
 def success_level(rate: float | None) -> str | None:

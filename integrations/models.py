@@ -14,7 +14,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from .resilience import get_engine
-from .resilience.breaker import CLOSED, OPEN
+from .resilience.breaker import effective_state
 from .resilience.policy import (
     KIND_PRESETS,
     KINDS,
@@ -204,11 +204,7 @@ class Integration(models.Model):
 
     def effective_breaker_state(self, snapshot=None) -> str:
         """The state callers meet: a forced mode overrides the breaker's own."""
-        if self.mode == MODE_FORCED_OPEN:
-            return OPEN
-        if self.mode == MODE_FORCED_CLOSED:
-            return CLOSED
-        return (snapshot or self.breaker_snapshot()).state
+        return effective_state(self.mode, (snapshot or self.breaker_snapshot()).state)
 
     def operate_breaker(self, action: str, by: str) -> None:
         """An operator's breaker action (BREAKER_ACTIONS), always left in the history naming ``by``.

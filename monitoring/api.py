@@ -38,12 +38,9 @@ DEFAULT_SUMMARY_MINUTES = 60
 
 def summarize(totals: dict, minutes: int) -> dict:
     """A CallStatsSummary from ``describe()``'d counters over ``minutes``."""
-    calls, hits, misses = totals["calls"], totals["cache_hits"], totals["cache_misses"]
     return {
         **totals,
         "window_minutes": minutes,
-        "success_rate": totals["successes"] / calls if calls else None,
-        "cache_hit_ratio": hits / (hits + misses) if hits + misses else None,
         "failures_by_category": {category: totals[column] for category, column in FAILURE_COLUMNS.items()
                                  if totals[column]},
         "rejected_by_reason": {category: totals[column] for category, column in REJECTION_COLUMNS.items()

@@ -34,13 +34,12 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from integrations.api import SHARED, state_scope
 from integrations.api_common import APIDefaults, api_operation, IsoDateTimeField
 from integrations.conf import app_settings
 from integrations.models import Integration
 from integrations.resilience import get_engine
 from integrations.resilience.breaker import HALF_OPEN, OPEN
-from integrations.status import read_statuses
+from integrations.status import PROCESS, SHARED, read_statuses
 
 from .models import CRITICAL, Alert
 from .schema_names import ENUM_NAME_OVERRIDES
@@ -71,7 +70,8 @@ def breakers_check() -> dict:
     states = Counter(status.state for status in read_statuses(Integration.objects.all(), figures_minutes=None))
     total = sum(states.values())
     return {"status": DEGRADED if states[OPEN] or states[HALF_OPEN] else OK, "total": total,
-            "open": states[OPEN], "half_open": states[HALF_OPEN], "scope": state_scope()}
+            "open": states[OPEN], "half_open": states[HALF_OPEN],
+            "scope": SHARED if get_engine().store.shared else PROCESS}
 
 
 def alerts_check() -> dict:
@@ -81,7 +81,7 @@ def alerts_check() -> dict:
 
 def shared_state_check() -> dict:
     """Redis, when configured, answers a ping now (the store's own flag only knows the last round trip)."""
-    if state_scope() != SHARED:
+    if not get_engine().store.shared:
         return {"status": OK, "configured": False, "available": None}
     try:
         get_engine().store.client.ping()

@@ -26,9 +26,10 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 
-from integrations.levels import latency_level, success_level, success_rate
+from integrations.levels import latency_level, ratio, success_level
 from integrations.models import FaultInjection, Integration
 from integrations.resilience.quota import level_for
+from integrations.status import IntegrationStatus, read_statuses
 
 from .models import CallStats, describe
 from .notifications import dlq_installed
@@ -54,10 +55,6 @@ def last_hour_stats(integration_ids=None, now: datetime | None = None) -> dict[i
         rows = rows.filter(integration_id__in=integration_ids)
     stats = rows.totals_by_integration()
     return {pk: stats.get(pk) or describe({}) for pk in (integration_ids if integration_ids is not None else stats)}
-
-
-def hit_ratio(hits: int, misses: int) -> float | None:
-    return hits / (hits + misses) if hits + misses else None
 
 
 def calls_per_minute(now: datetime | None = None) -> dict[int, list[int]]:
@@ -97,10 +94,10 @@ def faults_in_force(integrations: list[Integration]) -> dict[int, dict]:
     return faults
 
 
-def quota_dict(integration: Integration) -> dict | None:
+def quota_dict(status: IntegrationStatus) -> dict | None:
+    integration, usage = status.integration, status.quota
     if integration.hourly_limit is None and integration.daily_limit is None:
         return None
-    usage = integration.quota_usage()
     windows = {name: {"used": used, "limit": limit, "ratio": ratio, "level": level_for(ratio)}
                for name, used, limit, ratio in (("hourly", usage.hourly_used, usage.hourly_limit, usage.hourly_ratio),
                                                 ("daily", usage.daily_used, usage.daily_limit, usage.daily_ratio))
@@ -108,29 +105,29 @@ def quota_dict(integration: Integration) -> dict | None:
     return {"level": usage.level, **windows}
 
 
-def integration_card(integration: Integration, stats: dict, per_minute: list[int], dead_letters: dict,
+def integration_card(status: IntegrationStatus, stats: dict, per_minute: list[int], dead_letters: dict,
                      fault: dict | None) -> dict:
-    snapshot = integration.breaker_snapshot()
-    rate = success_rate(stats)
+    integration = status.integration
+    rate = stats["success_rate"]
     p95 = stats["latency_p95_ms"]
     return {
         "id": integration.pk,
         "name": integration.name,
         "kind": integration.kind,
         "url": reverse("admin:integrations_integration_change", args=[integration.pk]),
-        "state": integration.effective_breaker_state(snapshot),
-        "recorded_state": snapshot.state,
+        "state": status.state,
+        "own_state": status.own_state,
+        "scope": status.scope,
         "mode": integration.mode,
         "capacity": integration.capacity,
-        "quota": quota_dict(integration),
+        "quota": quota_dict(status),
         "calls": stats["calls"],
         "success_rate": rate,
         "success_level": success_level(rate),
         "latency": {"p50_ms": stats["latency_p50_ms"], "p95_ms": p95, "p99_ms": stats["latency_p99_ms"],
                     "level": latency_level(p95, integration.slow_call_ms)},
         "slow_call_ms": integration.slow_call_ms,
-        "cache": {"hits": stats["cache_hits"], "misses": stats["cache_misses"],
-                  "hit_ratio": hit_ratio(stats["cache_hits"], stats["cache_misses"])},
+        "cache": {"hits": stats["cache_hits"], "misses": stats["cache_misses"], "hit_ratio": stats["cache_hit_ratio"]},
         "calls_per_minute": per_minute,
         "dead_letters_waiting": dead_letters.get("pending", 0) + dead_letters.get("retrying", 0),
         "fault": fault,
@@ -158,6 +155,7 @@ def system_health(now: datetime | None = None) -> dict:
     now = now or timezone.now()
     since, _ = window(now)
     integrations = list(Integration.objects.all())
+    statuses = read_statuses(integrations, figures_minutes=None)  # one store round trip for every card
     stats = last_hour_stats((i.pk for i in integrations), now)
     series = calls_per_minute(now)
     faults = faults_in_force(integrations)
@@ -175,12 +173,12 @@ def system_health(now: datetime | None = None) -> dict:
         "critical": [alert_dict(alert) for alert in alerts["critical"]],
         "warnings": [alert_dict(alert) for alert in alerts["warnings"]],
         "integrations": [
-            integration_card(integration, stats[integration.pk],
-                             series.get(integration.pk, [0] * WINDOW_MINUTES),
-                             dead_letters_by_name.get(integration.name, {}), faults.get(integration.pk))
-            for integration in integrations
+            integration_card(status, stats[status.integration.pk],
+                             series.get(status.integration.pk, [0] * WINDOW_MINUTES),
+                             dead_letters_by_name.get(status.name, {}), faults.get(status.integration.pk))
+            for status in statuses
         ],
-        "cache": {"hits": hits, "misses": misses, "hit_ratio": hit_ratio(hits, misses)},
+        "cache": {"hits": hits, "misses": misses, "hit_ratio": ratio(hits, hits + misses)},
         "dead_letters": dead_letters,
         "faults": list(faults.values()),
         "fault_injection_enabled": app_settings.FAULT_INJECTION,

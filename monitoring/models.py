@@ -21,6 +21,7 @@ from django.db.models.functions import Coalesce
 from django.dispatch import Signal
 from django.utils import timezone
 
+from integrations.levels import ratio
 from integrations.models import Integration
 
 from .counters import COUNTER_COLUMNS, ERROR_COLUMNS, FALLBACK_COLUMNS, LATENCY_SUM_COLUMN, REJECTION_COLUMNS
@@ -80,6 +81,8 @@ def describe(sums: dict, prefix: str = "") -> dict:
         "upstream_calls": upstream_calls,
         # errors are measured over the calls the pipeline let through: refusals have rules of their own
         "error_rate": errors / (calls - rejected) if calls - rejected else None,
+        "success_rate": ratio(counts["successes"], calls),
+        "cache_hit_ratio": ratio(counts["cache_hits"], counts["cache_hits"] + counts["cache_misses"]),
         "fallback_rate": fallbacks / calls if calls else None,
         "latency_buckets": buckets,
         "latency_avg_ms": counts[LATENCY_SUM_COLUMN] / upstream_calls if upstream_calls else None,

@@ -9,9 +9,8 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from api_support import client_for, clients, error_of
-from integrations.api import state_scope
 from integrations.models import BreakerEvent, Integration
-from integrations.resilience import execute
+from integrations.resilience import execute, get_engine
 from monitoring.models import CallStats
 
 pytestmark = pytest.mark.django_db
@@ -74,7 +73,7 @@ def test_the_list_shows_each_integrations_live_breaker_quota_and_last_hours_stat
     billing = body["results"][0]
     assert billing["kind"] == "external_api"
     assert billing["breaker"]["state"] == billing["breaker"]["own_state"] == "open"
-    assert billing["breaker"]["scope"] == state_scope()
+    assert billing["breaker"]["scope"] == ("shared" if get_engine().store.shared else "process")
     assert billing["breaker"]["recorded"]["state"] == "open"
     assert billing["quota"]["hourly"]["limit"] == 10 and billing["quota"]["level"] in ("healthy", "warning")
     stats = billing["stats"]

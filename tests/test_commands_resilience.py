@@ -74,7 +74,7 @@ def test_status_quota_is_the_hours_attempts_against_the_limit_with_its_level(bil
     record_calls("billing", *[(True, 5.0, None)] * 9)
     document = json.loads(run("status", "--json")[0])
     quota = document["integrations"][0]["quota"]
-    if document["sources"]["quota"] == "call_stats":  # without Redis: the fleet's attempts in the statistics
+    if document["integrations"][0]["scope"] == "recorded":  # without Redis: the fleet's attempts in the figures
         assert (quota["hourly"]["used"], quota["hourly"]["limit"], quota["level"]) == (9, 10, "warning")
         assert "9/10 per hour warning" in run("status")[0]
     else:  # with Redis: the shared counters, which these recorded statistics did not touch
@@ -86,16 +86,17 @@ def test_status_shows_an_open_breaker_and_a_forced_mode(billing):
     open_breaker("billing")
     out, _ = run("status")
     assert next(line for line in out.splitlines() if line.startswith("billing ")).split()[2] == "open"
-    assert "closed (forced_open)" in next(line for line in out.splitlines() if line.startswith("forced "))
+    # the state callers meet, and the mode that makes it so
+    assert "open (forced_open)" in next(line for line in out.splitlines() if line.startswith("forced "))
 
 
 def test_status_says_where_each_figure_comes_from(billing):
     out, _ = run("status")
-    if resilience.shared_state(get_engine()):
+    if get_engine().store.shared:
         assert "Breakers and quotas: the fleet's shared state (Redis)." in out
     else:
-        assert "Breakers: the last transition recorded by any process" in out
-        assert "Quotas: attempts this hour and today, from the call statistics." in out
+        assert "Breakers: the last transition recorded by any process; quotas: attempts this hour and today" in out
+    assert "Success rate, p95 and cache hits: the last 60 minutes of call figures" in out
     assert "In flight: this process's calls." in out
 
 
@@ -103,18 +104,19 @@ def test_status_json_has_the_same_figures_under_stable_keys(billing):
     record_calls("billing", (True, 30.0, "hit"), (False, 30.0, "miss"))
     open_breaker("billing")
     document = json.loads(run("status", "--json")[0])
-    assert set(document) == {"generated_at", "sources", "stats_window_minutes", "integrations"}
-    assert set(document["sources"]) == {"breaker", "quota", "statistics", "in_flight"}
+    assert set(document) == {"generated_at", "figures_minutes", "integrations"}
     (row,) = document["integrations"]
-    assert set(row) == {"name", "kind", "breaker", "quota", "calls", "success_rate", "p95_ms", "cache", "in_flight"}
-    assert set(row["breaker"]) == {"state", "mode", "changed_at", "effective_state"}
+    # IntegrationStatus.to_dict(): the names the API and the docs use
+    assert set(row) == {"name", "kind", "mode", "scope", "state", "own_state", "opened_at", "changed_at", "quota",
+                        "figures", "cache", "in_flight"}
+    assert row["scope"] == ("shared" if get_engine().store.shared else "recorded")
     assert set(row["quota"]) == {"hourly", "daily", "level"}
-    assert row["breaker"]["state"] == row["breaker"]["effective_state"] == "open"
-    assert row["breaker"]["changed_at"] is not None
+    assert row["state"] == row["own_state"] == "open" and row["mode"] == "normal"
+    assert row["changed_at"] is not None and row["opened_at"] is not None
     # the two recorded calls, plus the two that opened the breaker (flushed by nobody yet: not counted)
-    assert (row["calls"], row["success_rate"]) == (2, 0.5)
-    assert row["cache"] == {"hits": 1, "misses": 1, "hit_ratio": 0.5}
-    assert row["in_flight"] == 0 and document["stats_window_minutes"] == 60
+    assert (row["figures"]["calls"], row["figures"]["success_rate"]) == (2, 0.5)
+    assert row["cache"] == {"hits": 1, "misses": 1, "hit_ratio": 0.5, "source": "figures"}
+    assert row["in_flight"] == 0 and document["figures_minutes"] == 60
 
 
 def test_status_without_integrations_says_how_to_add_them():
@@ -129,7 +131,7 @@ def test_breaker_open_forces_the_mode_and_records_the_operator(billing, django_c
         out, _ = run("breaker", "open", "billing")
     billing.refresh_from_db()
     assert billing.mode == "forced_open"
-    assert f"billing: breaker closed, mode forced_open (forced open by {OPERATOR})" in out
+    assert f"billing: breaker open, mode forced_open (forced open by {OPERATOR})" in out
     event = BreakerEvent.objects.get(integration=billing)
     assert (event.from_state, event.to_state, event.by) == ("closed", "open", OPERATOR)
     assert event.reason == "forced open: mode normal -> forced_open"
@@ -153,7 +155,7 @@ def test_breaker_reset_closes_an_open_breaker_as_the_operator(billing):
     assert f"billing: breaker closed, mode normal (manual reset by {OPERATOR})" in out
     reset = BreakerEvent.objects.get(integration=billing, to_state="closed")
     assert (reset.from_state, reset.by, reset.reason) == ("open", OPERATOR, "manual reset")
-    if not resilience.shared_state(get_engine()):
+    if not get_engine().store.shared:
         assert "No shared state (REDIS_URL is unset)" in err
 
 

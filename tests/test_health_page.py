@@ -96,7 +96,7 @@ def test_each_integration_has_a_card_with_its_live_breaker_and_quota(admin_clien
     document = admin_client.get(JSON_URL).json()
     assert [c["name"] for c in document["integrations"]] == ["billing", "geo", "search"]
     assert (card(document, "search")["state"], card(document, "search")["mode"]) == ("open", "normal")
-    assert (card(document, "billing")["state"], card(document, "billing")["recorded_state"],
+    assert (card(document, "billing")["state"], card(document, "billing")["own_state"],
             card(document, "billing")["mode"]) == ("open", "closed", "forced_open")
     assert card(document, "geo")["state"] == "closed" and card(document, "geo")["capacity"] == 0.5
     assert card(document, "search")["quota"] is None

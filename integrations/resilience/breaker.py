@@ -34,6 +34,11 @@ FAILURE = "failure"
 IGNORED = "ignored"  # the caller's fault (client error, validation): counts as neither
 
 
+
+def effective_state(mode: str, own_state: str) -> str:
+    """The state callers meet: a forced mode overrides the breaker's own."""
+    return OPEN if mode == MODE_FORCED_OPEN else CLOSED if mode == MODE_FORCED_CLOSED else own_state
+
 @dataclass(frozen=True, slots=True)
 class Transition:
     integration: str

@@ -5,13 +5,13 @@ Subcommands:
 - ``status [--json]``: every integration: kind, breaker state (and mode when
   not normal), quota used / limit and level, success rate and p95 latency
   over the last hour, cache hit ratio, calls in flight. Steps:
-  1. read every integration and its recorded breaker state;
-  2. read the last hour's call statistics (the monitoring app) and this
-     hour's and today's quota use;
-  3. print a table (or, with ``--json``, the same as a JSON document).
-  Where each figure comes from is printed under the table: with REDIS_URL,
-  breakers and quotas are the fleet's shared state; without it, breakers are
-  the last recorded transition and quotas come from the call statistics.
+  1. read every integration's status (integrations/status.py: one store
+     round trip and one call figures query for all of them);
+  2. print a table (or, with ``--json``, each ``IntegrationStatus.to_dict()``).
+  Where each figure comes from (each row's ``scope``) is printed under the
+  table: with REDIS_URL, breakers and quotas are the fleet's shared state;
+  without it, breakers are the last recorded transition and quotas the
+  attempts in the call figures.
 - ``breaker {reset,open,close} NAME``: an operator's action on one breaker,
   through ``Integration.operate_breaker`` as the admin's actions (reset: back
   to normal mode and closed; open and close: forced modes). Steps:
@@ -29,130 +29,37 @@ import difflib
 import getpass
 import json
 import os
-from datetime import datetime, timezone as dt_timezone
-from types import SimpleNamespace
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from integrations.models import BREAKER_ACTIONS, BreakerState, Integration
+from integrations.models import BREAKER_ACTIONS, Integration
 from integrations.resilience import get_engine
 from integrations.resilience.breaker import CLOSED, OPEN
 from integrations.resilience.policy import MODE_NORMAL
-from integrations.resilience.quota import DAY, HOUR, QuotaUsage
-from integrations.figures import call_figures
 from integrations.schedules import install_schedules
+from integrations.status import FIGURES_MINUTES, PROCESS, RECORDED, SHARED, read_statuses
 
-STATS_WINDOW_MINUTES = 60
-SHARED, RECORDED, CALL_STATS, PROCESS = "shared", "recorded", "call_stats", "process"
 COLUMNS = ("NAME", "KIND", "BREAKER", "QUOTA", "SUCCESS 1h", "P95 1h", "CACHE HITS", "IN FLIGHT")
 
 
 # -- status: one document, rendered as a table or JSON ---------------------------------------
 
-def shared_state(engine) -> bool:
-    """Whether breakers and quotas live in Redis for the whole fleet (else each process has its own)."""
-    from integrations.resilience.redis_store import RedisStore
-
-    return isinstance(engine.store, RedisStore)
-
-
-def call_statistics(integrations: list[Integration], now: datetime) -> dict | None:
-    """Per integration id: the last hour's call statistics and this hour's and today's attempts.
-
-    None when no call figures source is installed (the monitoring app keeps them).
-    """
-    figures = call_figures()
-    if figures is None:
-        return None
-    hour_start = now.replace(minute=0, second=0, microsecond=0)
-    day_start = hour_start.replace(hour=0)
-    ids = [integration.pk for integration in integrations]
-    return {"window": figures.window(ids, STATS_WINDOW_MINUTES), "used": figures.attempts(ids, hour_start, day_start),
-            "hour_resets_at": int(hour_start.timestamp()) + HOUR, "day_resets_at": int(day_start.timestamp()) + DAY}
-
-
-def breaker_view(integration: Integration, live: bool) -> dict:
-    """The breaker as the engine holds it (``live``: shared state, or this process's), else as last recorded.
-
-    ``effective_state`` is what callers meet: a forced mode overrides the breaker's own state.
-    """
-    if live:
-        snapshot = integration.breaker_snapshot()
-        changed = snapshot.changed_at
-        changed_at = datetime.fromtimestamp(changed, tz=dt_timezone.utc).isoformat() if changed else None
-    else:
-        try:
-            recorded = integration.breaker_state
-        except BreakerState.DoesNotExist:
-            recorded = BreakerState(state=CLOSED)
-        snapshot = SimpleNamespace(state=recorded.state)
-        changed_at = recorded.changed_at.isoformat() if recorded.changed_at else None
-    return {"state": snapshot.state, "mode": integration.mode, "changed_at": changed_at,
-            "effective_state": integration.effective_breaker_state(snapshot)}
-
-
-def quota_view(integration: Integration, live: bool, stats: dict | None) -> QuotaUsage:
-    if live or stats is None:
-        return integration.quota_usage()
-    used = stats["used"].get(integration.pk, {})
-    return QuotaUsage(integration.name, used.get("hour") or 0, integration.hourly_limit, used.get("day") or 0,
-                      integration.daily_limit, stats["hour_resets_at"], stats["day_resets_at"])
-
-
-def integration_status(integration: Integration, engine, live: bool, stats: dict | None) -> dict:
-    quota = quota_view(integration, live, stats).as_dict()
-    quota.pop("integration")
-    window = stats["window"].get(integration.pk) if stats is not None else None
-    if stats is not None:
-        calls = window["calls"] if window else 0
-        hits, misses = (window["cache_hits"], window["cache_misses"]) if window else (0, 0)
-        success_rate = window["successes"] / calls if calls else None
-        p95 = window["latency_p95_ms"] if window else None
-    else:
-        calls = success_rate = p95 = None
-        process_cache = engine.cache_stats(integration.name)
-        hits, misses = process_cache["hits"], process_cache["misses"]
-    return {
-        "name": integration.name,
-        "kind": integration.kind,
-        "breaker": breaker_view(integration, live),
-        "quota": quota,
-        "calls": calls,
-        "success_rate": success_rate,
-        "p95_ms": p95,
-        "cache": {"hits": hits, "misses": misses, "hit_ratio": hits / (hits + misses) if hits + misses else None},
-        "in_flight": engine.in_flight(integration.name),
-    }
-
-
-def collect_status(names=None, now: datetime | None = None, *, process_state: bool = False) -> dict:
+def collect_status(names=None, *, calling_process: bool = False) -> dict:
     """The status document of every integration (or of ``names``), as ``status --json`` prints it.
 
-    ``process_state``: breakers and quotas as this process's engine holds
-    them, for a process that makes the calls itself (the demo); otherwise
-    they are the shared state, or without Redis the recorded breaker
-    transitions and the quota use in the call statistics.
+    Each row is ``IntegrationStatus.to_dict()`` (integrations/status.py). ``calling_process``: a
+    process that makes the calls itself (the demo) shows its own breakers and quotas without
+    Redis; this command, which makes none, shows the recorded ones (scope ``recorded``).
     """
-    now = now or timezone.now()
-    engine = get_engine()
-    shared = shared_state(engine)
-    live = shared or process_state
     rows = Integration.objects.select_related("breaker_state").order_by("name")
     if names is not None:
         rows = rows.filter(name__in=names)
-    rows = list(rows)
-    stats = call_statistics(rows, now)
+    statuses = read_statuses(rows, calling_process=calling_process)
     return {
-        "generated_at": now.isoformat(),
-        "sources": {
-            "breaker": SHARED if shared else PROCESS if live else RECORDED,
-            "quota": SHARED if shared else PROCESS if live or stats is None else CALL_STATS,
-            "statistics": CALL_STATS if stats is not None else None,
-            "in_flight": PROCESS,
-        },
-        "stats_window_minutes": STATS_WINDOW_MINUTES,
-        "integrations": [integration_status(row, engine, live, stats) for row in rows],
+        "generated_at": timezone.now().isoformat(),
+        "figures_minutes": FIGURES_MINUTES,
+        "integrations": [status.to_dict() for status in statuses],
     }
 
 
@@ -160,12 +67,12 @@ def dumps(document: dict) -> str:
     return json.dumps(document, indent=2, sort_keys=True)
 
 
-def percent(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{100 * ratio:.1f}%"
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def breaker_text(breaker: dict) -> str:
-    return breaker["state"] if breaker["mode"] == MODE_NORMAL else f"{breaker['state']} ({breaker['mode']})"
+def breaker_text(row: dict) -> str:
+    return row["state"] if row["mode"] == MODE_NORMAL else f"{row['state']} ({row['mode']})"
 
 
 def quota_text(quota: dict) -> str:
@@ -175,24 +82,31 @@ def quota_text(quota: dict) -> str:
 
 
 def table_row(row: dict) -> tuple[str, ...]:
-    p95 = row["p95_ms"]
-    return (row["name"], row["kind"], breaker_text(row["breaker"]), quota_text(row["quota"]),
-            percent(row["success_rate"]), "-" if p95 is None else f"{p95:.0f} ms",
+    figures = row["figures"]
+    p95 = figures["latency_p95_ms"] if figures else None
+    return (row["name"], row["kind"], breaker_text(row), quota_text(row["quota"]),
+            percent(figures["success_rate"] if figures else None), "-" if p95 is None else f"{p95:.0f} ms",
             percent(row["cache"]["hit_ratio"]), str(row["in_flight"]))
 
 
-SOURCE_NOTES = {
-    ("breaker", SHARED): "Breakers and quotas: the fleet's shared state (Redis).",
-    ("breaker", RECORDED): ("Breakers: the last transition recorded by any process (no REDIS_URL: each "
-                            "process has its own breakers)."),
-    ("quota", CALL_STATS): "Quotas: attempts this hour and today, from the call statistics.",
-    ("breaker", PROCESS): "Breakers: this process's.",
-    ("quota", PROCESS): "Quotas: this process's counters.",
-    ("statistics", CALL_STATS): f"Success rate, p95 and cache hits: the last {STATS_WINDOW_MINUTES} minutes of "
-                                f"call statistics (written by each process every few seconds).",
-    ("statistics", None): "No call statistics: the monitoring app is not installed.",
-    ("in_flight", PROCESS): "In flight: this process's calls.",
+SCOPE_NOTES = {
+    SHARED: "Breakers and quotas: the fleet's shared state (Redis).",
+    PROCESS: "Breakers and quotas: this process's (Redis is unset or unreachable).",
+    RECORDED: ("Breakers: the last transition recorded by any process; quotas: attempts this hour and today "
+               "in the call figures (no REDIS_URL: each process has its own breakers)."),
 }
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """What the table's figures are, under it."""
+    lines = [SCOPE_NOTES[scope] for scope in (SHARED, PROCESS, RECORDED) if any(row["scope"] == scope for row in rows)]
+    if any(row["figures"] is not None for row in rows):
+        lines.append(f"Success rate, p95 and cache hits: the last {FIGURES_MINUTES} minutes of call figures "
+                     f"(written by each process every few seconds).")
+    else:
+        lines.append("No call figures (the monitoring app is not installed): cache hits are this process's.")
+    lines.append("In flight: this process's calls.")
+    return lines
 
 
 # -- breaker: operator actions --------------------------------------------------------------
@@ -252,23 +166,21 @@ class Command(BaseCommand):
         for index, line in enumerate(cells):
             padded = [cell.ljust(width) for cell, width in zip(line, widths)]
             if index:
-                colour = colours.get(rows[index - 1]["breaker"]["effective_state"], self.style.WARNING)
+                colour = colours.get(rows[index - 1]["state"], self.style.WARNING)
                 padded[2] = colour(padded[2])
             self.stdout.write("  ".join(padded).rstrip())
         self.stdout.write("")
-        for key, value in document["sources"].items():
-            note = SOURCE_NOTES.get((key, value))
-            if note and not (key == "quota" and value == SHARED):  # one line says it for both
-                self.stdout.write(note)
+        for line in notes(rows):
+            self.stdout.write(line)
 
     def handle_breaker(self, action, name, **options):
         integration = find_integration(name)
-        shared = shared_state(get_engine())
+        shared = get_engine().store.shared
         operator = operator_name()
         integration.operate_breaker(action, operator)
         integration.refresh_from_db()
-        after = breaker_view(integration, shared)
-        self.stdout.write(f"{integration.name}: breaker {after['state']}, mode {after['mode']} "
+        (after,) = read_statuses([integration], figures_minutes=None, calling_process=False)
+        self.stdout.write(f"{integration.name}: breaker {after.state}, mode {integration.mode} "
                           f"({BREAKER_ACTIONS[action]} by {operator})")
         if action == "reset" and not shared:
             self.stderr.write(self.style.WARNING(

@@ -38,7 +38,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError
 
 from integrations.management.commands.integrations import ImportFailed, sync_integrations
-from integrations.management.commands.resilience import breaker_text, collect_status, quota_text, shared_state
+from integrations.management.commands.resilience import breaker_text, collect_status, quota_text
 from integrations.models import BreakerState, Integration
 from integrations.persistence import write_transition
 from integrations.resilience import get_engine
@@ -183,7 +183,7 @@ class Command(BaseCommand):
         the recorded state (what ``resilience status`` shows without Redis) of a
         previous run that stopped with the breaker open is set right here.
         """
-        if integration.reset_breaker(by=OPERATOR) is not None or shared_state(get_engine()):
+        if integration.reset_breaker(by=OPERATOR) is not None or get_engine().store.shared:
             return
         try:
             recorded = integration.breaker_state.state
@@ -237,7 +237,7 @@ class Command(BaseCommand):
             return
         try:
             flush_statistics()
-            document = collect_status(names=NAMES, process_state=True)
+            document = collect_status(names=NAMES, calling_process=True)
             dead_letters, alerts = dead_letter_counts(), alert_counts()
         except DatabaseError as exc:
             self.stderr.write(self.style.WARNING(f"status unavailable this time: {exc}"))
@@ -246,7 +246,7 @@ class Command(BaseCommand):
         parts = []
         for row in document["integrations"]:
             quota = quota_text(row["quota"])
-            state = breaker_text(row["breaker"]) + ("" if quota == "-" else f", quota {quota}")
+            state = breaker_text(row) + ("" if quota == "-" else f", quota {quota}")
             parts.append(f"{row['name']} [{state}] {integration_summary(counts[row['name']])}")
         parts.extend(text for text in (counts_text("DLQ", dead_letters), counts_text("alerts", alerts)) if text)
         self.stdout.write(f"[{elapsed_s:4.0f}s] " + " | ".join(parts))
