@@ -24,7 +24,7 @@ from django.utils.html import format_html, format_html_join
 
 from .levels import latency_level, success_level
 from .models import BreakerEvent, BreakerState, FaultInjection, Integration
-from .resilience.policy import KIND_PRESETS, KINDS, MODE_NORMAL
+from .resilience.policy import CACHE, KIND_PRESETS, KINDS, KNOBS_BY_GROUP, MODE_NORMAL
 from .conf import app_settings
 from .status import FIGURES_MINUTES, PROCESS, SHARED, IntegrationStatus, read_statuses
 
@@ -184,18 +184,13 @@ class IntegrationAdmin(admin.ModelAdmin):
             return "-"
         return format_html('<span title="slow calls: over {} ms">{}</span>', obj.slow_call_ms,
                            badge(f"{p95:.0f} ms", LEVEL_COLOURS[latency_level(p95, obj.slow_call_ms)]))
+
+    # the knobs' groups, in their declared order (integrations.resilience.policy), and beside the
+    # cache's TTL the version a "clear cache" action bumps
     fieldsets = (
         (None, {"fields": ("name", "kind", "description")}),
-        ("Circuit breaker", {"fields": ("mode", "failure_threshold", "failure_rate_threshold",
-                                        "slow_call_rate_threshold", "slow_call_ms", "window_size", "minimum_calls",
-                                        "reset_timeout_s", "half_open_max_calls", "success_threshold")}),
-        ("Retry", {"fields": ("max_retries", "base_delay_ms", "max_delay_ms", "backoff_multiplier", "jitter",
-                              "retry_budget_percent")}),
-        ("Timeouts", {"fields": ("attempt_timeout_ms", "timeout_ms", "timeout_enforcement")}),
-        ("Bulkhead", {"fields": ("max_concurrent", "bulkhead_wait_ms")}),
-        ("Quota", {"fields": ("hourly_limit", "daily_limit")}),
-        ("Cache", {"fields": ("cache_ttl_s", "cache_version")}),
-        ("Degraded mode", {"fields": ("capacity",)}),
+        *((group, {"fields": knobs + (("cache_version",) if group == CACHE else ())})
+          for group, knobs in KNOBS_BY_GROUP.items()),
         ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
     inlines = (BreakerStateInline,)

@@ -6,12 +6,13 @@ import logging
 from datetime import timedelta
 
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.core.validators import BaseValidator, MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models, transaction
 from django.db.models import F
 from django.db.models.functions import Now
 from django.dispatch import Signal
 from django.utils import timezone
+from django.utils.deconstruct import deconstructible
 
 from .resilience import get_engine
 from .resilience.breaker import effective_state
@@ -19,13 +20,14 @@ from .resilience.policy import (
     KIND_PRESETS,
     KINDS,
     KNOB_NAMES,
+    KNOBS,
     MODE_FORCED_CLOSED,
     MODE_FORCED_OPEN,
     MODE_NORMAL,
     MODES,
-    TIMEOUT_INLINE,
-    TIMEOUT_THREAD,
+    Knob,
     Policy,
+    knob_problems,
 )
 from .conf import app_settings
 
@@ -39,10 +41,41 @@ BREAKER_ACTIONS = {"reset": "manual reset", "open": "forced open", "close": "for
 # Sent when an integration's policy changed without a save() (a queryset update).
 policy_changed = Signal()
 
-_positive = MinValueValidator(1, "Must be at least 1.")
-_percent = [MinValueValidator(0, "Must be between 0 and 100."), MaxValueValidator(100, "Must be between 0 and 100.")]
+KNOBS_BY_NAME = {knob.name: knob for knob in KNOBS}
 
 
+@deconstructible
+class GreaterThanValidator(BaseValidator):
+    """The value must be greater than the limit (Django has inclusive bounds only)."""
+
+    code = "min_value"
+
+    def compare(self, value, limit):
+        return value <= limit
+
+
+def knob_field(knob: Knob) -> models.Field:
+    """The model field of one Policy knob: its type, bounds, choices and help, from the one declaration."""
+    validators = []
+    if knob.minimum is not None:
+        validators.append(MinValueValidator(knob.minimum, knob.bounds_message))
+    if knob.above is not None:
+        validators.append(GreaterThanValidator(knob.above, knob.bounds_message))
+    if knob.maximum is not None:
+        validators.append(MaxValueValidator(knob.maximum, knob.bounds_message))
+    options = {"help_text": knob.help, "validators": validators}
+    if knob.optional:
+        options.update(null=True, blank=True)
+    if knob.type is bool:
+        return models.BooleanField(**options)
+    if knob.type is int:
+        return models.PositiveIntegerField(**options)
+    if knob.type is float:
+        return models.FloatField(**options)
+    return models.CharField(max_length=20, choices=knob.choices, **options)
+
+
+# Named by the first migrations, which validated these knobs before they were declared on the Policy.
 def _above_zero(value):
     if value is not None and value <= 0:
         raise ValidationError("Must be greater than 0.", code="min_value")
@@ -57,11 +90,7 @@ class Integration(models.Model):
     """One upstream and its policy. Unset knobs of a new row come from its kind's preset."""
 
     KIND_CHOICES = [(kind, kind.replace("_", " ").title()) for kind in KINDS]
-    MODE_CHOICES = [(mode, mode.replace("_", " ")) for mode in MODES]
-    TIMEOUT_CHOICES = [
-        (TIMEOUT_THREAD, "thread: the caller never waits past the timeout"),
-        (TIMEOUT_INLINE, "inline: the operation enforces its own timeout"),
-    ]
+    MODE_CHOICES = list(KNOBS_BY_NAME["mode"].choices)
 
     name = models.CharField(
         max_length=100, unique=True,
@@ -72,46 +101,9 @@ class Integration(models.Model):
     kind = models.CharField(max_length=20, choices=KIND_CHOICES, default=DEFAULT_KIND)
     description = models.TextField(blank=True)
 
-    # Circuit breaker
-    mode = models.CharField(max_length=20, choices=MODE_CHOICES, default=MODE_NORMAL)
-    failure_threshold = models.PositiveIntegerField(validators=[_positive],
-                                                    help_text="Consecutive failures that open the breaker.")
-    failure_rate_threshold = models.FloatField(validators=_percent,
-                                               help_text="Failure rate (%) over the window that opens it; 0: off.")
-    slow_call_rate_threshold = models.FloatField(validators=_percent,
-                                                 help_text="Slow-call rate (%) over the window that opens it; 0: off.")
-    slow_call_ms = models.PositiveIntegerField(validators=[_positive], help_text="A call slower than this is slow.")
-    window_size = models.PositiveIntegerField(validators=[_positive], help_text="Calls the rates are measured over.")
-    minimum_calls = models.PositiveIntegerField(validators=[_positive],
-                                                help_text="Calls needed in the window before the rates count.")
-    reset_timeout_s = models.FloatField(validators=[_above_zero], help_text="Seconds open before half-open.")
-    half_open_max_calls = models.PositiveIntegerField(validators=[_positive],
-                                                      help_text="Trial calls let through at once when half-open.")
-    success_threshold = models.PositiveIntegerField(validators=[_positive],
-                                                    help_text="Consecutive half-open successes that close it.")
-    # Retry
-    max_retries = models.PositiveIntegerField(validators=[MaxValueValidator(20)])
-    base_delay_ms = models.PositiveIntegerField()
-    max_delay_ms = models.PositiveIntegerField()
-    backoff_multiplier = models.FloatField(validators=[MinValueValidator(1.0, "Must be at least 1.")])
-    jitter = models.BooleanField(help_text="Full jitter: each delay is drawn uniformly in [0, delay].")
-    retry_budget_percent = models.FloatField(null=True, blank=True, validators=_percent,
-                                             help_text="Retries allowed as a share (%) of calls; blank: no budget.")
-    # Timeouts
-    attempt_timeout_ms = models.PositiveIntegerField(validators=[_positive])
-    timeout_ms = models.PositiveIntegerField(validators=[_positive], help_text="The whole call, retries included.")
-    timeout_enforcement = models.CharField(max_length=10, choices=TIMEOUT_CHOICES)
-    # Bulkhead
-    max_concurrent = models.PositiveIntegerField(validators=[_positive], help_text="Calls in flight per process.")
-    bulkhead_wait_ms = models.PositiveIntegerField()
-    # Quota
-    hourly_limit = models.PositiveIntegerField(null=True, blank=True, validators=[_positive])
-    daily_limit = models.PositiveIntegerField(null=True, blank=True, validators=[_positive])
-    # Cache
-    cache_ttl_s = models.PositiveIntegerField(help_text="0: responses are not cached.")
+    # The knobs (mode, breaker, retry, timeouts, bulkhead, quota, cache, capacity) are added
+    # below from their one declaration, the Policy's fields (integrations.resilience.policy).
     cache_version = models.PositiveIntegerField(default=0, editable=False)
-    # Degraded mode
-    capacity = models.FloatField(validators=[_capacity], help_text="Share of calls let through, in (0, 1].")
 
     # Game-day fault injection in force (history: FaultInjection); see inject_fault().
     fault_error_percent = models.FloatField(default=0, editable=False)
@@ -136,16 +128,7 @@ class Integration(models.Model):
         return self.name
 
     def clean(self):
-        errors = {}
-        if self.base_delay_ms is not None and self.max_delay_ms is not None and self.base_delay_ms > self.max_delay_ms:
-            errors["base_delay_ms"] = f"Base delay ({self.base_delay_ms} ms) must not exceed max delay ({self.max_delay_ms} ms)."
-        if (self.attempt_timeout_ms is not None and self.timeout_ms is not None
-                and self.attempt_timeout_ms > self.timeout_ms):
-            errors["attempt_timeout_ms"] = (f"Attempt timeout ({self.attempt_timeout_ms} ms) must not exceed the "
-                                            f"overall timeout ({self.timeout_ms} ms).")
-        if self.minimum_calls is not None and self.window_size is not None and self.minimum_calls > self.window_size:
-            errors["minimum_calls"] = (f"Minimum calls ({self.minimum_calls}) must not exceed the window size "
-                                       f"({self.window_size}): the rates would never be evaluated.")
+        errors = knob_problems({knob: getattr(self, knob) for knob in KNOB_NAMES})
         if errors:
             raise ValidationError(errors)
 
@@ -232,10 +215,9 @@ class Integration(models.Model):
 
     def set_capacity(self, capacity: float) -> None:
         """Degraded mode: only ``capacity`` (0 < capacity <= 1) of the calls proceed; 1 leaves it."""
-        try:
-            _capacity(capacity)
-        except ValidationError as exc:
-            raise ValidationError({"capacity": exc.messages}) from None
+        problem = KNOBS_BY_NAME["capacity"].problem(capacity)
+        if problem:
+            raise ValidationError({"capacity": problem})
         self.capacity = capacity
         self.save(update_fields=["capacity", "updated_at"])
 
@@ -298,6 +280,11 @@ class Integration(models.Model):
         policy_changed.send(sender=Integration, instance=self)
 
 
+for _knob in KNOBS:
+    Integration.add_to_class(_knob.name, knob_field(_knob))
+del _knob
+
+
 class BreakerState(models.Model):
     """The breaker of one integration as of its last transition (written at transitions only)."""
 
@@ -334,7 +321,8 @@ class FaultInjection(models.Model):
     """A game-day injection of errors or latency: the log of every one, by whom and for how long."""
 
     integration = models.ForeignKey(Integration, on_delete=models.CASCADE, related_name="fault_injections")
-    error_percent = models.FloatField(default=0, validators=_percent)
+    error_percent = models.FloatField(default=0, validators=[MinValueValidator(0, "Must be between 0 and 100."),
+                                                             MaxValueValidator(100, "Must be between 0 and 100.")])
     latency_ms = models.PositiveIntegerField(default=0)
     starts_at = models.DateTimeField()
     ends_at = models.DateTimeField()

@@ -180,7 +180,7 @@ def test_every_error_of_a_file_is_reported_in_file_order(tmp_path):
     assert str(caught.value).splitlines() == [
         f'{path}: integration "a": nope: Unknown field.',
         f'{path}: integration "a": failure_threshold: Must be at least 1.',
-        f'{path}: integration "b": max_retries: Ensure this value is greater than or equal to 0.',
+        f'{path}: integration "b": max_retries: Must be between 0 and 20.',
         f"Nothing was imported: 3 errors in {path}.",
     ]
 

@@ -2,13 +2,18 @@
 
 The ORM model (``integrations.models.Integration``) stores the knobs and turns
 them into a :class:`Policy`; the engine only ever sees policies, never rows.
-The presets per kind live here so the model and the engine share one source.
+The knobs are declared once, on the Policy's fields (``knob(default, group, bounds...)``): the
+model's fields, the admin's fieldsets, the checks of the import command and the API, and the
+Policy's own validation are built from them. The presets per kind live here too, so the model
+and the engine share one source.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+import typing
+from dataclasses import dataclass, field
 
 MODE_NORMAL = "normal"
 MODE_METRICS_ONLY = "metrics_only"
@@ -29,40 +34,122 @@ TIMEOUT_ENFORCEMENTS = (TIMEOUT_THREAD, TIMEOUT_INLINE)
 KINDS = ("database", "ai_service", "market_data", "cache", "external_api")
 
 
+# The knob groups, in the order the admin shows them.
+BREAKER, RETRY, TIMEOUTS, BULKHEAD, QUOTA, CACHE, DEGRADED = (
+    "Circuit breaker", "Retry", "Timeouts", "Bulkhead", "Quota", "Cache", "Degraded mode")
+KNOB_GROUPS = (BREAKER, RETRY, TIMEOUTS, BULKHEAD, QUOTA, CACHE, DEGRADED)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What one tunable field of a Policy accepts: declared once, on the Policy field itself.
+
+    The Integration model's fields, the admin's fieldsets, the import command's and the API's
+    checks (through the model) and Policy's own validation are all built from these.
+    """
+
+    group: str
+    minimum: float | None = None  # inclusive
+    above: float | None = None  # exclusive lower bound
+    maximum: float | None = None  # inclusive
+    choices: tuple[tuple[str, str], ...] = ()  # (value, label)
+    help: str = ""
+    message: str = ""  # what an out-of-bounds value is told (default: from the bounds)
+    name: str = ""  # set from the Policy field
+    type: type = object  # int, float, bool or str, set from the Policy field's annotation
+    optional: bool = False  # None is allowed (``int | None``): no limit, no budget
+
+    @property
+    def bounds_message(self) -> str:
+        if self.message:
+            return self.message
+        low = f"greater than {self.above:g}" if self.above is not None else (
+            f"at least {self.minimum:g}" if self.minimum is not None else "")
+        if low and self.maximum is not None:
+            if self.minimum is not None:
+                return f"Must be between {self.minimum:g} and {self.maximum:g}."
+            return f"Must be {low} and at most {self.maximum:g}."
+        return f"Must be {low}." if low else f"Must be at most {self.maximum:g}."
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` does not fit this knob, or None."""
+        if value is None:
+            return None if self.optional else "This field cannot be null."
+        if self.type is bool:
+            fits, expected = isinstance(value, bool), "true or false"
+        elif self.type is int:
+            fits, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif self.type is float:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            expected = "a finite number"
+        else:
+            fits, expected = isinstance(value, str), "a string"
+        if not fits:
+            return f"Expected {expected}, got {value!r}."
+        if self.choices and value not in (choice for choice, _ in self.choices):
+            return f"Unknown value {value!r}; expected one of {', '.join(choice for choice, _ in self.choices)}."
+        if self.type in (int, float) and ((self.minimum is not None and value < self.minimum)
+                                          or (self.above is not None and value <= self.above)
+                                          or (self.maximum is not None and value > self.maximum)):
+            return self.bounds_message
+        return None
+
+
+def knob(default, group: str, **spec):
+    """A Policy field that operators tune (see Knob)."""
+    return field(default=default, metadata={"knob": Knob(group, **spec)})
+
+
+_PERCENT = {"minimum": 0, "maximum": 100}
+
+
+class InvalidPolicy(ValueError):
+    """A Policy built with values its knobs do not accept; ``errors`` maps each field to why."""
+
+    def __init__(self, name: str, errors: dict[str, str]) -> None:
+        self.errors = errors
+        super().__init__(f"invalid policy {name!r}: " + "; ".join(f"{key}: {message}" for key, message in errors.items()))
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     name: str
     kind: str = "external_api"
     # Circuit breaker
-    mode: str = MODE_NORMAL
-    failure_threshold: int = 5
-    failure_rate_threshold: float = 50.0  # percent; 0 disables the rule
-    slow_call_rate_threshold: float = 100.0  # percent; 0 disables the rule
-    slow_call_ms: int = 5_000
-    window_size: int = 20
-    minimum_calls: int = 10
-    reset_timeout_s: float = 30.0
-    half_open_max_calls: int = 1
-    success_threshold: int = 2
+    mode: str = knob(MODE_NORMAL, BREAKER, choices=tuple((mode, mode.replace("_", " ")) for mode in MODES))
+    failure_threshold: int = knob(5, BREAKER, minimum=1, help="Consecutive failures that open the breaker.")
+    failure_rate_threshold: float = knob(50.0, BREAKER, **_PERCENT,
+                                         help="Failure rate (%) over the window that opens it; 0: off.")
+    slow_call_rate_threshold: float = knob(100.0, BREAKER, **_PERCENT,
+                                           help="Slow-call rate (%) over the window that opens it; 0: off.")
+    slow_call_ms: int = knob(5_000, BREAKER, minimum=1, help="A call slower than this is slow.")
+    window_size: int = knob(20, BREAKER, minimum=1, help="Calls the rates are measured over.")
+    minimum_calls: int = knob(10, BREAKER, minimum=1, help="Calls needed in the window before the rates count.")
+    reset_timeout_s: float = knob(30.0, BREAKER, above=0, help="Seconds open before half-open.")
+    half_open_max_calls: int = knob(1, BREAKER, minimum=1, help="Trial calls let through at once when half-open.")
+    success_threshold: int = knob(2, BREAKER, minimum=1, help="Consecutive half-open successes that close it.")
     # Retry
-    max_retries: int = 3
-    base_delay_ms: int = 500
-    max_delay_ms: int = 10_000
-    backoff_multiplier: float = 2.0
-    jitter: bool = True
-    retry_budget_percent: float | None = 20.0  # None: no budget
+    max_retries: int = knob(3, RETRY, minimum=0, maximum=20, help="Retries after the first attempt.")
+    base_delay_ms: int = knob(500, RETRY, minimum=0, help="The delay before the first retry.")
+    max_delay_ms: int = knob(10_000, RETRY, minimum=0, help="No delay between retries is longer.")
+    backoff_multiplier: float = knob(2.0, RETRY, minimum=1, help="Each retry's delay is the last one's times this.")
+    jitter: bool = knob(True, RETRY, help="Full jitter: each delay is drawn uniformly in [0, delay].")
+    retry_budget_percent: float | None = knob(20.0, RETRY, **_PERCENT,
+                                              help="Retries allowed as a share (%) of calls; blank: no budget.")
     # Timeouts
-    attempt_timeout_ms: int = 5_000
-    timeout_ms: int = 30_000
-    timeout_enforcement: str = TIMEOUT_THREAD
+    attempt_timeout_ms: int = knob(5_000, TIMEOUTS, minimum=1, help="One attempt.")
+    timeout_ms: int = knob(30_000, TIMEOUTS, minimum=1, help="The whole call, retries included.")
+    timeout_enforcement: str = knob(TIMEOUT_THREAD, TIMEOUTS, choices=(
+        (TIMEOUT_THREAD, "thread: the caller never waits past the timeout"),
+        (TIMEOUT_INLINE, "inline: the operation enforces its own timeout")))
     # Bulkhead
-    max_concurrent: int = 20
-    bulkhead_wait_ms: int = 0
+    max_concurrent: int = knob(20, BULKHEAD, minimum=1, help="Calls in flight per process.")
+    bulkhead_wait_ms: int = knob(0, BULKHEAD, minimum=0, help="How long a call waits for a free slot; 0: not at all.")
     # Quota (None: no limit)
-    hourly_limit: int | None = None
-    daily_limit: int | None = None
+    hourly_limit: int | None = knob(None, QUOTA, minimum=1, help="Upstream attempts per hour; blank: no limit.")
+    daily_limit: int | None = knob(None, QUOTA, minimum=1, help="Upstream attempts per day; blank: no limit.")
     # Cache
-    cache_ttl_s: int = 0
+    cache_ttl_s: int = knob(0, CACHE, minimum=0, help="0: responses are not cached.")
     cache_version: int = 0  # bumped to clear the integration's cache without scanning keys
     revision: float = 0.0  # when the policy was last saved: a shared store tells processes holding an older one
     # Fault injection for game days (set from an active FaultInjection; applied only when
@@ -71,7 +158,15 @@ class Policy:
     fault_error_percent: float = 0.0
     fault_latency_ms: int = 0
     # Degraded mode: share of calls let through, in (0, 1]
-    capacity: float = 1.0
+    capacity: float = knob(1.0, DEGRADED, above=0, maximum=1, help="Share of calls let through, in (0, 1].",
+                           message="Capacity must be in (0, 1]: a share of calls, 1 meaning all of them.")
+
+    def __post_init__(self) -> None:
+        errors = {knob.name: problem for knob in KNOBS if (problem := knob.problem(getattr(self, knob.name)))}
+        if self.kind not in KINDS:
+            errors["kind"] = f"Unknown kind {self.kind!r}; expected one of {', '.join(KINDS)}."
+        if errors:
+            raise InvalidPolicy(self.name, errors)
 
     @property
     def attempts(self) -> int:
@@ -91,10 +186,46 @@ class Policy:
         return dataclasses.replace(self, **changes)
 
 
-NOT_KNOBS = ("name", "kind", "cache_version", "revision", "fault_until", "fault_error_percent", "fault_latency_ms")
-KNOB_NAMES = tuple(f.name for f in dataclasses.fields(Policy) if f.name not in NOT_KNOBS)
+def _declared_knobs() -> tuple[Knob, ...]:
+    hints = typing.get_type_hints(Policy)
+    knobs = []
+    for policy_field in dataclasses.fields(Policy):
+        if "knob" in policy_field.metadata:
+            args = typing.get_args(hints[policy_field.name])
+            optional = type(None) in args
+            kind = next(arg for arg in args if arg is not type(None)) if optional else hints[policy_field.name]
+            knobs.append(dataclasses.replace(policy_field.metadata["knob"], name=policy_field.name, type=kind,
+                                             optional=optional))
+    return tuple(knobs)
 
-_BASE = {name: Policy.__dataclass_fields__[name].default for name in KNOB_NAMES}
+
+KNOBS: tuple[Knob, ...] = _declared_knobs()
+KNOB_NAMES = tuple(knob.name for knob in KNOBS)
+KNOBS_BY_GROUP = {group: tuple(knob.name for knob in KNOBS if knob.group == group) for group in KNOB_GROUPS}
+
+
+def knob_problems(values: dict) -> dict[str, str]:
+    """The rules between knobs (each knob's own bounds are Knob.problem): field -> why.
+
+    The model's clean() reports them to forms, the API and the import command. A Policy built
+    in code with such values still runs (each rule only caps or idles a knob), so Policy()
+    itself does not refuse them.
+    """
+    errors = {}
+    base, most = values.get("base_delay_ms"), values.get("max_delay_ms")
+    if base is not None and most is not None and base > most:
+        errors["base_delay_ms"] = f"Base delay ({base} ms) must not exceed max delay ({most} ms)."
+    attempt, whole = values.get("attempt_timeout_ms"), values.get("timeout_ms")
+    if attempt is not None and whole is not None and attempt > whole:
+        errors["attempt_timeout_ms"] = (f"Attempt timeout ({attempt} ms) must not exceed the overall timeout "
+                                        f"({whole} ms).")
+    minimum, window = values.get("minimum_calls"), values.get("window_size")
+    if minimum is not None and window is not None and minimum > window:
+        errors["minimum_calls"] = (f"Minimum calls ({minimum}) must not exceed the window size ({window}): the "
+                                   f"rates would never be evaluated.")
+    return errors
+
+_BASE = {knob.name: Policy.__dataclass_fields__[knob.name].default for knob in KNOBS}
 
 # The defaults a new integration of each kind starts from.
 KIND_PRESETS: dict[str, dict] = {
