@@ -145,17 +145,23 @@ class Metadata(SimpleMetadata):
         return {}
 
 
-MAX_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 1000
 PAGE_SIZE = 50
 
 
 class PageQuery(serializers.Serializer):
     page = serializers.IntegerField(required=False, min_value=1)
     page_size = serializers.IntegerField(required=False, min_value=1, max_value=MAX_PAGE_SIZE)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_PAGE_SIZE)
+
+    def validate(self, data):
+        if "page_size" in data and "limit" in data:
+            raise serializers.ValidationError({"limit": "Give page_size or limit (the same thing), not both."})
+        return data
 
 
 class Pagination(PageNumberPagination):
-    """Pages of PAGE_SIZE items; ``?page_size=`` asks for 1 to MAX_PAGE_SIZE.
+    """Pages of PAGE_SIZE items; ``?page_size=`` (or its other name ``?limit=``) asks for 1 to MAX_PAGE_SIZE.
 
     A page or page size that is not a positive integer, or a page size over the
     maximum, is a 400 naming it rather than silently the default: a client that
@@ -168,8 +174,12 @@ class Pagination(PageNumberPagination):
     last_page_strings = ()
 
     def paginate_queryset(self, queryset, request, view=None):
-        validated(PageQuery, request.query_params)
+        query = validated(PageQuery, request.query_params)
+        self.limit = query.get("limit")
         return super().paginate_queryset(queryset, request, view)
+
+    def get_page_size(self, request):
+        return self.limit if getattr(self, "limit", None) else super().get_page_size(request)
 
     def get_schema_operation_parameters(self, view):
         parameters = super().get_schema_operation_parameters(view)
@@ -177,7 +187,9 @@ class Pagination(PageNumberPagination):
                   self.page_size_query_param: {"minimum": 1, "maximum": self.max_page_size}}
         for parameter in parameters:
             parameter["schema"].update(bounds.get(parameter["name"], {}))
-        return parameters
+        return [*parameters, {"name": "limit", "required": False, "in": "query",
+                              "description": "Another name for page_size.",
+                              "schema": {"type": "integer", "minimum": 1, "maximum": self.max_page_size}}]
 
 
 # -- the error shape in the OpenAPI schema ----------------------------------------------------

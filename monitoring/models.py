@@ -337,11 +337,6 @@ class HealthCheckQuerySet(models.QuerySet):
                 if check.last_checked_at is None
                 or check.last_checked_at + timedelta(seconds=check.interval_s) <= now]
 
-    def status_counts(self) -> dict[str, int]:
-        """Enabled checks per health status, every status present: for gauges."""
-        counts = dict(self.filter(enabled=True).order_by().values_list("status").annotate(n=Count("id")))
-        return {status: counts.get(status, 0) for status, _ in HealthCheck.STATUS_CHOICES}
-
 
 class HealthCheck(models.Model):
     """How to tell whether an integration's upstream is up: an HTTP probe or a registered Python check.

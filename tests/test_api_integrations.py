@@ -107,18 +107,19 @@ def test_the_list_filters_by_kind_mode_and_live_state(viewer, fleet):
     assert names({"kind": "market_data", "state": "closed"}) == ["prices"]
 
 
-def test_the_list_is_paged_and_page_size_is_the_clients_choice_up_to_500(viewer, fleet):
+def test_the_list_is_paged_and_page_size_is_the_clients_choice_up_to_1000(viewer, fleet):
     first = viewer.get("/api/integrations/", {"page_size": 2}).json()
     assert (first["count"], len(first["results"]), first["previous"]) == (3, 2, None)
     assert "page=2" in first["next"] and "page_size=2" in first["next"]
     second = viewer.get("/api/integrations/", {"page_size": 2, "page": 2}).json()
     assert [row["name"] for row in second["results"]] == ["prices"] and second["next"] is None
-    assert len(viewer.get("/api/integrations/", {"page_size": 500}).json()["results"]) == 3
+    assert len(viewer.get("/api/integrations/", {"page_size": 1000}).json()["results"]) == 3
+    assert viewer.get("/api/integrations/", {"limit": 2}).json()["results"] == first["results"]  # limit: the same
 
 
 @pytest.mark.parametrize("query, field", [
     ({"kind": "mainframe"}, "kind"), ({"state": "ajar"}, "state"), ({"mode": "loud"}, "mode"),
-    ({"page_size": "0"}, "page_size"), ({"page_size": "501"}, "page_size"), ({"page_size": "many"}, "page_size"),
+    ({"page_size": "0"}, "page_size"), ({"page_size": "1001"}, "page_size"), ({"page_size": "many"}, "page_size"),
     ({"page": "0"}, "page"), ({"page": "first"}, "page"),
 ])
 def test_bad_list_parameters_are_400_naming_the_field(viewer, fleet, query, field):

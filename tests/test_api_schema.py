@@ -65,8 +65,9 @@ def document():
 def test_the_schema_documents_parameters_bodies_and_the_error_shape(document):
     paths = document["paths"]
     parameters = {p["name"]: p for p in paths["/api/integrations/"]["get"]["parameters"]}
-    assert set(parameters) == {"kind", "mode", "state", "page", "page_size"}
-    assert parameters["page_size"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 500}
+    assert set(parameters) == {"kind", "mode", "state", "page", "page_size", "limit"}
+    assert parameters["page_size"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    assert parameters["limit"]["schema"] == parameters["page_size"]["schema"]
     assert parameters["state"]["schema"]["enum"] == ["closed", "open", "half_open"]
     summary = {p["name"]: p for p in paths["/api/metrics/summary/"]["get"]["parameters"]}
     assert summary["minutes"]["schema"]["minimum"] == 1

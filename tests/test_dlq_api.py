@@ -51,8 +51,11 @@ def entries():
 
 def test_the_list_filters_by_status_and_integration_newest_first(viewer, entries):
     body = viewer.get("/api/dlq/", {"integration": "svc", "limit": 2}).json()
-    assert (body["count"], body["limit"]) == (3, 2)
+    assert (body["count"], body["previous"]) == (3, None)  # paged as every list of the API
     assert [entry["id"] for entry in body["results"]] == [entries["done"].pk, entries["dead"].pk]
+    rest = viewer.get(body["next"]).json()
+    assert [entry["id"] for entry in rest["results"]] == [entries["waiting"].pk] and rest["next"] is None
+    assert viewer.get("/api/dlq/", {"page_size": 2}).json()["results"] == body["results"]
     body = viewer.get("/api/dlq/?status=pending").json()
     assert sorted(entry["payload"]["order"] for entry in body["results"]) == [1, 2]
     first = body["results"][0]
@@ -120,11 +123,14 @@ def test_token_authentication_works(entries):
 
 @pytest.mark.parametrize("query, field", [
     ({"status": "lost"}, "status"), ({"limit": "0"}, "limit"), ({"limit": "ten"}, "limit"),
-    ({"limit": "5000"}, "limit"),
+    ({"limit": "5000"}, "limit"), ({"limit": "2", "page_size": "2"}, "limit"), ({"page": "9"}, None),
 ])
 def test_bad_list_parameters_are_400_naming_the_field(viewer, query, field):
     response = viewer.get("/api/dlq/", query)
     error = response.json()["error"]
+    if field is None:  # a page past the last, as every list of the API
+        assert (response.status_code, error["code"]) == (404, "not_found")
+        return
     assert (response.status_code, error["code"], list(error["fields"])) == (400, "invalid", [field])
     assert error["message"].startswith(f"{field}: ")
 

@@ -1,14 +1,14 @@
 """The dead letter queue's HTTP API (docs/reference.md): thin views over the model's methods.
 
     GET    /api/dlq/stats/
-    GET    /api/dlq/?status=&integration=&limit=
+    GET    /api/dlq/?status=&integration=&limit=&page=   (paged as every list of the API)
     POST   /api/dlq/retry/        {"ids": [...]} or {"all": true}
     DELETE /api/dlq/?status=
 """
 
 from __future__ import annotations
 
-from rest_framework import serializers, status
+from rest_framework import generics, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -16,14 +16,12 @@ from integrations.api_common import APIDefaults, api_operation, StrictIntegerFie
 
 from .models import STATUSES, DeadLetter, check_purgeable
 
-DEFAULT_LIMIT = 50
-MAX_LIMIT = 1000
+MAX_RETRY_IDS = 10_000
 
 
 class ListQuery(serializers.Serializer):
     status = serializers.ChoiceField(choices=STATUSES, required=False)
     integration = serializers.CharField(required=False, max_length=100)
-    limit = serializers.IntegerField(required=False, default=DEFAULT_LIMIT, min_value=1, max_value=MAX_LIMIT)
 
 
 class PurgeQuery(serializers.Serializer):
@@ -38,7 +36,7 @@ class PurgeQuery(serializers.Serializer):
 
 class RetryRequest(serializers.Serializer):
     ids = serializers.ListField(child=StrictIntegerField(min_value=1), required=False, allow_empty=False,
-                                max_length=MAX_LIMIT * 10)
+                                max_length=MAX_RETRY_IDS)
     all = serializers.BooleanField(required=False)
 
     def validate(self, data):
@@ -69,12 +67,6 @@ class DeadLetterSerializer(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
 
 
-class DeadLetterListSerializer(serializers.Serializer):
-    count = serializers.IntegerField()
-    limit = serializers.IntegerField()
-    results = DeadLetterSerializer(many=True)
-
-
 class DeadLetterStatsSerializer(serializers.Serializer):
     total = serializers.IntegerField()
     by_status = serializers.DictField(child=serializers.IntegerField())
@@ -97,18 +89,20 @@ class DeadLetterAPIView(APIDefaults, APIView):
     permission_model = DeadLetter
 
 
-class DeadLetterListView(DeadLetterAPIView):
+class DeadLetterListView(DeadLetterAPIView, generics.GenericAPIView):
+    queryset = DeadLetter.objects.all()  # newest first (the model's ordering)
+
     @api_operation(summary="Dead letters, newest first", parameters=[ListQuery],
-                   responses={200: DeadLetterListSerializer, **error_responses(400)})
+                   responses={200: DeadLetterSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
         query = validated(ListQuery, request.query_params)
-        entries = DeadLetter.objects.all()
+        entries = self.get_queryset()
         if "status" in query:
             entries = entries.filter(status=query["status"])
         if "integration" in query:
             entries = entries.filter(integration_name=query["integration"])
-        return Response({"count": entries.count(), "limit": query["limit"],
-                         "results": [entry.as_dict() for entry in entries[:query["limit"]]]})
+        page = self.paginate_queryset(entries)
+        return self.get_paginated_response([entry.as_dict() for entry in page])
 
     @api_operation(summary="Purge the finished entries of one status", parameters=[PurgeQuery],
                    responses={200: PurgedSerializer, **error_responses(400)})

@@ -31,6 +31,7 @@ from django.db.models import Count, Min, Q
 from django.utils import timezone
 
 from integrations.errors import ErrorCategory, ResilienceError
+from integrations.resilience.backoff import EQUAL_JITTER, exponential, jittered
 
 from .jsondata import json_payload, json_safe
 from .redaction import redact_secrets
@@ -73,10 +74,8 @@ def backoff_delay_s(attempt: int, rng, retry_after: float | None = None) -> floa
     Half-to-full ("equal") jitter spreads a burst of failures out without ever
     coming back at once; a Retry-After from the upstream is a floor (capped at max).
     """
-    base = dlq_settings.BACKOFF_BASE_MS / 1000
     ceiling = dlq_settings.BACKOFF_MAX_MS / 1000
-    delay = min(base * 2 ** max(attempt - 1, 0), ceiling)
-    delay = rng.uniform(delay / 2, delay)
+    delay = jittered(exponential(attempt, dlq_settings.BACKOFF_BASE_MS / 1000, 2, ceiling), rng, EQUAL_JITTER)
     if retry_after is not None:
         delay = max(delay, min(retry_after, ceiling))
     return delay

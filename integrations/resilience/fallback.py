@@ -48,10 +48,6 @@ class Fallback:
             raise TypeError(f"Fallback.call needs a callable, got {fn!r}")
         return cls(CALL, fn=fn)
 
-    @property
-    def name(self) -> str:
-        return self.kind
-
     def __repr__(self) -> str:
         if self.kind == VALUE:
             return f"Fallback.value({self.payload!r})"

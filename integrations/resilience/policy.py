@@ -15,6 +15,8 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from .backoff import exponential
+
 MODE_NORMAL = "normal"
 MODE_METRICS_ONLY = "metrics_only"
 MODE_FORCED_OPEN = "forced_open"
@@ -174,8 +176,7 @@ class Policy:
 
     def backoff_ms(self, retry_number: int) -> float:
         """The un-jittered delay before retry ``retry_number`` (1-based)."""
-        delay = self.base_delay_ms * self.backoff_multiplier ** (retry_number - 1)
-        return min(delay, self.max_delay_ms)
+        return exponential(retry_number, self.base_delay_ms, self.backoff_multiplier, self.max_delay_ms)
 
     def worst_case_ms(self) -> float:
         """Longest a call can take if every attempt times out: used by checks."""

@@ -55,12 +55,6 @@ class PolicyRegistry:
     def invalidate(self, name: str) -> None:
         self._policies.pop(name, None)
 
-    def clear(self) -> None:
-        self._policies.clear()
-
-    def known(self) -> list[Policy]:
-        return [policy for policy, _ in self._policies.values()]
-
     def _load(self, name: str, stale: tuple[Policy, float] | None) -> Policy:
         with self._lock:
             if self.loader is None:

@@ -2,7 +2,7 @@
 
 Delay before retry n = min(base_delay_ms x backoff_multiplier^(n-1),
 max_delay_ms), with full jitter (a uniform draw in [0, delay]) when the policy
-asks for it. A Retry-After from the upstream replaces the computed delay,
+asks for it (backoff.py, the formula the dead letter queue's redrives use too). A Retry-After from the upstream replaces the computed delay,
 capped at max_delay_ms. No retry is started whose delay would end at or past
 the call's deadline. The retry budget is checked by the state store.
 """
@@ -14,6 +14,7 @@ import random
 import time
 
 from ..errors import ResilienceError
+from .backoff import FULL_JITTER, NO_JITTER, jittered
 from .policy import Policy
 
 
@@ -21,10 +22,7 @@ def retry_delay_s(policy: Policy, retry_number: int, error: ResilienceError, rng
     """Seconds to wait before retry ``retry_number`` (1-based) after ``error``."""
     if error.retry_after is not None:
         return min(max(error.retry_after, 0.0), policy.max_delay_ms / 1000)
-    delay_ms = policy.backoff_ms(retry_number)
-    if policy.jitter:
-        delay_ms = rng.uniform(0.0, delay_ms)
-    return delay_ms / 1000
+    return jittered(policy.backoff_ms(retry_number), rng, FULL_JITTER if policy.jitter else NO_JITTER) / 1000
 
 
 def should_retry(policy: Policy, retry_number: int, error: ResilienceError) -> bool:
