@@ -1,7 +1,14 @@
-"""An httpx client whose every request goes through an integration's pipeline.
+"""httpx clients whose every request goes through an integration's pipeline.
 
     client = Client("billing", base_url="https://billing.example")
     response = client.get("/invoices/42")     # httpx.Response, or ResilienceError
+
+    async with AsyncClient("billing", base_url="https://billing.example") as client:
+        response = await client.get("/invoices/42")   # the same, under aexecute
+
+Each phase of an attempt (connect, write, read) is bounded by the integration's
+``connect_timeout_ms``, ``write_timeout_ms`` and ``read_timeout_ms`` when set,
+and always by the attempt's time left.
 
 Attempts run as the integration's ``timeout_enforcement`` says (by default in
 a worker thread, so the caller is never kept waiting), and httpx's own timeout
@@ -49,6 +56,39 @@ def raise_for_category(response: httpx.Response, integration: str) -> httpx.Resp
 _DEAD_LETTER = "resilience.dead_letter"  # request extension carrying the request's DeadLetter
 
 
+def attempt_timeout(integration: str, budget: float | None) -> dict | None:
+    """httpx's timeout extension for one attempt: each phase bounded by the integration's
+    ``connect_timeout_ms``, ``read_timeout_ms`` and ``write_timeout_ms`` (when set) and by the
+    attempt's time left; waiting for a pooled connection by the time left alone."""
+    if budget is None:
+        return None
+    policy = get_engine().registry.cached(integration)  # loaded when the call began: no query here
+
+    def phase(limit_ms: int | None) -> float:
+        return budget if limit_ms is None else min(limit_ms / 1000, budget)
+
+    if policy is None:
+        return httpx.Timeout(budget).as_dict()
+    return httpx.Timeout(connect=phase(policy.connect_timeout_ms), read=phase(policy.read_timeout_ms),
+                         write=phase(policy.write_timeout_ms), pool=budget).as_dict()
+
+
+def _read_deadline(budget: float | None) -> float | None:
+    return None if budget is None else time.monotonic() + budget
+
+
+def _too_late(deadline: float | None, request: httpx.Request) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise httpx.ReadTimeout("the response did not arrive within the attempt's timeout", request=request)
+
+
+def _complete(response: httpx.Response, request: httpx.Request, raw: bytes) -> httpx.Response:
+    complete = httpx.Response(response.status_code, headers=response.headers, content=raw, request=request,
+                              extensions=response.extensions)
+    complete.read()
+    return complete
+
+
 def read_within(response: httpx.Response, request: httpx.Request, deadline: float | None) -> httpx.Response:
     """The whole response, read by the deadline (monotonic), or ReadTimeout.
 
@@ -61,14 +101,39 @@ def read_within(response: httpx.Response, request: httpx.Request, deadline: floa
     try:
         for chunk in response.iter_raw():
             raw += chunk
-            if deadline is not None and time.monotonic() > deadline:
-                raise httpx.ReadTimeout("the response did not arrive within the attempt's timeout", request=request)
+            _too_late(deadline, request)
     finally:
         response.close()
-    complete = httpx.Response(response.status_code, headers=response.headers, content=bytes(raw), request=request,
-                              extensions=response.extensions)
-    complete.read()
-    return complete
+    return _complete(response, request, bytes(raw))
+
+
+async def aread_within(response: httpx.Response, request: httpx.Request, deadline: float | None) -> httpx.Response:
+    """``read_within`` for the async client."""
+    raw = bytearray()
+    try:
+        async for chunk in response.aiter_raw():
+            raw += chunk
+            _too_late(deadline, request)
+    finally:
+        await response.aclose()
+    return _complete(response, request, bytes(raw))
+
+
+def _with_dead_letter(kwargs: dict, dead_letter) -> dict:
+    if dead_letter is not None:
+        kwargs["extensions"] = {**(kwargs.get("extensions") or {}), _DEAD_LETTER: dead_letter}
+    return kwargs
+
+
+def _refuse_streaming(stream: bool) -> None:
+    if stream:
+        raise ValueError("integrations.http.Client reads whole responses: streaming cannot be retried or cached")
+
+
+def _cache_key(request: httpx.Request):
+    if request.method in CACHEABLE_METHODS:
+        return {"method": request.method, "url": str(request.url), "headers": sorted(request.headers.items())}
+    return False  # a POST's response is never served to another POST
 
 
 class Client(httpx.Client):
@@ -82,27 +147,53 @@ class Client(httpx.Client):
 
             client.request("POST", "/charges", json=order, dead_letter=DeadLetter("billing.charge", order))
         """
-        if dead_letter is not None:
-            kwargs["extensions"] = {**(kwargs.get("extensions") or {}), _DEAD_LETTER: dead_letter}
-        return super().request(method, url, **kwargs)
+        return super().request(method, url, **_with_dead_letter(kwargs, dead_letter))
 
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
-        if stream:
-            raise ValueError("integrations.http.Client reads whole responses: streaming cannot be retried or cached")
+        _refuse_streaming(stream)
 
         def attempt() -> httpx.Response:
             budget = attempt_time_left()
-            if budget is not None:
-                request.extensions = {**request.extensions, "timeout": httpx.Timeout(budget).as_dict()}
+            timeout = attempt_timeout(self.integration, budget)
+            if timeout is not None:
+                request.extensions = {**request.extensions, "timeout": timeout}
             response = super(Client, self).send(request, stream=True, **kwargs)
-            complete = read_within(response, request, None if budget is None else time.monotonic() + budget)
+            return raise_for_category(read_within(response, request, _read_deadline(budget)), self.integration)
+
+        result = get_engine().call(self.integration, attempt, cache_key=_cache_key(request),
+                                   fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER))
+        return result.unwrap()
+
+
+class AsyncClient(httpx.AsyncClient):
+    """The same as Client, on httpx.AsyncClient: ``await client.get(...)`` under ``aexecute``.
+
+    Each attempt is a coroutine, cancelled at its timeout whatever the integration's
+    ``timeout_enforcement`` (no thread is needed to stop waiting for it).
+    """
+
+    def __init__(self, integration: str, *, fallbacks=(), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.integration = integration
+        self.fallbacks = tuple(fallbacks)
+
+    async def request(self, method: str, url, *, dead_letter=None, **kwargs) -> httpx.Response:
+        """httpx's ``request``, plus ``dead_letter=DeadLetter(...)``, as Client.request."""
+        return await super().request(method, url, **_with_dead_letter(kwargs, dead_letter))
+
+    async def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
+        _refuse_streaming(stream)
+
+        async def attempt() -> httpx.Response:
+            budget = attempt_time_left()
+            timeout = attempt_timeout(self.integration, budget)
+            if timeout is not None:
+                request.extensions = {**request.extensions, "timeout": timeout}
+            response = await super(AsyncClient, self).send(request, stream=True, **kwargs)
+            complete = await aread_within(response, request, _read_deadline(budget))
             return raise_for_category(complete, self.integration)
 
-        if request.method in CACHEABLE_METHODS:
-            cache_key = {"method": request.method, "url": str(request.url), "headers": sorted(request.headers.items())}
-        else:
-            cache_key = False  # a POST's response is never served to another POST
-        dead_letter = request.extensions.get(_DEAD_LETTER)
-        result = get_engine().call(self.integration, attempt, cache_key=cache_key, fallbacks=self.fallbacks,
-                                   dead_letter=dead_letter)
+        result = await get_engine().aexecute(self.integration, attempt, cache_key=_cache_key(request),
+                                             fallbacks=self.fallbacks,
+                                             dead_letter=request.extensions.get(_DEAD_LETTER))
         return result.unwrap()

@@ -144,6 +144,13 @@ class Policy:
     timeout_enforcement: str = knob(TIMEOUT_THREAD, TIMEOUTS, choices=(
         (TIMEOUT_THREAD, "thread: the caller never waits past the timeout"),
         (TIMEOUT_INLINE, "inline: the operation enforces its own timeout")))
+    # the http Clients' phases, each within the attempt's timeout (None: the attempt's time left)
+    connect_timeout_ms: int | None = knob(None, TIMEOUTS, minimum=1,
+                                          help="http Client: connecting; blank: the attempt's time left.")
+    read_timeout_ms: int | None = knob(None, TIMEOUTS, minimum=1,
+                                       help="http Client: each read of the response; blank: the attempt's time left.")
+    write_timeout_ms: int | None = knob(None, TIMEOUTS, minimum=1,
+                                        help="http Client: each write of the request; blank: the attempt's time left.")
     # Bulkhead
     max_concurrent: int = knob(20, BULKHEAD, minimum=1, help="Calls in flight per process.")
     bulkhead_wait_ms: int = knob(0, BULKHEAD, minimum=0, help="How long a call waits for a free slot; 0: not at all.")
@@ -220,6 +227,11 @@ def knob_problems(values: dict) -> dict[str, str]:
     if attempt is not None and whole is not None and attempt > whole:
         errors["attempt_timeout_ms"] = (f"Attempt timeout ({attempt} ms) must not exceed the overall timeout "
                                         f"({whole} ms).")
+    for phase in ("connect_timeout_ms", "read_timeout_ms", "write_timeout_ms"):
+        value = values.get(phase)
+        if value is not None and attempt is not None and value > attempt:
+            errors[phase] = (f"{phase.split('_')[0].capitalize()} timeout ({value} ms) must not exceed the attempt "
+                             f"timeout ({attempt} ms), which ends the attempt first.")
     minimum, window = values.get("minimum_calls"), values.get("window_size")
     if minimum is not None and window is not None and minimum > window:
         errors["minimum_calls"] = (f"Minimum calls ({minimum}) must not exceed the window size ({window}): the "

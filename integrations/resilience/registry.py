@@ -49,6 +49,11 @@ class PolicyRegistry:
         entry = self._policies.get(name)
         return entry is not None and time.monotonic() - entry[1] < self.refresh_s
 
+    def cached(self, name: str) -> Policy | None:
+        """The policy held now, fresh or not, without loading it (an attempt reading its call's policy)."""
+        entry = self._policies.get(name)
+        return None if entry is None else entry[0]
+
     def put(self, policy: Policy) -> None:
         self._policies[policy.name] = (policy, time.monotonic())
 
