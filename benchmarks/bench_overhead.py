@@ -21,6 +21,11 @@ and reports microseconds per call:
                         use_engine(): the process-engine lookup on top of "ours"
     ours thread timeout the same policy with timeout_enforcement="thread": each
                         attempt is handed to a worker thread (N/10 calls)
+    ours traced (API)   "ours" with RESILIENCE_TRACING on and only opentelemetry-api
+                        (no SDK: non-recording spans)
+    ours traced (SDK)   "ours" with tracing on into the OpenTelemetry SDK, a
+                        BatchSpanProcessor and an exporter that drops the spans:
+                        two real spans per call, what a traced site pays (N/10)
     open: ours          engine.execute on a tripped breaker: ok=False, CIRCUIT_OPEN
     open: pybreaker     breaker.call(op) on a tripped breaker, raising
                         CircuitBreakerError (caught)
@@ -58,6 +63,9 @@ import django  # noqa: E402
 django.setup()
 
 import pybreaker  # noqa: E402
+from opentelemetry import trace  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter  # noqa: E402
 
 from integrations import resilience  # noqa: E402
@@ -68,6 +76,7 @@ from integrations.resilience.clock import SystemClock  # noqa: E402
 from integrations.resilience.events import CallFinished, EventBus  # noqa: E402
 from integrations.resilience.registry import PolicyRegistry  # noqa: E402
 from integrations.resilience.state import LocalStore  # noqa: E402
+from integrations.resilience.tracing import Tracing  # noqa: E402
 
 REPEATS = 5
 STACKED = "tenacity+pybreaker"
@@ -84,6 +93,13 @@ def op():
 
 def broken():
     raise ValueError("upstream bug")  # not retryable, counts as a breaker failure: one call trips it
+
+
+class DroppingExporter(SpanExporter):
+    """An exporter that sends nowhere: the spans' cost without a collector's."""
+
+    def export(self, spans) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
 
 
 def build_engine(policy: Policy, bus: EventBus | None = None) -> Engine:
@@ -116,6 +132,12 @@ def build_rows(n: int):
     with_subscriber.subscribe(CallFinished, lambda event: None)
     ours_events = build_engine(BENCH_POLICY, with_subscriber)
     ours_thread = build_engine(BENCH_POLICY.replace(timeout_enforcement="thread"))
+    ours_traced_api = build_engine(BENCH_POLICY)
+    ours_traced_api.tracing = Tracing(tracer_provider=trace.NoOpTracerProvider())
+    sdk = TracerProvider()
+    sdk.add_span_processor(BatchSpanProcessor(DroppingExporter()))
+    ours_traced_sdk = build_engine(BENCH_POLICY)
+    ours_traced_sdk.tracing = Tracing(tracer_provider=sdk)
 
     open_ours = build_engine(BENCH_POLICY.replace(failure_threshold=1, reset_timeout_s=1e9))
     open_ours.execute("bench", broken)
@@ -134,6 +156,8 @@ def build_rows(n: int):
         ("ours (+1 subscriber)", n, ours_events.execute, ("bench", op)),
         ("ours module execute", n, resilience.execute, ("bench", op)),
         ("ours thread timeout", n // 10, ours_thread.execute, ("bench", op)),
+        ("ours traced (API)", n, ours_traced_api.execute, ("bench", op)),
+        ("ours traced (SDK)", n // 10, ours_traced_sdk.execute, ("bench", op)),
         (OPEN_OURS, n, open_ours.execute, ("bench", op)),
         (OPEN_PYBREAKER, n, open_pybreaker.call, (op,)),
     ]
@@ -225,7 +249,7 @@ def report(summary: dict, about: dict, n: int) -> None:
     print(f"Python {about['python']} ({about['implementation']}) on {about['platform']}, "
           f"{about['processor']}, {about['cpu_count']} CPUs; "
           f"pybreaker {about['pybreaker']}, tenacity {about['tenacity']}")
-    print(f"N={n} calls per row ({n // 10} for the thread row), best of {REPEATS} interleaved repeats\n")
+    print(f"N={n} calls per row ({n // 10} for the thread and SDK-traced rows), best of {REPEATS} interleaved repeats\n")
     print(f"{'row':<22}{'calls':>8}{'us/call':>10}{'overhead':>10}{'x stacked':>11}")
     for name, row in summary["figures"].items():
         ratio = "" if row["x_stacked"] is None else f"{row['x_stacked']:.2f}"

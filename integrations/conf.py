@@ -15,6 +15,7 @@ The dead letter queue and monitoring apps declare theirs the same way
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import math
 import re
@@ -119,6 +120,14 @@ def integer(minimum: int = 0) -> Callable[[Any], int]:
 def boolean(value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"must be True or False; got {value!r}.")
+    return value
+
+
+def tracing_switch(value) -> bool:
+    """On needs the optional OpenTelemetry API installed."""
+    if boolean(value) and importlib.util.find_spec("opentelemetry") is None:
+        raise ValueError('is on, but OpenTelemetry is not installed: pip install "opentelemetry-api>=1.20" '
+                         '(the extra django-resilience-control-plane[otel]), or turn it off.')
     return value
 
 
@@ -282,6 +291,7 @@ app_settings = AppSettings("integrations", {
     "REDIS_URL": Setting("", redis_url, "Where breaker, quota and rate-limit state is shared; empty: per process."),
     "KEY_PREFIX": Setting("resilience", string(allow_empty=False), "The prefix of every shared-state key."),
     "FAULT_INJECTION": Setting(False, boolean, "Operators may inject faults into calls (game days)."),
+    "TRACING": Setting(False, tracing_switch, "An OpenTelemetry span per guarded call and per attempt."),
     "REQUEST_DEADLINE_MS": Setting(60_000, integer(1), "check warns when an overall timeout exceeds it."),
     # inbound protection (integrations/inbound.py): read only where its middlewares are installed
     "RATE_LIMITS": Setting(DEFAULT_RATE_LIMITS, rate_limits, "Route groups: {name: {paths, methods, limit, window_s}}."),

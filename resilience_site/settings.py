@@ -279,6 +279,7 @@ _ENV_SETTINGS = {
     "RESILIENCE_LAST_KNOWN_TTL_S": env_int,
     "RESILIENCE_KEY_PREFIX": env_str,
     "RESILIENCE_FAULT_INJECTION": env_bool,
+    "RESILIENCE_TRACING": env_bool,
     "RESILIENCE_REQUEST_DEADLINE_MS": env_int,
     # inbound protection (integrations/inbound.py; docs/inbound.md)
     "RESILIENCE_ADMIN_ALLOWED_IPS": env_networks,

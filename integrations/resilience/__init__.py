@@ -59,7 +59,13 @@ def _build_default_engine() -> Engine:
         from .redis_store import RedisStore
 
         store = RedisStore(settings.REDIS_URL, prefix=settings.KEY_PREFIX)
-    return Engine(registry=registry, cache=cache, store=store, faults_enabled=settings.FAULT_INJECTION)
+    tracing = None
+    if settings.TRACING:
+        from .tracing import Tracing
+
+        tracing = Tracing()
+    return Engine(registry=registry, cache=cache, store=store, faults_enabled=settings.FAULT_INJECTION,
+                  tracing=tracing)
 
 
 def get_engine() -> Engine:

@@ -124,10 +124,12 @@ class _Call:
 
     __slots__ = ("engine", "policy", "local", "fn", "args", "kwargs", "fallbacks", "dead_letter", "material",
                  "cache_state", "started", "deadline", "attempts", "durations", "error", "value", "ok", "source",
-                 "fallback_used", "age_s", "stopped_by")
+                 "fallback_used", "age_s", "stopped_by", "trace")
 
-    def __init__(self, engine: Engine, policy: Policy, fn, args, kwargs, fallbacks, dead_letter, cache_key) -> None:
+    def __init__(self, engine: Engine, policy: Policy, fn, args, kwargs, fallbacks, dead_letter, cache_key,
+                 trace=None) -> None:
         self.engine = engine
+        self.trace = trace  # the call's span (tracing.CallSpan) when tracing is on
         self.policy = policy
         self.local = engine._local(policy)
         self.fn = fn
@@ -320,8 +322,10 @@ class Engine:
         rng: random.Random | None = None,
         bus: EventBus | None = None,
         faults_enabled: bool = False,
+        tracing=None,
     ) -> None:
         self.clock = clock or SystemClock()
+        self.tracing = tracing  # a tracing.Tracing when RESILIENCE_TRACING is on, else None
         self.faults_enabled = faults_enabled  # RESILIENCE_FAULT_INJECTION: game-day faults are applied
         self.registry = registry or PolicyRegistry()
         self.store = store or LocalStore(self.clock)
@@ -341,14 +345,14 @@ class Engine:
             local.bulkhead.limit = policy.max_concurrent
         return local
 
-    def _begin(self, policy, fn, args, kwargs, cache_key, fallbacks, dead_letter) -> _Call:
+    def _begin(self, policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace=None) -> _Call:
         if not callable(fn):
             raise TypeError(f"execute({policy.name!r}, ...) needs a callable operation, got {fn!r}")
         if dead_letter is not None and not (hasattr(dead_letter, "handler") and hasattr(dead_letter, "payload")):
             raise TypeError(f"dead_letter must be integrations.dlq.DeadLetter(handler_name, payload), "
                             f"got {dead_letter!r}")
         return _Call(self, policy, fn, args, kwargs, fb.check_fallbacks(fallbacks) if fallbacks else (), dead_letter,
-                     cache_key)
+                     cache_key, trace)
 
     def _fail_fast(self, policy: Policy, fallbacks, dead_letter) -> CallResult | None:
         """A call that a known-open breaker refuses, answered before any per-call work.
@@ -376,12 +380,25 @@ class Engine:
              fallbacks=(), dead_letter=None) -> CallResult:
         """``execute`` with the operation's arguments passed explicitly."""
         policy = self.registry.get(name)
+        if self.tracing is None:
+            return self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter)
+        trace = self.tracing.start_call(name)
+        try:
+            result = self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace)
+        except BaseException as exc:
+            self.tracing.abandon_call(trace, exc)
+            raise
+        self.tracing.end_call(trace, result)
+        return result
+
+    def _call(self, policy: Policy, fn: Callable, args: tuple, kwargs: dict | None, cache_key, fallbacks, dead_letter,
+              trace=None) -> CallResult:
         refused = self._fail_fast(policy, fallbacks, dead_letter)
         if refused is not None:
             return refused
         if fb.is_async_callable(fn):
-            raise TypeError(f"{fn!r} is a coroutine function: use aexecute({name!r}, ...)")
-        call = self._begin(policy, fn, args, kwargs or {}, cache_key, fallbacks, dead_letter)
+            raise TypeError(f"{fn!r} is a coroutine function: use aexecute({policy.name!r}, ...)")
+        call = self._begin(policy, fn, args, kwargs or {}, cache_key, fallbacks, dead_letter, trace)
         if not call.short_circuit():
             self._attempts(call)
         if not call.ok:
@@ -415,6 +432,8 @@ class Engine:
                 bulkhead.release()
                 return
             timeout = call.attempt_timeout(left)
+            span = None if call.trace is None else self.tracing.start_attempt(
+                call.trace, policy.name, call.attempts + 1, permit.trial)
             started = clock.monotonic()
             try:
                 if inline:
@@ -423,14 +442,20 @@ class Engine:
                     value = run_in_thread(local.executor(policy), call.fn, call.args, call.kwargs, timeout,
                                           bulkhead.release)
             except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on below
+                if span is not None:
+                    self.tracing.end_attempt(span, exc, policy.name)
                 delay = call.failed(permit, exc, clock.monotonic() - started)
                 if delay is None:
                     return
                 clock.sleep(delay)
                 continue
-            except BaseException:
+            except BaseException as exc:
+                if span is not None:
+                    self.tracing.end_attempt(span, exc, policy.name)
                 call.abandoned(permit)
                 raise
+            if span is not None:
+                self.tracing.end_attempt(span, None, policy.name)
             call.succeeded(permit, value, clock.monotonic() - started)
             return
 
@@ -443,10 +468,23 @@ class Engine:
 
             await sync_to_async(self.registry.get, thread_sensitive=True)(name)
         policy = self.registry.get(name)
+        if self.tracing is None:
+            return await self._acall(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter)
+        trace = self.tracing.start_call(name)
+        try:
+            result = await self._acall(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace)
+        except BaseException as exc:
+            self.tracing.abandon_call(trace, exc)
+            raise
+        self.tracing.end_call(trace, result)
+        return result
+
+    async def _acall(self, policy: Policy, fn: Callable, args: tuple, kwargs: dict, cache_key, fallbacks, dead_letter,
+                     trace=None) -> CallResult:
         refused = self._fail_fast(policy, fallbacks, dead_letter)
         if refused is not None:
             return refused
-        call = self._begin(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter)
+        call = self._begin(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace)
         if not call.short_circuit():
             await self._aattempts(call)
         if not call.ok:
@@ -482,19 +520,27 @@ class Engine:
                 bulkhead.release()
                 return
             timeout = call.attempt_timeout(left)
+            span = None if call.trace is None else self.tracing.start_attempt(
+                call.trace, policy.name, call.attempts + 1, permit.trial)
             started = clock.monotonic()
             try:
                 value = await run_async(local.executor(policy), call.fn, call.args, call.kwargs, timeout,
                                         bulkhead.release, is_coroutine)
             except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on below
+                if span is not None:
+                    self.tracing.end_attempt(span, exc, policy.name)
                 delay = call.failed(permit, exc, clock.monotonic() - started)
                 if delay is None:
                     return
                 await clock.asleep(delay)
                 continue
-            except BaseException:
+            except BaseException as exc:
+                if span is not None:
+                    self.tracing.end_attempt(span, exc, policy.name)
                 call.abandoned(permit)
                 raise
+            if span is not None:
+                self.tracing.end_attempt(span, None, policy.name)
             call.succeeded(permit, value, clock.monotonic() - started)
             return
 
