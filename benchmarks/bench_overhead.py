@@ -30,6 +30,14 @@ and reports microseconds per call:
     open: pybreaker     breaker.call(op) on a tripped breaker, raising
                         CircuitBreakerError (caught)
 
+Async rows (a second table, run the same way inside one event loop):
+
+    async baseline      await aop() (an async no-op returning 1)
+    tenacity+purgatory  an @retry-decorated coroutine (tenacity's AsyncRetrying,
+                        the same stop/wait/retry as above) that awaits aop()
+                        inside purgatory's async breaker (threshold 5, ttl 30)
+    ours aexecute       await engine.aexecute("bench", aop): the same policy
+
 Method: each repeat runs every row once, in turn, so machine noise falls on
 all rows alike; gc.collect() runs before each row and gc is off while it is
 timed. The figure kept per row is the best (minimum) of the repeats.
@@ -45,6 +53,7 @@ overhead / the overhead of tenacity+pybreaker. Both targets compare overheads:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -63,6 +72,7 @@ import django  # noqa: E402
 django.setup()
 
 import pybreaker  # noqa: E402
+import purgatory  # noqa: E402
 from opentelemetry import trace  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
@@ -242,7 +252,62 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "pybreaker": version("pybreaker"),
         "tenacity": version("tenacity"),
+        "purgatory": version("purgatory"),
     }
+
+
+# -- async: aexecute next to tenacity's AsyncRetrying around purgatory's async breaker -------------
+
+ASYNC_STACKED = "tenacity+purgatory"
+ASYNC_OURS = "ours aexecute"
+
+
+async def aop():
+    return 1
+
+
+async def build_async_rows(n: int):
+    breakers = purgatory.AsyncCircuitBreakerFactory(default_threshold=5, default_ttl=30)
+    await breakers.initialize()
+
+    @tenacity_retry()
+    async def stacked_aop():
+        async with await breakers.get_breaker("bench"):
+            return await aop()
+
+    ours = build_engine(BENCH_POLICY)
+    rows = [("async baseline", n, aop, ()), (ASYNC_STACKED, n, stacked_aop, ()),
+            (ASYNC_OURS, n, ours.aexecute, ("bench", aop))]
+    for name, _, fn, args in rows:
+        result = await fn(*args)
+        assert (result.ok and result.value == 1) if name == ASYNC_OURS else result == 1, (name, result)
+    return rows
+
+
+async def atime_row(fn, args, calls: int) -> float:
+    gc.collect()
+    gc.disable()
+    try:
+        started = time.perf_counter_ns()
+        for _ in repeat(None, calls):
+            await fn(*args)
+        elapsed = time.perf_counter_ns() - started
+    finally:
+        gc.enable()
+    return elapsed / calls / 1000
+
+
+async def ameasure(n: int) -> dict:
+    rows = await build_async_rows(n)
+    times = {name: [] for name, *_ in rows}
+    for _ in range(REPEATS):
+        for name, calls, fn, args in rows:
+            times[name].append(await atime_row(fn, args, calls))
+    best = {name: min(samples) for name, samples in times.items()}
+    overhead = {name: us - best["async baseline"] for name, us in best.items()}
+    return {name: {"calls": n, "us_per_call": best[name], "overhead_us": overhead[name],
+                   "x_stacked": None if name == "async baseline" else overhead[name] / overhead[ASYNC_STACKED],
+                   "samples_us": times[name]} for name in times}
 
 
 def report(summary: dict, about: dict, n: int) -> None:
@@ -261,6 +326,11 @@ def report(summary: dict, about: dict, n: int) -> None:
     print(f"(b) fail-fast ours < pybreaker: {figures[OPEN_OURS]['overhead_us']:.3f} vs "
           f"{figures[OPEN_PYBREAKER]['overhead_us']:.3f} us -> "
           f"{'PASS' if targets['b_fail_fast_faster_than_pybreaker'] else 'FAIL'}")
+    print(f"\nasync (tenacity {about['tenacity']} AsyncRetrying, purgatory {about['purgatory']}):")
+    print(f"{'row':<22}{'calls':>8}{'us/call':>10}{'overhead':>10}{'x stacked':>11}")
+    for name, row in summary["async"].items():
+        ratio = "" if row["x_stacked"] is None else f"{row['x_stacked']:.2f}"
+        print(f"{name:<22}{row['calls']:>8}{row['us_per_call']:>10.3f}{row['overhead_us']:>10.3f}{ratio:>11}")
 
 
 def main() -> None:
@@ -274,6 +344,7 @@ def main() -> None:
     with use_engine(ours):
         times = measure(rows)
     summary = summarize(rows, times)
+    summary["async"] = asyncio.run(ameasure(n))
     about = machine()
     report(summary, about, n)
     if options.json:
