@@ -108,7 +108,7 @@ def main() -> None:
         for _ in range(n // 4):
             raw.evalsha(sha, 0)
         rows["raw EVALSHA"].append(((time.process_time() - started) / (n // 4) * 1e6, counter.writes / (n // 4)))
-        redis_store.flush()
+        redis_store.rate_limiter.flush()
         keys = list(raw.scan_iter(f"{prefix}:*"))
         if keys:
             raw.delete(*keys)

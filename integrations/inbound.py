@@ -7,8 +7,9 @@ settings and defaults are in integrations/conf.py:
 - ``AdminAllowlistMiddleware`` answers 403 to /admin/ requests from addresses outside
   RESILIENCE_ADMIN_ALLOWED_IPS (empty: no restriction, and the middleware steps aside).
 - ``RateLimitMiddleware`` counts each request of a route group (RESILIENCE_RATE_LIMITS) against
-  its client's sliding window in the engine's state store: one atomic Lua script in Redis when
-  the site has one, per process otherwise, per process again while Redis is down. API responses
+  its client's sliding window with the rate limiter of the engine's state store
+  (resilience/rate_limit.py): one atomic Lua script in Redis when the site has one, per process
+  otherwise, per process again while Redis is down. API responses
   carry X-RateLimit-Limit, -Remaining and -Reset; past the limit the answer is 429 with
   Retry-After and the API's error shape.
 
@@ -37,7 +38,7 @@ from rest_framework.authtoken.models import Token
 
 from .conf import RateLimitGroup, app_settings
 from .resilience import get_engine
-from .resilience.state import RateLimit
+from .resilience.rate_limit import RateLimit
 
 logger = logging.getLogger(__name__)
 
@@ -246,14 +247,14 @@ class RateLimitMiddleware:
         return next((group for group in self.groups if group.matches(path, method)), None)
 
     def _count(self, request: HttpRequest, group: RateLimitGroup) -> tuple[RateLimit, int] | None:
-        """The store's verdict and the whole seconds until its reset, or None if the limiter failed."""
+        """The limiter's verdict and the whole seconds until its reset, or None if the limiter failed."""
         try:
-            store = get_engine().store
+            limiter = get_engine().store.rate_limiter
             client = rate_limit_client(request, self.trusted_proxies)
-            verdict = store.hit(f"{group.name}:{client}", group.limit, group.window_s)
-            return verdict, seconds_until(verdict.reset_at, store.clock.time())
+            verdict = limiter.hit(f"{group.name}:{client}", group.limit, group.window_s)
+            return verdict, seconds_until(verdict.reset_at, limiter.clock.time())
         except Exception:
-            # Fail open. A store already counts per process while Redis is down, so what lands
+            # Fail open. A limiter already counts per process while Redis is down, so what lands
             # here is a fault (a script error, the token lookup's database gone): refusing every
             # request, or answering 500, because the limiter broke would turn a protection into
             # an outage. The request goes through unlimited and the traceback is logged.

@@ -23,8 +23,9 @@ from django.test import Client, RequestFactory
 from django.test.utils import CaptureQueriesContext
 from rest_framework.authtoken.models import Token
 
-from integrations.resilience import Engine, use_engine
+from integrations.resilience import Engine, Policy, use_engine
 from integrations.resilience.events import EventBus
+from integrations.resilience.rate_limit import LocalRateLimiter
 from integrations.resilience.redis_store import RedisStore
 from integrations.resilience.state import LocalStore
 from integrations.conf import DEFAULT_RATE_LIMITS, app_settings
@@ -259,7 +260,7 @@ def test_a_logged_in_user_has_a_budget_of_their_own(client):
     assert statuses(anonymous, 1) == [200]
 
 
-class RecordingStore(LocalStore):
+class RecordingLimiter(LocalRateLimiter):
     def __init__(self, clock):
         super().__init__(clock)
         self.keys = []
@@ -269,11 +270,18 @@ class RecordingStore(LocalStore):
         return super().hit(key, limit, window_s)
 
 
+def store_with(limiter, clock):
+    """A per-process store whose rate limiter is ``limiter``."""
+    store = LocalStore(clock)
+    store.rate_limiter = limiter
+    return store
+
+
 @pytest.mark.django_db
 def test_a_token_is_hashed_before_it_becomes_part_of_a_key(client, clock):
     token = make_token("keyholder")
-    recording = RecordingStore(clock)
-    with use_engine(Engine(store=recording, clock=clock)):
+    recording = RecordingLimiter(clock)
+    with use_engine(Engine(store=store_with(recording, clock), clock=clock)):
         client.get("/api/ping/", HTTP_AUTHORIZATION=f"Token {token}")
     assert recording.keys == [f"api_read:token:{hashlib.sha256(token.encode()).hexdigest()}"]
 
@@ -375,8 +383,8 @@ def test_the_admin_refuses_other_addresses_with_a_plain_403(allowlist, client, p
 
 
 def test_a_refused_admin_login_spends_no_rate_limit_budget(allowlist, client, clock):
-    recording = RecordingStore(clock)
-    with use_engine(Engine(store=recording, clock=clock)):
+    recording = RecordingLimiter(clock)
+    with use_engine(Engine(store=store_with(recording, clock), clock=clock)):
         refused = [client.post("/admin/login/", {"username": "a"}, REMOTE_ADDR="192.0.3.1") for _ in range(3)]
     assert [r.status_code for r in refused] == [403, 403, 403]
     assert recording.keys == []
@@ -524,13 +532,23 @@ def test_requests_go_through_when_redis_cannot_be_reached(settings, client, cloc
         [(200, "2"), (200, "1"), (200, "0"), (429, "0")]
 
 
-class BrokenStore(LocalStore):
+def test_the_limiter_shares_the_stores_redis_client_and_its_outage(settings, clock, caplog):
+    unreachable = RedisStore("redis://127.0.0.1:1/0", prefix=settings.RESILIENCE_KEY_PREFIX, clock=clock,
+                             bus=EventBus(), socket_timeout_s=0.2)
+    assert unreachable.rate_limiter.link.client is unreachable.client  # one connection pool per process
+    assert unreachable.rate_limiter.hit("outage", 5, 60).allowed
+    assert unreachable.acquire(Policy(name="svc")).allowed  # per process too, without asking Redis again
+    warnings = [r for r in caplog.records if r.name == "integrations.shared_state"]
+    assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage()
+
+
+class BrokenLimiter(LocalRateLimiter):
     def hit(self, key, limit, window_s):
-        raise RuntimeError("a bug in the store")
+        raise RuntimeError("a bug in the limiter")
 
 
 def test_a_fault_in_the_limiter_lets_the_request_through_and_is_logged(client, clock, caplog):
-    with use_engine(Engine(store=BrokenStore(clock), clock=clock)):
+    with use_engine(Engine(store=store_with(BrokenLimiter(clock), clock), clock=clock)):
         response = client.get("/api/ping/")
     assert response.status_code == 200
     assert not response.has_header("X-RateLimit-Limit")
@@ -581,5 +599,5 @@ def test_two_worker_processes_share_one_limit_in_redis(settings, client):
 @pytest.mark.skipif(not redis_url(), reason=NEEDS_REDIS)
 def test_two_stores_in_one_process_share_one_limit_in_redis(settings):
     first, second = (RedisStore(redis_url(), prefix=settings.RESILIENCE_KEY_PREFIX, bus=EventBus()) for _ in "12")
-    verdicts = [store.hit("shared", 4, 60).allowed for _ in range(3) for store in (first, second)]
+    verdicts = [store.rate_limiter.hit("shared", 4, 60).allowed for _ in range(3) for store in (first, second)]
     assert verdicts == [True, True, True, True, False, False]

@@ -1,4 +1,4 @@
-"""Shared state in Redis: one breaker, one quota and one rate limit for the whole fleet.
+"""Shared state in Redis: one breaker and one quota for the whole fleet.
 
 Every decision and every recorded outcome, with any transition it causes, is
 one atomic Lua script (``state.lua``), so processes on many hosts behave as
@@ -27,17 +27,16 @@ Outage: if Redis cannot be reached, calls go on with per-process state (a
 LocalStore), with one warning per outage in the log and a SharedStateChanged
 event; Redis is tried again every ``retry_interval_s`` and shared state
 resumes by itself. No exception reaches a caller because Redis is down.
+
+The store's Redis client, its outages and its flusher thread are a RedisLink
+(redis_link.py), which the inbound rate limiter the store hands out
+(``rate_limiter``, a rate_limit.RedisRateLimiter) shares.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
 import threading
 import time
-import uuid
-import weakref
 from pathlib import Path
 
 import redis
@@ -45,18 +44,16 @@ import redis
 from ..errors import ErrorCategory
 from . import breaker as br
 from .breaker import BreakerSnapshot, Transition
-from .events import EventBus, SharedStateChanged
+from .events import EventBus
 from .events import bus as default_bus
 from .policy import MODE_FORCED_OPEN, MODE_NORMAL, Policy
 from .quota import DAY, HOUR, QuotaUsage, window_start
-from .state import FORCED_OPEN_REASON, OPEN_REASON, RETRY_BUDGET, LocalStore, Permit, RateLimit, StateStore
-
-logger = logging.getLogger("integrations.shared_state")
+from .rate_limit import RedisRateLimiter
+from .redis_link import UNREACHABLE, RedisLink, unique_id
+from .state import FORCED_OPEN_REASON, OPEN_REASON, RETRY_BUDGET, LocalStore, Permit, StateStore
 
 _LUA_DIR = Path(__file__).with_name("lua")
 _OUTCOME_CODES = {br.SUCCESS: "s", br.FAILURE: "f", br.IGNORED: "i"}
-# Errors that mean "Redis is not there": anything else (a script error) is a bug and is raised.
-_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 # How long this process trusts what it last saw of a breaker (open: fail fast; closed:
 # admit) without asking Redis, so a flood of calls costs no round trip each. Half the
 # 1 s within which every process must see another's change (a trip, a reset, a mode).
@@ -64,15 +61,6 @@ _VIEW_TTL_S = 0.5
 
 
 _SHARED_ADMITTED = Permit(True, shared=True)
-
-# Rate-limit leases (see ``RedisStore.hit``). A lease is spent for at most _LEASE_TTL_S and
-# holds at most _LEASE_MAX requests, and at most 1/_LEASE_SHARE of what the client has left;
-# windows shorter than _LEASE_MIN_WINDOW_S are counted request by request.
-_LEASE_TTL_S = 0.5
-_LEASE_MAX = 100
-_LEASE_SHARE = 16
-_LEASE_MIN_WINDOW_S = 5.0
-_NO_LEASE = ("", 0, 0)
 
 
 class _Pending:
@@ -85,32 +73,6 @@ class _Pending:
         self.ok = 0
         self.ok_retry = 0
         self.since = since
-
-
-class _Lease:
-    """One client's rate-limit window as this process last saw it, and the lease it may spend.
-
-    ``size`` requests were counted in Redis ahead (members ``<id>:1..size``); ``used`` of them
-    have been spent. A record with ``size`` 0 holds no lease: it only remembers when the
-    client was last counted, so a second request soon after marks the client as busy.
-    """
-
-    __slots__ = ("id", "size", "used", "limit", "window_s", "remaining", "reset_at", "synced", "until")
-
-    def __init__(self, lease_id: str, size: int, limit: int, window_s: float, remaining: int, reset_at: float,
-                 synced: float) -> None:
-        self.id = lease_id
-        self.size = size
-        self.used = 0
-        self.limit = limit
-        self.window_s = window_s
-        self.remaining = remaining  # what the client had left, this lease included, when it was granted
-        self.reset_at = reset_at
-        self.synced = synced  # monotonic
-        self.until = synced + _LEASE_TTL_S
-
-    def settlement(self) -> tuple[str, int, int]:
-        return (self.id, self.size, self.used) if self.size else _NO_LEASE
 
 
 class RedisStore(StateStore):
@@ -130,32 +92,28 @@ class RedisStore(StateStore):
     ) -> None:
         self.local = LocalStore(clock)  # per-process state while Redis is away
         self.clock = self.local.clock
-        self.client = client or redis.Redis.from_url(
-            url, socket_connect_timeout=socket_timeout_s, socket_timeout=socket_timeout_s)
-        self.prefix = prefix
         self.bus = bus or default_bus
-        self.retry_interval_s = retry_interval_s
+        self.link = RedisLink(url, client=client, clock=self.clock, bus=self.bus,
+                              retry_interval_s=retry_interval_s, flush_interval_s=flush_interval_s,
+                              socket_timeout_s=socket_timeout_s)
+        self.client = self.link.client
+        self.prefix = prefix
         self.flush_interval_s = flush_interval_s
         self._state_script = self.client.register_script((_LUA_DIR / "state.lua").read_text())
-        self._rate_script = self.client.register_script((_LUA_DIR / "rate_limit.lua").read_text())
         self._quota_script = self.client.register_script((_LUA_DIR / "quota.lua").read_text())
-        self.available = True
-        self._retry_at = 0.0
-        self._down_since = 0.0
-        self._outage_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._pending_lock = threading.Lock()
-        self._flusher: threading.Thread | None = None
-        self._flusher_pid = 0
         self._seen_state: dict[str, str] = {}  # the breaker state each integration had at our last round trip
         self._open_until: dict[str, tuple[float, float]] = {}  # name -> (opened at, seen at), wall time
         self._closed_seen_at: dict[str, float | None] = {}  # name -> when last seen closed (monotonic)
-        self._leases: dict[str, _Lease] = {}  # rate-limit key -> this process's view and lease
-        self._unsettled: list[tuple[str, _Lease]] = []  # leases replaced before they were settled
-        self._renewals: dict[str, threading.Event] = {}  # rate-limit key -> set when its renewal is done
-        self.socket_timeout_s = socket_timeout_s
-        self._lease_lock = threading.Lock()
-        os.register_at_fork(after_in_child=functools.partial(_call_if_alive, weakref.WeakMethod(self._forget_leases)))
+        self.link.on_flush(self._flush_due)
+        # inbound rate limits in the same Redis, through the same link (one client, one outage)
+        self.rate_limiter = RedisRateLimiter(self.link, prefix, self.local.rate_limiter)
+
+    @property
+    def available(self) -> bool:
+        """Whether Redis answered the last round trip (False: per-process state until it is back)."""
+        return self.link.available
 
     # -- keys -------------------------------------------------------------------
 
@@ -187,36 +145,7 @@ class RedisStore(StateStore):
 
     def _eval(self, keys: list[str], args: list):
         """Run the state script; None when Redis is unreachable (the caller goes local)."""
-        if not self.available and time.monotonic() < self._retry_at:
-            return None
-        try:
-            result = self._state_script(keys=keys, args=args)
-        except _UNREACHABLE as exc:
-            self._lost(exc)
-            return None
-        if not self.available:
-            self._regained()
-        return result
-
-    def _lost(self, exc: Exception) -> None:
-        with self._outage_lock:
-            self._retry_at = time.monotonic() + self.retry_interval_s
-            if not self.available:
-                return
-            self.available = False
-            self._down_since = time.monotonic()
-        logger.warning("shared state unavailable (%s: %s); breakers, quotas and rate limits are per process "
-                       "until Redis is back", type(exc).__name__, exc)
-        self.bus.publish(SharedStateChanged(shared=False, reason=str(exc), at=self.clock.time()))
-
-    def _regained(self) -> None:
-        with self._outage_lock:
-            if self.available:
-                return
-            self.available = True
-            outage = time.monotonic() - self._down_since
-        logger.warning("shared state back after %.1f s; breakers, quotas and rate limits are shared again", outage)
-        self.bus.publish(SharedStateChanged(shared=True, reason=f"back after {outage:.1f} s", at=self.clock.time()))
+        return self.link.call(self._state_script, keys=keys, args=args)
 
     # -- deferred successes -----------------------------------------------------------
 
@@ -230,7 +159,7 @@ class RedisStore(StateStore):
                 pending.ok_retry += 1
             else:
                 pending.ok += 1
-        self._ensure_flusher()
+        self.link.ensure_flusher()
 
     def _take_pending(self, name: str) -> tuple[int, int]:
         if not self._pending:
@@ -239,30 +168,12 @@ class RedisStore(StateStore):
             pending = self._pending.pop(name, None)
         return (0, 0) if pending is None else (pending.ok, pending.ok_retry)
 
-    def _ensure_flusher(self) -> None:
-        if self._flusher_pid != os.getpid():
-            self._start_flusher()
-
-    def _start_flusher(self) -> None:
-        with self._pending_lock:
-            if self._flusher_pid == os.getpid():
-                return
-            self._flusher_pid = os.getpid()  # a forked child starts its own
-            self._flusher = threading.Thread(target=self._flush_forever, name="shared-state-flusher", daemon=True)
-            self._flusher.start()
-
-    def _flush_forever(self) -> None:
-        while True:
-            time.sleep(self.flush_interval_s)
-            try:
-                self.flush(older_than_s=self.flush_interval_s)
-            except Exception:  # noqa: BLE001 - the flusher must outlive any one failure; it is logged
-                logger.exception("flushing deferred outcomes to shared state failed")
+    def _flush_due(self) -> None:
+        """What the link's flusher thread does: send the successes deferred at least one interval."""
+        self.flush(older_than_s=self.flush_interval_s)
 
     def flush(self, older_than_s: float = 0.0) -> None:
-        """Send deferred successes now (those waiting at least ``older_than_s``), and settle
-        rate-limit leases (all of them; with ``older_than_s``, those past their time)."""
-        self._settle_leases(everything=older_than_s <= 0)
+        """Send deferred successes now (those waiting at least ``older_than_s``)."""
         now_mono = time.monotonic()
         with self._pending_lock:
             due = [p for p in self._pending.values() if now_mono - p.since >= older_than_s]
@@ -306,12 +217,10 @@ class RedisStore(StateStore):
     def _take_quota(self, policy: Policy) -> Permit | None:
         """One unit of quota in one small script; None when Redis is unreachable."""
         _, _, hour_key, day_key = self._keys(policy, self.clock.time())
-        try:
-            full = self._quota_script(keys=[hour_key, day_key], args=[
-                -1 if policy.hourly_limit is None else policy.hourly_limit,
-                -1 if policy.daily_limit is None else policy.daily_limit])
-        except _UNREACHABLE as exc:
-            self._lost(exc)
+        full = self.link.call(self._quota_script, keys=[hour_key, day_key], args=[
+            -1 if policy.hourly_limit is None else policy.hourly_limit,
+            -1 if policy.daily_limit is None else policy.daily_limit])
+        if full is None:
             return None
         if full:
             return Permit(False, category=ErrorCategory.QUOTA_EXCEEDED, reason=f"{_text(full)} quota reached",
@@ -343,7 +252,7 @@ class RedisStore(StateStore):
                 return permit
             return self.local.acquire(policy, is_retry)
         now = self.clock.time()
-        lease = _unique_id()
+        lease = unique_id()
         pending = self._take_pending(policy.name)
         result = self._eval(self._keys(policy, now),
                             self._args("a", policy, now, is_retry=is_retry, pending=pending, lease=lease))
@@ -403,7 +312,7 @@ class RedisStore(StateStore):
         """Every policy's breaker and quota in one pipelined round trip (a page of the console)."""
         if not policies:
             return []
-        if not self.available and time.monotonic() < self._retry_at:
+        if self.link.waiting():
             return [self._local_read(policy) for policy in policies]
         now = self.clock.time()
         calls = [(self._keys(policy, now), self._args("s", policy, now, pending=self._take_pending(policy.name)))
@@ -415,8 +324,8 @@ class RedisStore(StateStore):
                 pipe.mget(keys[2], keys[3])
             try:
                 replies = pipe.execute(raise_on_error=False)
-            except _UNREACHABLE as exc:
-                self._lost(exc)
+            except UNREACHABLE as exc:
+                self.link.lost(exc)
                 return [self._local_read(policy) for policy in policies]
             if first_try and any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
                 # a restarted Redis forgot the script, which therefore ran nowhere: load it, send again
@@ -427,7 +336,7 @@ class RedisStore(StateStore):
         if failed is not None:
             raise failed
         if not self.available:
-            self._regained()
+            self.link.regained()
         reads = []
         for policy, result, (hourly, daily) in zip(policies, replies[0::2], replies[1::2]):
             self._observe(policy.name, result)
@@ -439,18 +348,13 @@ class RedisStore(StateStore):
 
     def quota_usage(self, policy: Policy) -> QuotaUsage:
         now = self.clock.time()
-        if self.available or time.monotonic() >= self._retry_at:
-            _, _, hour_key, day_key = self._keys(policy, now)
-            try:
-                hourly, daily = self.client.mget(hour_key, day_key)
-            except _UNREACHABLE as exc:
-                self._lost(exc)
-            else:
-                if not self.available:
-                    self._regained()
-                return QuotaUsage(policy.name, int(hourly or 0), policy.hourly_limit, int(daily or 0),
-                                  policy.daily_limit, window_start(now, HOUR) + HOUR, window_start(now, DAY) + DAY)
-        return self.local.quota_usage(policy)
+        _, _, hour_key, day_key = self._keys(policy, now)
+        used = self.link.call(self.client.mget, hour_key, day_key)
+        if used is None:
+            return self.local.quota_usage(policy)
+        hourly, daily = used
+        return QuotaUsage(policy.name, int(hourly or 0), policy.hourly_limit, int(daily or 0),
+                          policy.daily_limit, window_start(now, HOUR) + HOUR, window_start(now, DAY) + DAY)
 
     def reset(self, policy: Policy, by: str | None = None, reason: str = "manual reset") -> Transition | None:
         self._take_pending(policy.name)  # the window is cleared: successes still waiting say nothing more
@@ -467,108 +371,6 @@ class RedisStore(StateStore):
         now = self.clock.time()
         self._eval(self._keys(policy, now), self._args("p", policy, now, extra=policy.mode,
                                                        extra2=repr(policy.revision)))
-
-    def hit(self, key: str, limit: int, window_s: float) -> RateLimit:
-        """Count one request in the fleet's window for ``key``: one round trip, or none on a lease.
-
-        A client that is busy in this process (counted here again within a second) is given a
-        lease: a few of its next requests counted in Redis ahead, which this process then admits
-        on its own. Leases double while they are used up, to at most _LEASE_MAX, and are at most
-        1/_LEASE_SHARE of what the client has left, so near the limit every request is counted
-        in Redis one by one: the limit holds exactly for the fleet. A lease is settled (its spent
-        requests counted again at that time, the unspent ones given back) by the client's next
-        round trip or by the flusher within about a second. Meanwhile other processes see the
-        unspent part as used: a client at the very end of its budget may be refused up to a
-        second early. X-RateLimit-Remaining from a lease is what this process knows.
-        """
-        if not self.available and time.monotonic() < self._retry_at:
-            return self.local.hit(key, limit, window_s)
-        # One thread of the process renews a client's lease; the others wait for it rather than
-        # all asking Redis at once (which is what a busy client's concurrent requests would do).
-        for _ in range(2):
-            with self._lease_lock:
-                seen = self._leases.get(key)
-                if seen is not None and seen.used < seen.size and time.monotonic() < seen.until \
-                        and seen.limit == limit and seen.window_s == window_s:
-                    seen.used += 1
-                    return RateLimit(True, limit, max(seen.remaining - seen.used, 0), seen.reset_at)
-                renewal = self._renewals.get(key)
-                if renewal is None:
-                    renewal = self._renewals[key] = threading.Event()
-                    self._leases.pop(key, None)
-                    break  # this thread renews
-            renewal.wait(self.socket_timeout_s * 2)
-        else:
-            return self._count_in_redis(key, limit, window_s, None)  # still nothing to spend: no lease
-        try:
-            return self._count_in_redis(key, limit, window_s, seen)
-        finally:
-            with self._lease_lock:
-                self._renewals.pop(key, None)
-            renewal.set()
-
-    def _count_in_redis(self, key: str, limit: int, window_s: float, seen: _Lease | None) -> RateLimit:
-        """One round trip: this request counted, ``seen``'s lease settled, a new lease asked for if busy."""
-        now_mono = time.monotonic()
-        call_id = _unique_id()
-        try:
-            allowed, remaining, reset_at, granted = self._rate_script(
-                keys=[self._rate_key(key)],
-                args=[repr(self.clock.time()), repr(float(window_s)), limit, call_id, 1,
-                      *(_NO_LEASE if seen is None else seen.settlement()), _lease_wanted(seen, window_s, now_mono),
-                      _LEASE_SHARE])
-        except _UNREACHABLE as exc:
-            self._lost(exc)
-            return self.local.hit(key, limit, window_s)
-        if not self.available:
-            self._regained()
-        verdict = RateLimit(bool(int(allowed)), limit, int(remaining), float(reset_at))
-        view = _Lease(call_id, int(granted), limit, float(window_s), verdict.remaining, verdict.reset_at, now_mono)
-        with self._lease_lock:
-            replaced = self._leases.get(key)
-            self._leases[key] = view
-            if replaced is not None and replaced.size:
-                # counted at the same time by a thread that did not wait: its lease goes to the flusher
-                self._unsettled.append((key, replaced))
-        if view.size:
-            self._ensure_flusher()
-        return verdict
-
-    def _rate_key(self, key: str) -> str:
-        return f"{self.prefix}:ratelimit:{key}"
-
-    def _settle_leases(self, everything: bool) -> None:
-        """Settle leases past their time (or all): one pipelined round trip for all of them."""
-        now_mono = time.monotonic()
-        with self._lease_lock:
-            due = [(key, view.window_s, view.limit, view.settlement()) for key, view in self._unsettled]
-            self._unsettled = []
-            for key, view in list(self._leases.items()):
-                if not (everything or now_mono >= view.until):
-                    continue
-                if view.size:
-                    due.append((key, view.window_s, view.limit, view.settlement()))
-                    view.id, view.size = "", 0  # settled below; ``used`` stays, to tell how busy the client is
-                if everything or now_mono - view.synced >= 2 * _LEASE_TTL_S:
-                    del self._leases[key]  # not counted for a while: forgotten
-        if not due or (not self.available and now_mono < self._retry_at):
-            return
-        now = repr(self.clock.time())
-        pipe = self.client.pipeline(transaction=False)
-        for key, window_s, limit, settlement in due:
-            self._rate_script(keys=[self._rate_key(key)], client=pipe, args=[
-                now, repr(window_s), limit, _unique_id(), 0, *settlement, 0, _LEASE_SHARE])
-        try:
-            pipe.execute()
-        except _UNREACHABLE as exc:
-            self._lost(exc)  # the leases' requests stay counted at the time they were leased
-
-    def _forget_leases(self) -> None:
-        # A forked child must not spend its parent's leases (both would spend the same requests).
-        self._lease_lock = threading.Lock()
-        self._leases = {}
-        self._unsettled = []
-        self._renewals = {}
 
     def _stale_policy(self, policy: Policy) -> None:
         if self.on_stale_policy is not None:
@@ -587,26 +389,6 @@ def _snapshot_from(policy: Policy, result) -> BreakerSnapshot:
         window_failures=int(values["nf"]), window_slow=int(values["ns"]), window_retries=int(values["nr"]),
         extra={"shared": True},
     )
-
-
-def _lease_wanted(seen: _Lease | None, window_s: float, now_mono: float) -> int:
-    """How big a lease to ask for: none for a client not counted here within the last second,
-    else twice what the last one spent (at least 2, at most _LEASE_MAX)."""
-    if seen is None or window_s < _LEASE_MIN_WINDOW_S or now_mono - seen.synced >= 2 * _LEASE_TTL_S:
-        return 0
-    return min(_LEASE_MAX, max(2, 2 * seen.used))
-
-
-def _call_if_alive(method: weakref.WeakMethod) -> None:
-    bound = method()
-    if bound is not None:
-        bound()
-
-
-def _unique_id() -> str:
-    # Random, not host:pid:counter: two stores in one process, or one inherited across a
-    # fork, would reuse such names and a lease or a counted request would overwrite another.
-    return uuid.uuid4().hex
 
 
 def _text(value) -> str:

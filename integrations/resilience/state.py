@@ -5,13 +5,15 @@ it across processes and hosts behind the same interface. The engine calls
 ``acquire`` before each attempt and ``record`` after it, and never knows which
 store it has. A store returns the transitions it caused; the engine publishes
 them as events.
+
+A store also hands out the inbound rate limiter that counts where it keeps
+its state (``rate_limiter``; the limiters are in rate_limit.py).
 """
 
 from __future__ import annotations
 
 import abc
 import threading
-from collections import deque
 
 from ..errors import ErrorCategory
 from . import breaker as br
@@ -19,6 +21,7 @@ from .breaker import BreakerCell, BreakerSnapshot, Transition
 from .clock import SystemClock
 from .policy import MODE_FORCED_OPEN, MODE_NORMAL, Policy
 from .quota import QuotaCell, QuotaUsage
+from .rate_limit import LocalRateLimiter, RateLimiter
 
 # Why a permit was refused, beyond an ErrorCategory.
 RETRY_BUDGET = "retry budget exhausted"
@@ -57,6 +60,8 @@ class StateStore(abc.ABC):
     """The state of every integration, as the engine needs it."""
 
     shared = False
+    # The inbound rate limiter counting where this store keeps its state (RateLimitMiddleware's).
+    rate_limiter: RateLimiter
     # Called with an integration's name when the store learns that a newer
     # policy was saved elsewhere; the engine points it at its registry.
     on_stale_policy = None
@@ -92,27 +97,8 @@ class StateStore(abc.ABC):
     def reset(self, policy: Policy, by: str | None = None, reason: str = "manual reset") -> Transition | None:
         """Close the breaker and clear its counts (an operator's action)."""
 
-    @abc.abstractmethod
-    def hit(self, key: str, limit: int, window_s: float) -> RateLimit:
-        """Count one request against a sliding-window limit; refused requests are not counted."""
-
     def publish_policy(self, policy: Policy) -> None:
         """A policy was saved: make its mode and revision known to every process (shared stores)."""
-
-
-class RateLimit:
-    """The answer to one request against a sliding-window limit (for X-RateLimit-* headers)."""
-
-    __slots__ = ("allowed", "limit", "remaining", "reset_at")
-
-    def __init__(self, allowed: bool, limit: int, remaining: int, reset_at: float) -> None:
-        self.allowed = allowed
-        self.limit = limit
-        self.remaining = remaining
-        self.reset_at = reset_at  # when the oldest counted request leaves the window
-
-    def __repr__(self) -> str:
-        return f"RateLimit(allowed={self.allowed}, {self.remaining}/{self.limit} left, reset_at={self.reset_at:.3f})"
 
 
 class _Cell:
@@ -131,8 +117,7 @@ class LocalStore(StateStore):
         self.clock = clock or SystemClock()
         self._cells: dict[str, _Cell] = {}
         self._cells_lock = threading.Lock()
-        self._windows: dict[str, deque] = {}
-        self._windows_lock = threading.Lock()
+        self.rate_limiter = LocalRateLimiter(self.clock)
 
     def _cell(self, policy: Policy) -> _Cell:
         cell = self._cells.get(policy.name)
@@ -202,19 +187,6 @@ class LocalStore(StateStore):
         now = self.clock.time()
         with cell.lock:
             return cell.breaker.reset(now, by, reason)
-
-
-    def hit(self, key: str, limit: int, window_s: float) -> RateLimit:
-        now = self.clock.time()
-        with self._windows_lock:
-            stamps = self._windows.setdefault(key, deque())
-            while stamps and stamps[0] <= now - window_s:
-                stamps.popleft()
-            allowed = len(stamps) < limit
-            if allowed:
-                stamps.append(now)
-            reset_at = (stamps[0] if stamps else now) + window_s
-            return RateLimit(allowed, limit, max(limit - len(stamps), 0), reset_at)
 
 
 def _open_reason(breaker: BreakerCell, policy: Policy) -> str:
