@@ -10,12 +10,12 @@ Each phase of an attempt (connect, write, read) is bounded by the integration's
 ``connect_timeout_ms``, ``write_timeout_ms`` and ``read_timeout_ms`` when set,
 and always by the attempt's time left.
 
-Attempts run as the integration's ``timeout_enforcement`` says (by default in
-a worker thread, so the caller is never kept waiting), and httpx's own timeout
-is set to the attempt's budget, so an abandoned request ends soon after. With
-``inline`` enforcement no thread is used, but httpx applies that budget per
-phase (connect, write, read), so a request can overrun it; the overrun then
-counts as a TIMEOUT. Responses are classified: 5xx SERVER_ERROR,
+The sync Client's attempts run in the caller's thread on a transport whose
+every socket operation ends by the attempt's deadline (http_deadline.py: no
+worker thread, the caller is still not kept past the deadline); through a
+transport of the caller's own they run as the integration's
+``timeout_enforcement`` says, with httpx's timeouts set to the attempt's
+budget. An overrun counts as a TIMEOUT. Responses are classified: 5xx SERVER_ERROR,
 429 RATE_LIMIT (its Retry-After honoured), other 4xx CLIENT_ERROR; connect and
 network errors NETWORK, timeouts TIMEOUT. GET responses are cached when the
 integration has a cache TTL. Fallbacks given to the client apply to every
@@ -29,6 +29,7 @@ import time
 import httpx
 
 from .errors import ResilienceError, category_for_status
+from .http_deadline import DeadlineTransport
 from .resilience import get_engine
 from .resilience.retry import parse_retry_after
 from .resilience.timeouts import attempt_time_left
@@ -136,8 +137,24 @@ def _cache_key(request: httpx.Request):
     return False  # a POST's response is never served to another POST
 
 
+# httpx.Client's options that build its default transport: the deadline transport takes the same
+_TRANSPORT_OPTIONS = ("verify", "cert", "trust_env", "http1", "http2", "limits")
+
+
 class Client(httpx.Client):
+    """An httpx.Client whose requests go through the integration's pipeline.
+
+    Unless given a ``transport`` of its own, it sends on a DeadlineTransport (http_deadline.py):
+    every socket operation ends by the attempt's deadline, so attempts run in the caller's thread,
+    without the hand-off to a worker thread that ``timeout_enforcement="thread"`` costs other
+    operations. A request through any other transport (one given, or an environment proxy's)
+    runs as the integration's ``timeout_enforcement`` says.
+    """
+
     def __init__(self, integration: str, *, fallbacks=(), **kwargs) -> None:
+        if kwargs.get("transport") is None:
+            kwargs["transport"] = DeadlineTransport(**{option: kwargs[option] for option in _TRANSPORT_OPTIONS
+                                                       if option in kwargs})
         super().__init__(**kwargs)
         self.integration = integration
         self.fallbacks = tuple(fallbacks)
@@ -160,8 +177,10 @@ class Client(httpx.Client):
             response = super(Client, self).send(request, stream=True, **kwargs)
             return raise_for_category(read_within(response, request, _read_deadline(budget)), self.integration)
 
+        enforced = isinstance(self._transport_for_url(request.url), DeadlineTransport)
         result = get_engine().call(self.integration, attempt, cache_key=_cache_key(request),
-                                   fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER))
+                                   fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
+                                   enforces_deadline=enforced)
         return result.unwrap()
 
 

@@ -73,6 +73,10 @@ class Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         n = SCRIPT.arrive(self.path)
+        if self.path == "/trickle":
+            return self._trickle()
+        if self.path == "/late-then-silent":
+            return self._late_then_silent()
         status, headers, body = SCRIPT.answer(self.path, n)
         payload = json.dumps(body).encode()
         try:
@@ -85,6 +89,32 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout test): nothing to answer
+
+    def _trickle(self):
+        """Headers at once, then the 30-byte body one byte every 100 ms (3 s in all)."""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", "30")
+            self.end_headers()
+            for _ in range(30):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up at its deadline: nothing more to send
+
+    def _late_then_silent(self):
+        """Headers after 0.9 s, then nothing for 3 s: a read started late must not get a whole read timeout."""
+        try:
+            time.sleep(0.9)
+            self.send_response(200)
+            self.send_header("Content-Length", "10")
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(3)
+            self.wfile.write(b"x" * 10)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up at its deadline
 
     do_GET = do_POST = do_HEAD = _respond
 

@@ -124,12 +124,13 @@ class _Call:
 
     __slots__ = ("engine", "policy", "local", "fn", "args", "kwargs", "fallbacks", "dead_letter", "material",
                  "cache_state", "started", "deadline", "attempts", "durations", "error", "value", "ok", "source",
-                 "fallback_used", "age_s", "stopped_by", "trace")
+                 "fallback_used", "age_s", "stopped_by", "trace", "enforces_deadline")
 
     def __init__(self, engine: Engine, policy: Policy, fn, args, kwargs, fallbacks, dead_letter, cache_key,
                  trace=None) -> None:
         self.engine = engine
         self.trace = trace  # the call's span (tracing.CallSpan) when tracing is on
+        self.enforces_deadline = False  # the operation ends by its attempt's deadline itself: run it inline
         self.policy = policy
         self.local = engine._local(policy)
         self.fn = fn
@@ -377,14 +378,19 @@ class Engine:
         return self.call(name, fn, args, kwargs, cache_key=cache_key, fallbacks=fallbacks, dead_letter=dead_letter)
 
     def call(self, name: str, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, cache_key=None,
-             fallbacks=(), dead_letter=None) -> CallResult:
-        """``execute`` with the operation's arguments passed explicitly."""
+             fallbacks=(), dead_letter=None, enforces_deadline: bool = False) -> CallResult:
+        """``execute`` with the operation's arguments passed explicitly.
+
+        ``enforces_deadline``: the operation ends by its attempt's deadline on its own (it reads
+        ``attempt_time_left()``, as the http Client's transport does), so its attempts run in the
+        caller's thread whatever the integration's ``timeout_enforcement``: no thread hand-off.
+        """
         policy = self.registry.get(name)
         if self.tracing is None:
-            return self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter)
+            return self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, None, enforces_deadline)
         trace = self.tracing.start_call(name)
         try:
-            result = self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace)
+            result = self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace, enforces_deadline)
         except BaseException as exc:
             self.tracing.abandon_call(trace, exc)
             raise
@@ -392,13 +398,14 @@ class Engine:
         return result
 
     def _call(self, policy: Policy, fn: Callable, args: tuple, kwargs: dict | None, cache_key, fallbacks, dead_letter,
-              trace=None) -> CallResult:
+              trace=None, enforces_deadline: bool = False) -> CallResult:
         refused = self._fail_fast(policy, fallbacks, dead_letter)
         if refused is not None:
             return refused
         if fb.is_async_callable(fn):
             raise TypeError(f"{fn!r} is a coroutine function: use aexecute({policy.name!r}, ...)")
         call = self._begin(policy, fn, args, kwargs or {}, cache_key, fallbacks, dead_letter, trace)
+        call.enforces_deadline = enforces_deadline
         if not call.short_circuit():
             self._attempts(call)
         if not call.ok:
@@ -419,7 +426,7 @@ class Engine:
 
     def _attempts(self, call: _Call) -> None:
         policy, local, clock = call.policy, call.local, self.clock
-        inline = policy.timeout_enforcement == TIMEOUT_INLINE
+        inline = call.enforces_deadline or policy.timeout_enforcement == TIMEOUT_INLINE
         bulkhead = local.bulkhead
         while True:
             left = call.deadline - clock.monotonic()
