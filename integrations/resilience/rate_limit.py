@@ -27,9 +27,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+from . import lua_api
 from .clock import SystemClock
 from .redis_link import RedisLink, unique_id
 
@@ -257,12 +257,9 @@ class RedisRateLimiter(RateLimiter):
         self.clock = link.clock
         self.prefix = prefix
         self.local = local
-        self._script = link.client.register_script((Path(__file__).with_name("lua") / "rate_limit.lua").read_text())
+        self._script = lua_api.load(link.client, "rate_limit")
         self.leases = LeaseBook(wait_s=link.socket_timeout_s * 2)
         link.on_flush(functools.partial(self.flush, everything=False))
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}:ratelimit:{key}"
 
     def hit(self, key: str, limit: int, window_s: float) -> RateLimit:
         if self.link.waiting():
@@ -275,27 +272,29 @@ class RedisRateLimiter(RateLimiter):
                wanted: int) -> tuple[RateLimit, Grant]:
         """One round trip: this request counted, ``settlement`` settled, a lease of ``wanted`` asked for."""
         call_id = unique_id()
-        reply = self.link.call(self._script, keys=[self._key(key)], args=[
-            repr(self.clock.time()), repr(float(window_s)), limit, call_id, 1, *settlement, wanted, LEASE_SHARE])
+        args = lua_api.rate_limit_argv(self.clock.time(), window_s, limit, call_id, True, settlement, wanted,
+                                       LEASE_SHARE)
+        reply = self.link.call(self._script, keys=[lua_api.rate_limit_key(self.prefix, key)], args=args)
         if reply is None:
             verdict = self.local.hit(key, limit, window_s)
             return verdict, Grant("", 0, verdict.remaining, verdict.reset_at)
-        allowed, remaining, reset_at, granted = reply
-        verdict = RateLimit(bool(int(allowed)), limit, int(remaining), float(reset_at))
-        if int(granted):
+        counted = lua_api.decode_rate_limit(reply)
+        if counted.granted:
             self.link.ensure_flusher()
-        return verdict, Grant(call_id, int(granted), verdict.remaining, verdict.reset_at)
+        return (RateLimit(counted.allowed, limit, counted.remaining, counted.reset_at),
+                Grant(call_id, counted.granted, counted.remaining, counted.reset_at))
 
     def flush(self, everything: bool = True) -> None:
         """Settle leases past their time (or all of them): one pipelined round trip for all."""
         due = self.leases.due(everything)
         if not due or self.link.waiting():
             return
-        now = repr(self.clock.time())
+        now = self.clock.time()
         pipe = self.link.client.pipeline(transaction=False)
         for key, (limit, window_s), settlement in due:
-            self._script(keys=[self._key(key)], client=pipe, args=[
-                now, repr(window_s), limit, unique_id(), 0, *settlement, 0, LEASE_SHARE])
+            self._script(keys=[lua_api.rate_limit_key(self.prefix, key)], client=pipe,
+                         args=lua_api.rate_limit_argv(now, window_s, limit, unique_id(), False, settlement, 0,
+                                                      LEASE_SHARE))
         # unreachable: the leases' requests stay counted at the time they were leased
         self.link.call(pipe.execute)
 

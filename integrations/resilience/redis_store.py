@@ -30,30 +30,30 @@ resumes by itself. No exception reaches a caller because Redis is down.
 
 The store's Redis client, its outages and its flusher thread are a RedisLink
 (redis_link.py), which the inbound rate limiter the store hands out
-(``rate_limiter``, a rate_limit.RedisRateLimiter) shares.
+(``rate_limiter``, a rate_limit.RedisRateLimiter) shares. The scripts' keys,
+arguments and replies are built and decoded by name in lua_api.py.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import redis
 
 from ..errors import ErrorCategory
 from . import breaker as br
+from . import lua_api
 from .breaker import BreakerSnapshot, Transition
 from .events import EventBus
 from .events import bus as default_bus
 from .policy import MODE_FORCED_OPEN, MODE_NORMAL, Policy
+from .lua_api import ACQUIRE, FLUSH, PUBLISH, RECORD, REFUSE, RESET, SNAPSHOT, TRIAL, StateReply
 from .quota import DAY, HOUR, QuotaUsage, window_start
 from .rate_limit import RedisRateLimiter
 from .redis_link import UNREACHABLE, RedisLink, unique_id
 from .state import FORCED_OPEN_REASON, OPEN_REASON, RETRY_BUDGET, LocalStore, Permit, StateStore
 
-_LUA_DIR = Path(__file__).with_name("lua")
-_OUTCOME_CODES = {br.SUCCESS: "s", br.FAILURE: "f", br.IGNORED: "i"}
 # How long this process trusts what it last saw of a breaker (open: fail fast; closed:
 # admit) without asking Redis, so a flood of calls costs no round trip each. Half the
 # 1 s within which every process must see another's change (a trip, a reset, a mode).
@@ -99,8 +99,8 @@ class RedisStore(StateStore):
         self.client = self.link.client
         self.prefix = prefix
         self.flush_interval_s = flush_interval_s
-        self._state_script = self.client.register_script((_LUA_DIR / "state.lua").read_text())
-        self._quota_script = self.client.register_script((_LUA_DIR / "quota.lua").read_text())
+        self._state_script = lua_api.load(self.client, "state")
+        self._quota_script = lua_api.load(self.client, "quota")
         self._pending: dict[str, _Pending] = {}
         self._pending_lock = threading.Lock()
         self._seen_state: dict[str, str] = {}  # the breaker state each integration had at our last round trip
@@ -115,37 +115,19 @@ class RedisStore(StateStore):
         """Whether Redis answered the last round trip (False: per-process state until it is back)."""
         return self.link.available
 
-    # -- keys -------------------------------------------------------------------
+    # -- the round trip -------------------------------------------------------------
 
-    def _keys(self, policy: Policy, now: float) -> list[str]:
-        # {name} is a hash tag: one integration's keys stay on one Redis Cluster slot
-        base = f"{self.prefix}:{{{policy.name}}}"
-        return [f"{base}:breaker", f"{base}:leases", f"{base}:quota:h:{window_start(now, HOUR)}",
-                f"{base}:quota:d:{window_start(now, DAY)}"]
-
-    def _args(self, op: str, policy: Policy, now: float, *, is_retry=False, pending=(0, 0), outcome="i",
-              slow=False, trial=False, lease="", extra="", extra2="") -> list:
-        budget = -1 if policy.retry_budget_percent is None else policy.retry_budget_percent
-        return [
-            op, repr(now), policy.mode, policy.failure_threshold, f"{policy.failure_rate_threshold:g}",
-            f"{policy.slow_call_rate_threshold:g}", policy.window_size, policy.minimum_calls,
-            repr(float(policy.reset_timeout_s)), policy.half_open_max_calls, policy.success_threshold, budget,
-            -1 if policy.hourly_limit is None else policy.hourly_limit,
-            -1 if policy.daily_limit is None else policy.daily_limit,
-            lease, repr(policy.attempt_timeout_ms / 1000 + 1.0), self._key_ttl(policy), int(is_retry),
-            pending[0], pending[1], outcome, int(slow), int(trial), extra, extra2,
-        ]
-
-    @staticmethod
-    def _key_ttl(policy: Policy) -> int:
-        # state idle this long is forgotten: a day, or longer than the breaker can stay open
-        return int(max(DAY, policy.reset_timeout_s * 2))
-
-    # -- the round trip, and what happens when it fails ----------------------------
-
-    def _eval(self, keys: list[str], args: list):
-        """Run the state script; None when Redis is unreachable (the caller goes local)."""
-        return self.link.call(self._state_script, keys=keys, args=args)
+    def _run(self, op: str, policy: Policy, **call) -> StateReply | None:
+        """One state.lua round trip (``op`` on ``policy``'s breaker, lua_api.state_argv's ``call``
+        arguments), decoded and observed; None when Redis is unreachable (the caller goes local)."""
+        now = self.clock.time()
+        reply = self.link.call(self._state_script, keys=lua_api.state_keys(self.prefix, policy.name, now),
+                               args=lua_api.state_argv(op, policy, now, **call))
+        if reply is None:
+            return None
+        decoded = lua_api.decode_state(policy.name, reply)
+        self._observe(policy.name, decoded)
+        return decoded
 
     # -- deferred successes -----------------------------------------------------------
 
@@ -180,12 +162,9 @@ class RedisStore(StateStore):
             for pending in due:
                 del self._pending[pending.policy.name]
         for pending in due:
-            now = self.clock.time()
-            result = self._eval(self._keys(pending.policy, now),
-                                self._args("f", pending.policy, now, pending=(pending.ok, pending.ok_retry)))
-            if result is not None:
-                self._observe(pending.policy.name, result)
-                self._publish(_transitions(pending.policy.name, result[6:]))
+            reply = self._run(FLUSH, pending.policy, deferred=(pending.ok, pending.ok_retry))
+            if reply is not None:
+                self._publish(reply.transitions)
 
     def _publish(self, transitions) -> None:
         from .events import StateTransition
@@ -193,13 +172,14 @@ class RedisStore(StateStore):
         for transition in transitions:
             self.bus.publish(StateTransition(transition))
 
-    def _observe(self, name: str, result) -> None:
-        state, opened_at, mode = _text(result[2]), _text(result[3]), _text(result[5])
+    def _observe(self, name: str, reply: StateReply) -> None:
+        state = reply.state
         # closed and not forced open fleet-wide: this process may admit on its own for a while
-        self._closed_seen_at[name] = time.monotonic() if state == br.CLOSED and mode != MODE_FORCED_OPEN else None
+        self._closed_seen_at[name] = time.monotonic() if state == br.CLOSED and reply.mode != MODE_FORCED_OPEN \
+            else None
         self._seen_state[name] = state
-        if state == br.OPEN and opened_at:
-            self._open_until[name] = (float(opened_at), self.clock.time())
+        if state == br.OPEN and reply.opened_at is not None:
+            self._open_until[name] = (reply.opened_at, self.clock.time())
         else:
             self._open_until.pop(name, None)
 
@@ -216,15 +196,13 @@ class RedisStore(StateStore):
 
     def _take_quota(self, policy: Policy) -> Permit | None:
         """One unit of quota in one small script; None when Redis is unreachable."""
-        _, _, hour_key, day_key = self._keys(policy, self.clock.time())
-        full = self.link.call(self._quota_script, keys=[hour_key, day_key], args=[
-            -1 if policy.hourly_limit is None else policy.hourly_limit,
-            -1 if policy.daily_limit is None else policy.daily_limit])
-        if full is None:
+        reply = self.link.call(self._quota_script, keys=lua_api.quota_keys(self.prefix, policy.name, self.clock.time()),
+                               args=lua_api.quota_argv(policy))
+        if reply is None:
             return None
-        if full:
-            return Permit(False, category=ErrorCategory.QUOTA_EXCEEDED, reason=f"{_text(full)} quota reached",
-                          shared=True)
+        full = lua_api.decode_quota(reply)
+        if full is not None:
+            return Permit(False, category=ErrorCategory.QUOTA_EXCEEDED, reason=f"{full} quota reached", shared=True)
         return _SHARED_ADMITTED
 
     # -- the StateStore interface ------------------------------------------------------
@@ -251,19 +229,14 @@ class RedisStore(StateStore):
             if permit is not None:
                 return permit
             return self.local.acquire(policy, is_retry)
-        now = self.clock.time()
         lease = unique_id()
-        pending = self._take_pending(policy.name)
-        result = self._eval(self._keys(policy, now),
-                            self._args("a", policy, now, is_retry=is_retry, pending=pending, lease=lease))
-        if result is None:
+        reply = self._run(ACQUIRE, policy, is_retry=is_retry, deferred=self._take_pending(policy.name), lease=lease)
+        if reply is None:
             return self.local.acquire(policy, is_retry)
-        self._observe(policy.name, result)
-        decision, reason, rev = int(result[0]), _text(result[1]), float(result[4])
-        transitions = _transitions(policy.name, result[6:])
-        if rev > policy.revision:
+        transitions, reason = reply.transitions, reply.reason
+        if reply.revision > policy.revision:
             self._stale_policy(policy)
-        if decision == 0:
+        if reply.decision == REFUSE:
             if reason == "budget":
                 return Permit(False, reason=RETRY_BUDGET, transitions=transitions, shared=True)
             if reason.startswith("quota:"):
@@ -271,7 +244,7 @@ class RedisStore(StateStore):
                               reason=f"{reason[6:]} quota reached", transitions=transitions, shared=True)
             return Permit(False, category=ErrorCategory.CIRCUIT_OPEN, reason=_refusal_text(reason, policy),
                           transitions=transitions, shared=True)
-        return Permit(True, trial=decision == 2, transitions=transitions, shared=True, lease=lease)
+        return Permit(True, trial=reply.decision == TRIAL, transitions=transitions, shared=True, lease=lease)
 
     def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool,
                is_retry: bool) -> tuple[Transition, ...]:
@@ -283,25 +256,19 @@ class RedisStore(StateStore):
             return ()
         if outcome == br.IGNORED and not permit.trial and not is_retry:
             return ()  # counts as neither, holds no lease nor budget: nothing to tell Redis
-        now = self.clock.time()
-        result = self._eval(self._keys(policy, now), self._args(
-            "r", policy, now, is_retry=is_retry, pending=self._take_pending(policy.name),
-            outcome=_OUTCOME_CODES[outcome], slow=slow, trial=permit.trial, lease=permit.lease))
-        if result is None:
+        reply = self._run(RECORD, policy, is_retry=is_retry, deferred=self._take_pending(policy.name),
+                          outcome=outcome, slow=slow, trial=permit.trial, lease=permit.lease)
+        if reply is None:
             return ()  # Redis left mid-call: this outcome goes with the outage
-        self._observe(policy.name, result)
-        return _transitions(policy.name, result[6:])
+        return reply.transitions
 
     def snapshot(self, policy: Policy) -> BreakerSnapshot:
-        now = self.clock.time()
-        result = self._eval(self._keys(policy, now),
-                            self._args("s", policy, now, pending=self._take_pending(policy.name)))
-        if result is None:
+        reply = self._run(SNAPSHOT, policy, deferred=self._take_pending(policy.name))
+        if reply is None:
             local = self.local.snapshot(policy)
             local.extra["shared"] = False
             return local
-        self._observe(policy.name, result)
-        return _snapshot_from(policy, result)
+        return _snapshot_from(policy, reply)
 
     def _local_read(self, policy: Policy) -> tuple[BreakerSnapshot, QuotaUsage]:
         local = self.local.snapshot(policy)
@@ -315,13 +282,15 @@ class RedisStore(StateStore):
         if self.link.waiting():
             return [self._local_read(policy) for policy in policies]
         now = self.clock.time()
-        calls = [(self._keys(policy, now), self._args("s", policy, now, pending=self._take_pending(policy.name)))
+        calls = [(lua_api.state_keys(self.prefix, policy.name, now),
+                  lua_api.state_argv(SNAPSHOT, policy, now, deferred=self._take_pending(policy.name)),
+                  lua_api.quota_keys(self.prefix, policy.name, now))
                  for policy in policies]
         for first_try in (True, False):
             pipe = self.client.pipeline(transaction=False)
-            for keys, args in calls:
+            for keys, args, quota_keys in calls:
                 pipe.evalsha(self._state_script.sha, len(keys), *keys, *args)
-                pipe.mget(keys[2], keys[3])
+                pipe.mget(*quota_keys)
             try:
                 replies = pipe.execute(raise_on_error=False)
             except UNREACHABLE as exc:
@@ -338,9 +307,10 @@ class RedisStore(StateStore):
         if not self.available:
             self.link.regained()
         reads = []
-        for policy, result, (hourly, daily) in zip(policies, replies[0::2], replies[1::2]):
-            self._observe(policy.name, result)
-            reads.append((_snapshot_from(policy, result),
+        for policy, state, (hourly, daily) in zip(policies, replies[0::2], replies[1::2]):
+            reply = lua_api.decode_state(policy.name, state)
+            self._observe(policy.name, reply)
+            reads.append((_snapshot_from(policy, reply),
                           QuotaUsage(policy.name, int(hourly or 0), policy.hourly_limit, int(daily or 0),
                                      policy.daily_limit, window_start(now, HOUR) + HOUR,
                                      window_start(now, DAY) + DAY)))
@@ -348,8 +318,7 @@ class RedisStore(StateStore):
 
     def quota_usage(self, policy: Policy) -> QuotaUsage:
         now = self.clock.time()
-        _, _, hour_key, day_key = self._keys(policy, now)
-        used = self.link.call(self.client.mget, hour_key, day_key)
+        used = self.link.call(self.client.mget, *lua_api.quota_keys(self.prefix, policy.name, now))
         if used is None:
             return self.local.quota_usage(policy)
         hourly, daily = used
@@ -359,54 +328,23 @@ class RedisStore(StateStore):
     def reset(self, policy: Policy, by: str | None = None, reason: str = "manual reset") -> Transition | None:
         self._take_pending(policy.name)  # the window is cleared: successes still waiting say nothing more
         local = self.local.reset(policy, by, reason)  # the per-process view too, for when Redis is away
-        now = self.clock.time()
-        result = self._eval(self._keys(policy, now), self._args("x", policy, now, extra=by or "", extra2=reason))
-        if result is None:
+        reply = self._run(RESET, policy, by=by or "", reason=reason)
+        if reply is None:
             return local
-        self._observe(policy.name, result)
-        transitions = _transitions(policy.name, result[6:])
-        return transitions[0] if transitions else None
+        return reply.transitions[0] if reply.transitions else None
 
     def publish_policy(self, policy: Policy) -> None:
-        now = self.clock.time()
-        self._eval(self._keys(policy, now), self._args("p", policy, now, extra=policy.mode,
-                                                       extra2=repr(policy.revision)))
+        self._run(PUBLISH, policy)
 
     def _stale_policy(self, policy: Policy) -> None:
         if self.on_stale_policy is not None:
             self.on_stale_policy(policy.name)
 
 
-def _snapshot_from(policy: Policy, result) -> BreakerSnapshot:
-    """The state script's answer to a snapshot ("s"): its seventh item is the breaker hash's fields."""
-    fields = result[6]
-    values = dict(zip(map(_text, fields[0::2]), map(_text, fields[1::2])))
-    return BreakerSnapshot(
-        integration=policy.name, state=values["st"], mode=values["mode"],
-        opened_at=_float_or_none(values["oa"]), changed_at=_float_or_none(values["ca"]),
-        consecutive_failures=int(values["cf"]), consecutive_successes=int(values["cs"]),
-        half_open_in_flight=int(values["leases"]), window_calls=int(values["cnt"]),
-        window_failures=int(values["nf"]), window_slow=int(values["ns"]), window_retries=int(values["nr"]),
-        extra={"shared": True},
-    )
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _float_or_none(value: str) -> float | None:
-    return float(value) if value else None
-
-
-def _transitions(name: str, flat) -> tuple[Transition, ...]:
-    if not flat or not isinstance(flat[0], (bytes, str)):
-        return ()
-    items = [_text(v) for v in flat]
-    return tuple(
-        Transition(name, items[i], items[i + 1], items[i + 2], float(items[i + 3]), items[i + 4] or None)
-        for i in range(0, len(items) - 4, 5)
-    )
+def _snapshot_from(policy: Policy, reply: StateReply) -> BreakerSnapshot:
+    """A snapshot's reply as the engine's BreakerSnapshot (its counts carry BreakerSnapshot's names)."""
+    return BreakerSnapshot(integration=policy.name, state=reply.state, mode=reply.mode, opened_at=reply.opened_at,
+                           **reply.counts, extra={"shared": True})
 
 
 def _refusal_text(reason: str, policy: Policy) -> str:

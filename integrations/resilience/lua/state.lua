@@ -2,28 +2,81 @@
 -- The same state machine as breaker.py's BreakerCell (keep them in step:
 -- tests run the breaker suite against both). Atomic: Redis runs a script
 -- alone, so a trip, a lease or a unit of quota is decided exactly once.
+-- Python builds the arguments and decodes the reply in lua_api.py only, by
+-- the names below (tests/test_lua_api.py checks that they agree).
 --
--- KEYS: 1 breaker hash, 2 half-open lease zset, 3 hourly quota, 4 daily quota
--- ARGV: 1 op (a acquire, r record, f flush, s snapshot, x reset, p publish policy)
---       2 now  3 mode  4 failure_threshold  5 failure_rate  6 slow_rate
---       7 window_size  8 minimum_calls  9 reset_timeout_s  10 half_open_max
---       11 success_threshold  12 retry budget % (-1 none)  13 hourly (-1)
---       14 daily (-1)  15 lease id  16 lease ttl s  17 key ttl s  18 is_retry
---       19 deferred successes  20 deferred successes that were retries
---       21 outcome (s f i)  22 slow  23 trial  24 by | mode  25 reason | revision
--- Returns {decision, reason, state, opened_at, revision, mode, transitions...};
--- a transition is 5 items: from, to, reason, at, by. Snapshot returns the
--- fields as a flat list in place of transitions.
+-- KEYS (one integration's, one hash tag {name}: one Redis Cluster slot)
+--   1 breaker       hash: state, counts, window, mode, policy revision
+--   2 probe_leases  sorted set of half-open probe leases, scored by expiry
+--   3 hourly_quota  counter of this hour's window
+--   4 daily_quota   counter of this day's window
+-- ARGV (by name in `arg` below; a limit of -1 means none)
+--   1 op                        acquire | record | flush | snapshot | reset | publish
+--   2 now                       wall time, s
+--   3 mode                      the policy's; the one published to the hash wins
+--   4 failure_threshold
+--   5 failure_rate_threshold    %, 0: off
+--   6 slow_call_rate_threshold  %, 0: off
+--   7 window_size
+--   8 minimum_calls
+--   9 reset_timeout_s
+--  10 half_open_max_calls
+--  11 success_threshold
+--  12 retry_budget_percent      -1: none
+--  13 hourly_limit              -1: none
+--  14 daily_limit               -1: none
+--  15 revision                  the policy's (publish writes it)
+--  16 lease                     this attempt's probe lease id (acquire takes it, record releases it)
+--  17 lease_ttl_s               a probe lease lapses after this
+--  18 key_ttl_s                 state idle this long is forgotten
+--  19 is_retry                  1 | 0
+--  20 deferred_successes        fast successes of first attempts, recorded before the op
+--  21 deferred_retry_successes  the same for retries
+--  22 outcome                   record: success | failure | ignored
+--  23 slow                      record: 1 | 0
+--  24 trial                     record: 1 | 0, the attempt held a probe lease
+--  25 by                        reset: the operator ('' for none)
+--  26 reason                    reset: why
+-- Ops: acquire (may an attempt go? takes a probe lease in half-open and a unit
+-- of quota), record (an outcome; releases its lease), flush (nothing but the
+-- deferred successes, which every op records first), snapshot (the counts),
+-- reset (close, clear the window), publish (a saved policy's mode and revision).
+-- Reply
+--   1 decision     acquire: admit | trial (admitted, holding a probe lease) | refuse; admit otherwise
+--   2 reason       refuse: budget | forced | open | half_open | quota:hourly | quota:daily; '' otherwise
+--   3 state        the breaker after the op: closed | open | half_open
+--   4 opened_at    '' unless open
+--   5 revision     the policy revision last published
+--   6 mode         the mode in force
+--   7 transitions  what the op caused: a list of {from_state, to_state, reason, at, by}
+--   8 counts       snapshot: {changed_at, consecutive_failures, consecutive_successes,
+--                  half_open_in_flight, window_calls, window_failures, window_slow,
+--                  window_retries}; {} otherwise
+
+local ARG_NAMES = {'op', 'now', 'mode', 'failure_threshold', 'failure_rate_threshold', 'slow_call_rate_threshold',
+                   'window_size', 'minimum_calls', 'reset_timeout_s', 'half_open_max_calls', 'success_threshold',
+                   'retry_budget_percent', 'hourly_limit', 'daily_limit', 'revision', 'lease', 'lease_ttl_s',
+                   'key_ttl_s', 'is_retry', 'deferred_successes', 'deferred_retry_successes', 'outcome', 'slow',
+                   'trial', 'by', 'reason'}
+if #ARGV ~= #ARG_NAMES then
+  return redis.error_reply('state.lua takes ' .. #ARG_NAMES .. ' arguments, got ' .. #ARGV)
+end
+local arg = {}
+for i, name in ipairs(ARG_NAMES) do arg[name] = ARGV[i] end
 
 local bk, lk, hk, dk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local op = ARGV[1]
-local now = tonumber(ARGV[2])
-local fthr, frate, srate = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local wsize, minc, rto = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local homax, sthr, budget = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-local hlim, dlim = tonumber(ARGV[13]), tonumber(ARGV[14])
-local lease, lease_ttl, key_ttl = ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17])
-local is_retry = ARGV[18] == '1'
+local op = arg.op
+local OPS = {acquire = true, record = true, flush = true, snapshot = true, reset = true, publish = true}
+if not OPS[op] then return redis.error_reply('state.lua has no op ' .. op) end
+local now = tonumber(arg.now)
+local fthr, frate, srate = tonumber(arg.failure_threshold), tonumber(arg.failure_rate_threshold),
+                           tonumber(arg.slow_call_rate_threshold)
+local wsize, minc, rto = tonumber(arg.window_size), tonumber(arg.minimum_calls), tonumber(arg.reset_timeout_s)
+local homax, sthr = tonumber(arg.half_open_max_calls), tonumber(arg.success_threshold)
+local budget = tonumber(arg.retry_budget_percent)
+local hlim, dlim = tonumber(arg.hourly_limit), tonumber(arg.daily_limit)
+local lease, lease_ttl, key_ttl = arg.lease, tonumber(arg.lease_ttl_s), tonumber(arg.key_ttl_s)
+local is_retry = arg.is_retry == '1'
 
 local f = redis.call('HMGET', bk, 'st', 'oa', 'ca', 'cf', 'cs', 'ring', 'pos', 'cnt', 'nf', 'ns', 'nr', 'mode', 'rev',
                     'rif')
@@ -32,11 +85,11 @@ local oa, ca = f[2] or '', f[3] or ''
 local cf, cs = tonumber(f[4]) or 0, tonumber(f[5]) or 0
 local ring, pos, cnt = f[6] or '', tonumber(f[7]) or 0, tonumber(f[8]) or 0
 local nf, ns, nr = tonumber(f[9]) or 0, tonumber(f[10]) or 0, tonumber(f[11]) or 0
-local mode = f[12] or ARGV[3]
+local mode = f[12] or arg.mode
 local rev = f[13] or '0'
 local rif = tonumber(f[14]) or 0  -- retries admitted, not yet recorded: they count against the budget now
 local changed = false
-local out = {}
+local out = {}  -- the transitions
 
 local function reset_window()
   ring = string.rep('0', wsize)
@@ -47,13 +100,9 @@ end
 if string.len(ring) ~= wsize then reset_window() end
 
 local function move(to, reason, by)
-  out[#out + 1] = st
-  out[#out + 1] = to
-  out[#out + 1] = reason
-  out[#out + 1] = ARGV[2]
-  out[#out + 1] = by or ''
-  if to == 'open' then oa = ARGV[2] elseif to == 'closed' then oa = '' end
-  st, ca, cf, cs, rif = to, ARGV[2], 0, 0, 0
+  out[#out + 1] = {st, to, reason, arg.now, by or ''}
+  if to == 'open' then oa = arg.now elseif to == 'closed' then oa = '' end
+  st, ca, cf, cs, rif = to, arg.now, 0, 0, 0
   redis.call('DEL', lk)
   reset_window()
 end
@@ -83,8 +132,8 @@ local function record(outcome, slow, trial, retry)
     rif = rif - 1
     changed = true
   end
-  if outcome == 'i' then return end
-  local failed = outcome == 'f'
+  if outcome == 'ignored' then return end
+  local failed = outcome == 'failure'
   push(failed, slow, retry)
   if failed then cf, cs = cf + 1, 0 else cf, cs = 0, cs + 1 end
   if mode == 'forced_open' or mode == 'forced_closed' then return end
@@ -100,30 +149,32 @@ local function record(outcome, slow, trial, retry)
       move('open', cf .. ' consecutive failures')
     elseif cnt >= minc then
       if frate > 0 and nf * 100 >= frate * cnt then
-        move('open', 'failure rate ' .. pct(nf) .. '% >= ' .. ARGV[5] .. '% over ' .. cnt .. ' calls')
+        move('open', 'failure rate ' .. pct(nf) .. '% >= ' .. arg.failure_rate_threshold .. '% over ' .. cnt ..
+             ' calls')
       elseif srate > 0 and ns * 100 >= srate * cnt then
-        move('open', 'slow call rate ' .. pct(ns) .. '% >= ' .. ARGV[6] .. '% over ' .. cnt .. ' calls')
+        move('open', 'slow call rate ' .. pct(ns) .. '% >= ' .. arg.slow_call_rate_threshold .. '% over ' .. cnt ..
+             ' calls')
       end
     end
   end
 end
 
 -- successes this process deferred ride on this round trip, before anything else
-for _ = 1, tonumber(ARGV[19]) do record('s', false, false, false) end
-for _ = 1, tonumber(ARGV[20]) do record('s', false, false, true) end
+for _ = 1, tonumber(arg.deferred_successes) do record('success', false, false, false) end
+for _ = 1, tonumber(arg.deferred_retry_successes) do record('success', false, false, true) end
 
-local decision, reason = 1, ''
+local decision, reason = 'admit', ''
 
-if op == 'a' then
+if op == 'acquire' then
   if is_retry and budget >= 0 and cnt >= minc and
       (nr + rif + 1) * 100 > budget * math.min(cnt + rif + 1, wsize) then
-    decision, reason = 0, 'budget'
+    decision, reason = 'refuse', 'budget'
   elseif mode == 'forced_open' then
-    decision, reason = 0, 'forced'
+    decision, reason = 'refuse', 'forced'
   elseif mode ~= 'forced_closed' then
     if st == 'open' then
       if now - tonumber(oa) < rto then
-        if mode ~= 'metrics_only' then decision, reason = 0, 'open' end
+        if mode ~= 'metrics_only' then decision, reason = 'refuse', 'open' end
       else
         move('half_open', 'reset timeout elapsed')
       end
@@ -131,59 +182,56 @@ if op == 'a' then
     if st == 'half_open' and reason == '' then
       redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)  -- leases of attempts that never reported back
       if redis.call('ZCARD', lk) >= homax then
-        if mode ~= 'metrics_only' then decision, reason = 0, 'half_open' end
+        if mode ~= 'metrics_only' then decision, reason = 'refuse', 'half_open' end
       else
         redis.call('ZADD', lk, now + lease_ttl, lease)
         redis.call('EXPIRE', lk, key_ttl)
-        decision = 2
+        decision = 'trial'
       end
     end
   end
-  if decision ~= 0 and (hlim >= 0 or dlim >= 0) then
+  if decision ~= 'refuse' and (hlim >= 0 or dlim >= 0) then
     local used = redis.call('MGET', hk, dk)
     local hourly, daily = tonumber(used[1]) or 0, tonumber(used[2]) or 0
     local full = (hlim >= 0 and hourly >= hlim and 'hourly') or (dlim >= 0 and daily >= dlim and 'daily') or nil
     if full then
-      if decision == 2 then redis.call('ZREM', lk, lease) end
-      decision, reason = 0, 'quota:' .. full
+      if decision == 'trial' then redis.call('ZREM', lk, lease) end
+      decision, reason = 'refuse', 'quota:' .. full
     else
       if redis.call('INCR', hk) == 1 then redis.call('EXPIRE', hk, 3600 + 60) end
       if redis.call('INCR', dk) == 1 then redis.call('EXPIRE', dk, 86400 + 60) end
     end
   end
-  if decision ~= 0 and is_retry then
+  if decision ~= 'refuse' and is_retry then
     rif = rif + 1
     changed = true
   end
-elseif op == 'r' then
-  if ARGV[23] == '1' then redis.call('ZREM', lk, lease) end
-  record(ARGV[21], ARGV[22] == '1', ARGV[23] == '1', is_retry)
-elseif op == 'x' then
+elseif op == 'record' then
+  local trial = arg.trial == '1'
+  if trial then redis.call('ZREM', lk, lease) end
+  record(arg.outcome, arg.slow == '1', trial, is_retry)
+elseif op == 'reset' then
   if st ~= 'closed' then
-    move('closed', ARGV[25], ARGV[24])
+    move('closed', arg.reason, arg.by)
   else
-    cf, cs, ca = 0, 0, ARGV[2]
+    cf, cs, ca = 0, 0, arg.now
     redis.call('DEL', lk)
     reset_window()
   end
-elseif op == 'p' then
-  mode, rev = ARGV[24], ARGV[25]
+elseif op == 'publish' then
+  mode, rev = arg.mode, arg.revision
   changed = true
 end
 
 if changed then
   redis.call('HSET', bk, 'st', st, 'oa', oa, 'ca', ca, 'cf', cf, 'cs', cs, 'ring', ring, 'pos', pos,
              'cnt', cnt, 'nf', nf, 'ns', ns, 'nr', nr, 'rev', rev, 'rif', rif)
-  if f[12] or op == 'p' then redis.call('HSET', bk, 'mode', mode) end
+  if f[12] or op == 'publish' then redis.call('HSET', bk, 'mode', mode) end
   redis.call('EXPIRE', bk, key_ttl)
 end
 
-if op == 's' then
-  local leases = redis.call('ZCOUNT', lk, now, '+inf')
-  return {0, '', st, oa, rev, mode, {'st', st, 'oa', oa, 'ca', ca, 'cf', cf, 'cs', cs, 'cnt', cnt, 'nf', nf,
-                               'ns', ns, 'nr', nr, 'mode', mode, 'leases', leases}}
+local counts = {}
+if op == 'snapshot' then
+  counts = {ca, cf, cs, redis.call('ZCOUNT', lk, now, '+inf'), cnt, nf, ns, nr}
 end
-
-local reply = {decision, reason, st, oa, rev, mode}
-for i = 1, #out do reply[#reply + 1] = out[i] end
-return reply
+return {decision, reason, st, oa, rev, mode, out, counts}
