@@ -80,7 +80,7 @@ def test_a_lapsed_claim_can_be_taken_again_and_says_by_whom_it_was_held():
     entry = enqueue()
     now = timezone.now() + timedelta(seconds=5)
     first_token, (first,), _ = claim(now, worker="host:41")
-    assert first.mark_started(first_token)  # host:41 died in the handler
+    assert DeadLetter.objects.write_claimed(first_token, start=first) == {first.pk}  # host:41 died in it
     assert claim(now + timedelta(seconds=29))[1] == []
     token, entries, lapsed = claim(now + timedelta(seconds=31), worker="host:42")
     assert ([e.pk for e in entries], lapsed) == ([entry.pk], {entry.pk: "host:41"})
@@ -101,9 +101,9 @@ def test_an_outcome_is_stored_only_by_the_worker_holding_the_claim():
     old_token, (stale,), _ = claim(now, lease_s=1)
     new_token, (current,), _ = claim(now + timedelta(seconds=2))
     stale.succeeded(now, duration_ms=1)
-    assert not stale.store_outcome(old_token)
+    assert DeadLetter.objects.write_claimed(old_token, [stale]) == set()
     current.succeeded(now, duration_ms=1)
-    assert current.store_outcome(new_token)
+    assert DeadLetter.objects.write_claimed(new_token, [current]) == {current.pk}
     assert DeadLetter.objects.get().status == "succeeded"
 
 

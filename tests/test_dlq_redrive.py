@@ -242,7 +242,7 @@ def crash_mid_handler(lease_until, now, max_entries=10):
     token = uuid.uuid4()
     entries, _ = DeadLetter.objects.claim("svc", max_entries, token=token, worker="crashed:42", now=now(),
                                           due_by=now(), lease_until=lease_until)
-    assert entries[0].mark_started(token)
+    assert DeadLetter.objects.write_claimed(token, start=entries[0]) == {entries[0].pk}
     return entries
 
 
@@ -326,3 +326,30 @@ def test_a_handler_gets_its_payload_and_with_takes_context_a_stable_idempotency_
     make_redriver(now).run()
     assert sorted(CALLS) == sorted([(keyed.pk, 1, "charge-7"), (unkeyed.pk, 1, f"dead-letter-{unkeyed.pk}"),
                                     (unkeyed.pk, 2, f"dead-letter-{unkeyed.pk}")])
+
+
+def synchronous_commit():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.parametrize("async_commit, during", [(True, "off"), (False, "local")])
+def test_on_postgresql_the_run_writes_without_waiting_for_the_wal_flush_unless_told_and_restores_the_setting(
+        svc, now, settings, async_commit, during):
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("synchronous_commit is PostgreSQL's: needs DATABASE_URL (the second run of .ci/run sets it)")
+    settings.RESILIENCE_DLQ_ASYNC_COMMIT = async_commit
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO local")  # the project's own choice, which the run must give back
+    seen = []
+    ON_CALL.append(lambda context: seen.append(synchronous_commit()))
+    entry = enqueue("redrive_test.scripted", {})
+    assert make_redriver(now).run().succeeded == 1
+    assert seen == [during]
+    assert synchronous_commit() == "local"
+    assert DeadLetter.objects.get(pk=entry.pk).status == "succeeded"

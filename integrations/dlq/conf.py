@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..conf import AppSettings, Setting, integer, list_of_strings, string
+from ..conf import AppSettings, Setting, boolean, integer, list_of_strings, string
 
 
 class DlqSettings(AppSettings):
@@ -24,6 +24,8 @@ dlq_settings = DlqSettings("dlq", {
     "LEASE_S": Setting(300, integer(1), "How long a worker holds the entries it claimed."),
     "RATE_PER_MINUTE": Setting(600, integer(0), "Entries redriven per integration per minute; 0: no cap."),
     "BATCH_SIZE": Setting(100, integer(1), "Entries claimed at once by a redrive."),
+    "ASYNC_COMMIT": Setting(True, boolean, "On PostgreSQL, a redrive's writes do not wait for the WAL flush "
+                                           "(synchronous_commit off for the run)."),
     "REDRIVE_EVERY_MIN": Setting(5, integer(1), "How often the scheduled redrive runs."),
     "HANDLER_MODULES": Setting([], list_of_strings, "Modules that register dead letter handlers."),
     "SPOOL_DIR": Setting("", string(), "Where a dead letter the database refused waits on disk; empty: logged only."),

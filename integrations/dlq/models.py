@@ -19,14 +19,15 @@ call the same methods.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db import connections, models, transaction
+from django.db import DatabaseError, connections, models, transaction
 from django.db.models import Count, Min, Q
 from django.utils import timezone
 
@@ -169,6 +170,43 @@ class DeadLetterQuerySet(models.QuerySet):
         lapsed = {pk: holder for pk, previous, holder, started in picked
                   if previous is not None and started == previous}
         return entries, lapsed
+
+    def write_claimed(self, token, entries: Sequence[DeadLetter] = (), *,
+                      start: DeadLetter | None = None) -> set[int]:
+        """Under this worker's claim, in one statement: the state of ``entries`` and the start of ``start``.
+
+        The state is STATE_FIELDS as they are in memory (a redrive's outcome,
+        or the note of an interrupted run); the start mark records, before
+        its handler runs, that ``start`` runs under this claim, so if the
+        worker then stops, the next claim charges this entry the unfinished
+        run, and only this one of the worker's batch. ``start`` may be one of
+        ``entries`` too. Only rows still claimed with ``token`` are written;
+        returns their ids. A dead entry written is announced after commit.
+        """
+        entries = list(entries)
+        ids = [entry.pk for entry in entries]
+        if start is not None and start.pk not in ids:
+            ids.append(start.pk)
+        if not ids:
+            return set()
+        self._for_write = True
+        connection = connections[self.db]
+        meta = self.model._meta
+        token_value = meta.get_field("claim_token").get_db_prep_value(token, connection)
+        params = [] if start is None else [start.pk, token_value]
+        for field in (meta.get_field(name) for name in self.model.STATE_FIELDS):
+            for entry in entries:
+                params += [entry.pk, field.get_db_prep_save(getattr(entry, field.attname), connection)]
+        params += [*ids, token_value]
+        with connection.cursor() as cursor:
+            cursor.execute(_claimed_write_sql(connection, len(entries), start is not None, len(ids)), params)
+            written = {pk for pk, in cursor.fetchall()}
+        if start is not None and start.pk in written:
+            start.started_token = token
+        for entry in entries:
+            if entry.status == DEAD and entry.pk in written:
+                transaction.on_commit(entry.announce_death, using=self.db)
+        return written
 
     def renew_lease(self, token, lease_until: datetime) -> set[int]:
         """Extend this worker's claim on these entries; returns the ids it still holds."""
@@ -365,23 +403,6 @@ class DeadLetter(models.Model):
         self._finish(now, DEAD)
         self.note(now, DEAD, reason=reason)
 
-    def mark_started(self, token) -> bool:
-        """Record, before the handler runs, that it runs under this claim; False when the claim is lost.
-
-        If the worker then stops, the next claim charges this entry the
-        unfinished run, and only this one of the worker's batch.
-        """
-        self.started_token = token
-        return bool(type(self).objects.filter(pk=self.pk, claim_token=token).update(started_token=token))
-
-    def store_outcome(self, token) -> bool:
-        """Write the outcome if this worker still holds the claim; False when it lost it."""
-        stored = type(self).objects.filter(pk=self.pk, claim_token=token).update(
-            **{field: getattr(self, field) for field in self.STATE_FIELDS})
-        if stored and self.status == DEAD:
-            transaction.on_commit(self.announce_death)
-        return bool(stored)
-
     def announce_death(self) -> None:
         """Tell monitoring an entry is dead: an ERROR log line and the ``dead_letter_died`` signal."""
         reason = self.history[-1].get("reason", "") if self.history else ""
@@ -468,3 +489,48 @@ def _ids(ids: list[int]) -> str:
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
+
+
+
+def _claimed_write_sql(connection, states: int, start: bool, rows: int) -> str:
+    """The statement of ``write_claimed``: one UPDATE ... RETURNING, on PostgreSQL or SQLite (3.35 or later)."""
+    if connection.vendor == "sqlite" and connection.Database.sqlite_version_info < (3, 35):
+        raise DatabaseError(f"the redrive's writes need SQLite 3.35 or later (UPDATE ... RETURNING), "
+                            f"not {connection.Database.sqlite_version}")
+    if connection.vendor not in ("postgresql", "sqlite"):
+        raise DatabaseError(f"the redrive's writes need UPDATE ... RETURNING: supported on postgresql "
+                            f"and sqlite, not {connection.vendor}")
+    return _claimed_write_sql_for(connection.alias, states, start, rows)
+
+
+@functools.lru_cache(maxsize=1024)
+def _claimed_write_sql_for(alias: str, states: int, start: bool, rows: int) -> str:
+    """SET the start mark of one row and STATE_FIELDS of ``states`` rows, by id; fenced by the claim token.
+
+    Parameters: (start id, token) when ``start``; (id, value) per state row,
+    field by field; the ``rows`` ids; the token. Values are cast to their
+    columns' types on PostgreSQL (SQLite needs no casts, and casting to a
+    declared type there may change the value). The rows are found by primary
+    key, the token compared on each: through the claim_token index, which
+    keeps every row the claim ever held, a write of one row would read the
+    whole batch.
+    """
+    connection = connections[alias]
+    qn = connection.ops.quote_name
+    meta = DeadLetter._meta
+    pk = qn(meta.pk.column)
+    claim = meta.get_field("claim_token")
+
+    def typed(field) -> str:
+        return f"CAST(%s AS {field.db_type(connection)})" if connection.vendor == "postgresql" else "%s"
+
+    def case(field, whens: str) -> str:
+        return f"{qn(field.column)} = CASE {pk} {whens} ELSE {qn(field.column)} END"
+
+    sets = [case(meta.get_field("started_token"), f"WHEN %s THEN {typed(claim)}")] if start else []
+    for name in DeadLetter.STATE_FIELDS if states else ():
+        field = meta.get_field(name)
+        sets.append(case(field, " ".join([f"WHEN %s THEN {typed(field)}"] * states)))
+    return (f"UPDATE {qn(meta.db_table)} SET {', '.join(sets)} "
+            f"WHERE {pk} IN ({', '.join(['%s'] * rows)}) AND ({qn(claim.column)} = {typed(claim)}) IS TRUE "
+            f"RETURNING {pk}")

@@ -13,11 +13,13 @@ A run (``Redriver.run``), step by step:
     4. claim         a batch, under a lease (DeadLetterQuerySet.claim); an entry
                      whose handler was interrupted under a lapsed claim is
                      noted (poison after 3 interruptions) and run again
-    5. run           each entry: its handler looked up (unknown: poison), the
-                     lease renewed when the run could outlive it, then
+    5. run           each entry: the lease renewed when the run could outlive
+                     it, its start marked under the claim, its handler looked
+                     up (unknown: poison), then
                      execute(integration, handler, payload[, context]) without
                      cache, fallbacks or a dead letter of its own
-    6. outcome       stored under the claim, in small transactions:
+    6. outcome       stored under the claim in the statement that marks the
+                     next entry's start (or ends the batch):
                      succeeded; refused by the pipeline (breaker, quota,
                      bulkhead, degraded mode): released uncounted and the
                      integration held; payload rejected (VALIDATION,
@@ -31,6 +33,7 @@ margin, so a handler that keeps to its timeout is never run twice at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -43,7 +46,7 @@ from typing import Callable
 
 from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
-from django.db import transaction
+from django.db import connections
 from django.utils import timezone
 
 from integrations.errors import ErrorCategory
@@ -60,8 +63,7 @@ from .conf import dlq_settings
 logger = logging.getLogger("integrations.dlq")
 
 LEASE_MARGIN_S = 5.0  # beyond the integration's overall timeout: storing the outcome takes time too
-FLUSH_EVERY = 100  # outcomes written per transaction at most...
-FLUSH_INTERVAL_S = 1.0  # ...and at least this often, so a crash redoes little
+FLUSH_EVERY = 100  # outcomes waiting for the next write at most (entries that run no handler)
 
 # Exceptions a handler raises to say "this payload can never work": the entry dies at once.
 PAYLOAD_REJECTED = (ValueError, TypeError)
@@ -165,6 +167,34 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"[:100]
 
 
+@contextlib.contextmanager
+def asynchronous_commit(alias: str, enabled: bool):
+    """On PostgreSQL, ``synchronous_commit`` off on this connection for the block, then as it was.
+
+    A redrive writes one statement per handler started (its start mark with the
+    outcomes before it): waiting for each commit's WAL flush would cost most of
+    the run. Without the wait a write is visible and ordered at once, and a
+    worker that dies loses nothing; only a crash of the database server itself
+    can forget the last fraction of a second of writes (PostgreSQL's
+    asynchronous commit: no inconsistency, at most wal_writer_delay x 3). What
+    that forgets is redone: an entry whose outcome is forgotten is claimed and
+    run again after its lease, with the same idempotency key.
+    """
+    connection = connections[alias]
+    if not enabled or connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        (previous,) = cursor.fetchone()
+        cursor.execute("SET synchronous_commit TO off")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('synchronous_commit', %s, false)", [previous])
+
+
 class Redriver:
     def __init__(self, *, batch_size: int, lease_s: float, rate_cap: RateCap, budget_s: float | None = None,
                  rng: random.Random | None = None, now: Callable[[], datetime] = timezone.now,
@@ -195,6 +225,10 @@ class Redriver:
             progress: Callable[[int], None] | None = None) -> RedriveReport:
         """Redrive every claimable entry of ``entries`` (default: the whole queue) once."""
         entries = DeadLetter.objects.all() if entries is None else entries
+        with asynchronous_commit(entries.db, dlq_settings.ASYNC_COMMIT):
+            return self._run(entries, progress)
+
+    def _run(self, entries: DeadLetterQuerySet, progress: Callable[[int], None] | None) -> RedriveReport:
         report = RedriveReport()
         self._stop_at = None if self.budget_s is None else time.monotonic() + self.budget_s
         due_by = self.now()
@@ -257,7 +291,14 @@ class Redriver:
 
 
 class _BatchRun:
-    """One claimed batch: run in order, outcomes buffered and stored under the claim."""
+    """One claimed batch, run in order; each write under the claim is one statement (``write_claimed``).
+
+    Before each handler runs, one statement stores its start mark with the
+    outcomes of the entries finished since the last one (and the note of a
+    lapsed run it repeats), so a crash leaves unstored only the outcome of
+    the entry whose handler was running. Outcomes of entries that run no
+    handler (poison) wait for the next statement, at most FLUSH_EVERY of them.
+    """
 
     def __init__(self, redriver: Redriver, batch: list[DeadLetter], token, lease_s: float, needed_s: float,
                  report: RedriveReport, progress) -> None:
@@ -269,8 +310,7 @@ class _BatchRun:
         self.lease_until = batch[0].lease_expires_at
         self.report = report
         self.progress = progress
-        self.buffer: list[DeadLetter] = []
-        self.last_flush = time.monotonic()
+        self.outcomes: list[DeadLetter] = []  # finished, not stored yet
         self.refused: str | None = None
 
     def run_all(self, integration: str, lapsed: dict[int, str]) -> None:
@@ -278,11 +318,14 @@ class _BatchRun:
             if self.redriver.out_of_time():
                 self._release(self.batch[index:])
                 return
-            if entry.pk in lapsed and not self._account_lapsed(entry, lapsed[entry.pk]):
-                continue
             if not self._hold_lease(self.batch[index:]):
                 return
-            if not self._still_mine(entry):
+            if entry.claim_token != self.token:  # lost when the lease was renewed
+                continue
+            noted = entry.pk in lapsed
+            if noted and self._lapsed_run_kills(entry, lapsed[entry.pk]):
+                continue
+            if not self.flush(start=entry, with_state=noted):
                 continue
             if not self._run(integration, entry):
                 self._release(self.batch[index:])
@@ -328,24 +371,18 @@ class _BatchRun:
         self._done(entry)
         return True
 
-    def _account_lapsed(self, entry: DeadLetter, worker: str) -> bool:
-        """Note the run a stopped worker left unfinished, at once; False when the entry is done for."""
+    def _lapsed_run_kills(self, entry: DeadLetter, worker: str) -> bool:
+        """Note the run a stopped worker left unfinished; True when that makes the entry dead (poison).
+
+        The note is stored with the entry's start mark, before it runs again (or as its outcome).
+        """
         error = error_record({"category": ErrorCategory.UNKNOWN.value, "code": "lease_expired",
                               "message": f"worker {worker or '?'} stopped before finishing (its lease expired)"})
         entry.lease_lapsed(self.redriver.now(), error)
-        with transaction.atomic():
-            stored = entry.store_outcome(self.token)
-        if not stored:
-            self.report.lost += 1
+        if entry.status != DEAD:
             return False
-        if entry.status == DEAD:
-            self.report.dead += 1
-            self._tick()
-            return False
+        self._done(entry)
         return True
-
-    def _still_mine(self, entry: DeadLetter) -> bool:
-        return entry.claim_token == self.token and entry.mark_started(self.token)
 
     # -- the claim -------------------------------------------------------------
 
@@ -354,11 +391,12 @@ class _BatchRun:
         now = self.redriver.now()
         if self.lease_until - now >= timedelta(seconds=self.needed_s):
             return True
-        self.flush()
         self.lease_until = now + timedelta(seconds=self.lease_s)
         held = DeadLetter.objects.filter(pk__in=[e.pk for e in remaining]).renew_lease(self.token, self.lease_until)
         for entry in remaining:
-            if entry.pk not in held:
+            if entry.pk in held:
+                entry.lease_expires_at = self.lease_until  # what a later write of its state keeps
+            else:
                 entry.claim_token = None
                 self.report.lost += 1
         return bool(held)
@@ -368,33 +406,41 @@ class _BatchRun:
         self.report.released += released
         self.redriver.rate_cap.give_back(remaining[0].integration_name, len(remaining))
 
-    # -- outcomes --------------------------------------------------------------
+    # -- writes ----------------------------------------------------------------
 
     def _done(self, entry: DeadLetter) -> None:
-        self.buffer.append(entry)
-        if len(self.buffer) >= FLUSH_EVERY or time.monotonic() - self.last_flush >= FLUSH_INTERVAL_S:
+        self.outcomes.append(entry)
+        if len(self.outcomes) >= FLUSH_EVERY:
             self.flush()
 
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        with transaction.atomic():
-            for entry in self.buffer:
-                if not entry.store_outcome(self.token):
-                    logger.warning("dead letter #%s: claim lost before its outcome (%s) was stored; the next "
-                                   "owner runs it again", entry.pk, entry.status)
-                    self.report.lost += 1
-                    continue
-                if entry.status == SUCCEEDED:
-                    self.report.succeeded += 1
-                elif entry.status == DEAD:
-                    self.report.dead += 1
-                else:
-                    self.report.retrying += 1
-        for _ in self.buffer:
+    def flush(self, start: DeadLetter | None = None, *, with_state: bool = False) -> bool:
+        """Store the outcomes waiting, and ``start``'s start mark (and state), in one statement.
+
+        Returns False when ``start`` could not be marked: the claim on it is lost.
+        """
+        outcomes, self.outcomes = self.outcomes, []
+        if not outcomes and start is None:
+            return True
+        written = DeadLetter.objects.write_claimed(self.token, [*outcomes, start] if with_state else outcomes,
+                                                   start=start)
+        for entry in outcomes:
+            if entry.pk not in written:
+                logger.warning("dead letter #%s: claim lost before its outcome (%s) was stored; the next "
+                               "owner runs it again", entry.pk, entry.status)
+                self.report.lost += 1
+            elif entry.status == SUCCEEDED:
+                self.report.succeeded += 1
+            elif entry.status == DEAD:
+                self.report.dead += 1
+            else:
+                self.report.retrying += 1
             self._tick()
-        self.buffer = []
-        self.last_flush = time.monotonic()
+        if start is not None and start.pk not in written:
+            logger.warning("dead letter #%s: claim lost before its handler started; the next owner runs it",
+                           start.pk)
+            self.report.lost += 1
+            return False
+        return True
 
     def _tick(self) -> None:
         if self.progress is not None:
