@@ -16,6 +16,7 @@ The dead letter queue and monitoring apps declare theirs the same way
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import ipaddress
 import math
 import re
@@ -26,6 +27,7 @@ from django.conf import settings as django_settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
+from django.utils.module_loading import import_string
 
 PREFIX = "RESILIENCE_"
 
@@ -196,10 +198,37 @@ def rate_limits(value):
     return rate_limit_groups(value)  # raises ImproperlyConfigured naming the group and the field
 
 
+def client_key_function(value) -> Callable | None:
+    """The dotted path of a function of the request returning its client key (or None); empty: None.
+
+    Imported here, so a typo or a function of the wrong shape fails ``check`` and the start-up
+    rather than every request.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"must be the dotted path of a function such as 'myproject.limits.organisation', "
+                         f"or empty; got {value!r}.")
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        function = import_string(value)
+    except ImportError as exc:
+        raise ValueError(f"names {value!r}, which cannot be imported: {exc}.") from None
+    if not callable(function):
+        raise ValueError(f"names {value!r}, which is not callable.")
+    try:
+        inspect.signature(function).bind(object())
+    except TypeError:
+        raise ValueError(f"names {value!r}, which cannot be called with one argument, the request.") from None
+    except ValueError:
+        pass  # no signature to read (a builtin): it is tried on the first request
+    return function
+
+
 _GROUP_FIELDS = ("paths", "methods", "limit", "window_s")
 _REQUIRED_GROUP_FIELDS = ("paths", "limit", "window_s")
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")  # it becomes part of a Redis key
-_HTTP_METHOD = re.compile(r"[A-Z]+")
+HTTP_METHOD = re.compile(r"[A-Z]+")
 
 
 # -- inbound rate-limit groups (RESILIENCE_RATE_LIMITS), parsed here so that the check names the field --
@@ -250,7 +279,7 @@ def _rate_limit_group(name, spec) -> RateLimitGroup:
             f"{where}['paths'] must be a non-empty list of path prefixes starting with '/'; got {paths!r}.")
     methods = spec.get("methods")
     if methods is not None:
-        if not _is_list_of_str(methods) or not all(_HTTP_METHOD.fullmatch(m.upper()) for m in methods):
+        if not _is_list_of_str(methods) or not all(HTTP_METHOD.fullmatch(m.upper()) for m in methods):
             raise ImproperlyConfigured(
                 f"{where}['methods'] must be a non-empty list of HTTP methods such as GET or POST; "
                 f"got {methods!r}.")
@@ -302,4 +331,7 @@ app_settings = AppSettings("integrations", {
                                        "The Content-Security-Policy header of every response."),
     "API_PREFIX": Setting("/api/", path_prefix, "Where the HTTP API is mounted: its responses carry X-RateLimit-*."),
     "ADMIN_PREFIX": Setting("/admin/", path_prefix, "Where the admin is mounted: the allowlist guards it."),
+    # last, so that the check ids of the settings above stay what they were
+    "RATE_LIMIT_CLIENT_KEY": Setting("", client_key_function,
+                                     "Dotted path of a function(request) -> client key or None (the default chain)."),
 })

@@ -13,8 +13,11 @@ settings and defaults are in integrations/conf.py:
   carry X-RateLimit-Limit, -Remaining and -Reset; past the limit the answer is 429 with
   Retry-After and the API's error shape.
 
-The client is the API token (hashed: a key never holds a credential), else the logged-in user,
-else the address. The token is looked up once per request: ``TokenAuthentication`` (the API's
+``@rate_limit("100/m", key=...)`` limits one view with the same limiter, headers and 429.
+
+The client is what RESILIENCE_RATE_LIMIT_CLIENT_KEY's function (an organisation, a tenant) says,
+if it says anything, else the API token (hashed: a key never holds a credential), else the
+logged-in user, else the address. The token is looked up once per request: ``TokenAuthentication`` (the API's
 DRF authentication class) reuses the middleware's lookup instead of querying again. The address
 is the peer's, unless the peer is in RESILIENCE_TRUSTED_PROXIES: then X-Forwarded-For is read
 from the right. docs/inbound.md gives the reasons.
@@ -24,9 +27,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import ipaddress
 import logging
 import math
+import re
+from collections.abc import Callable, Iterable
+
+from asgiref.sync import sync_to_async
 
 from django.conf import settings
 from django.core.exceptions import MiddlewareNotUsed
@@ -36,7 +44,7 @@ from django.utils.translation import gettext_lazy as _
 from rest_framework import authentication, exceptions
 from rest_framework.authtoken.models import Token
 
-from .conf import RateLimitGroup, app_settings
+from .conf import HTTP_METHOD, RateLimitGroup, app_settings
 from .resilience import get_engine
 from .resilience.rate_limit import RateLimit
 
@@ -95,12 +103,23 @@ def _in_networks(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
     return any(address in network for network in networks)
 
 
-def rate_limit_client(request: HttpRequest, trusted_proxies: tuple[IPNetwork, ...]) -> str:
-    """Whose budget a request spends: ``token:<sha256>``, ``user:<id>`` or ``ip:<address or /64>``.
+KeyFunction = Callable[[HttpRequest], "str | None"]
+# A client key becomes part of a Redis key: a bounded string, so a bug cannot write megabyte keys.
+MAX_CLIENT_KEY_LENGTH = 200
+
+
+def rate_limit_client(request: HttpRequest, trusted_proxies: tuple[IPNetwork, ...],
+                      key_functions: tuple[KeyFunction, ...] = ()) -> str:
+    """Whose budget a request spends: the first key one of ``key_functions`` gives (a view's ``key``,
+    then RESILIENCE_RATE_LIMIT_CLIENT_KEY), else ``token:<sha256>``, ``user:<id>`` or ``ip:<address or /64>``.
 
     Only a token that authenticates an active user counts as one: otherwise a client could send a
     new made-up token with each request and never run out (or guess tokens unhindered).
     """
+    for key_function in key_functions:
+        key = key_function(request)
+        if key is not None:
+            return _checked_client_key(key_function, key)
     token = api_token(request)
     if token is not None and token.user.is_active:
         return f"token:{hashlib.sha256(token.key.encode()).hexdigest()}"
@@ -114,6 +133,14 @@ def rate_limit_client(request: HttpRequest, trusted_proxies: tuple[IPNetwork, ..
     if address.version == 6:
         return f"ip:{ipaddress.ip_network(f'{address}/{IPV6_CLIENT_PREFIX_LENGTH}', strict=False)}"
     return f"ip:{address}"
+
+
+def _checked_client_key(key_function: KeyFunction, key) -> str:
+    if not isinstance(key, str) or not key or len(key) > MAX_CLIENT_KEY_LENGTH:
+        name = f"{getattr(key_function, '__module__', '?')}.{getattr(key_function, '__qualname__', key_function)}"
+        raise TypeError(f"The client key function {name} returned {key!r:.80}; it must return a non-empty "
+                        f"string of at most {MAX_CLIENT_KEY_LENGTH} characters (such as 'org:42') or None.")
+    return key
 
 
 def _api_token_key(request: HttpRequest) -> str | None:
@@ -224,21 +251,20 @@ class RateLimitMiddleware:
         self.groups = app_settings.RATE_LIMITS
         self.exempt_paths = app_settings.RATE_LIMIT_EXEMPT_PATHS
         self.trusted_proxies = app_settings.TRUSTED_PROXIES
+        self.key_functions = _site_key_functions()
         self.api_prefix = app_settings.API_PREFIX
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         group = self._group_for(request.path_info, request.method)
         if group is None:
             return self.get_response(request)
-        counted = self._count(request, group)
+        counted = count_request(request, group, self.trusted_proxies, self.key_functions)
         if counted is None:
             return self.get_response(request)
         verdict, reset_s = counted
         response = self.get_response(request) if verdict.allowed else _too_many_requests(group, reset_s)
         if request.path_info.startswith(self.api_prefix):
-            response["X-RateLimit-Limit"] = str(verdict.limit)
-            response["X-RateLimit-Remaining"] = str(verdict.remaining)
-            response["X-RateLimit-Reset"] = str(reset_s)
+            set_limit_headers(response, verdict, reset_s)
         return response
 
     def _group_for(self, path: str, method: str) -> RateLimitGroup | None:
@@ -246,21 +272,39 @@ class RateLimitMiddleware:
             return None
         return next((group for group in self.groups if group.matches(path, method)), None)
 
-    def _count(self, request: HttpRequest, group: RateLimitGroup) -> tuple[RateLimit, int] | None:
-        """The limiter's verdict and the whole seconds until its reset, or None if the limiter failed."""
-        try:
-            limiter = get_engine().store.rate_limiter
-            client = rate_limit_client(request, self.trusted_proxies)
-            verdict = limiter.hit(f"{group.name}:{client}", group.limit, group.window_s)
-            return verdict, seconds_until(verdict.reset_at, limiter.clock.time())
-        except Exception:
-            # Fail open. A limiter already counts per process while Redis is down, so what lands
-            # here is a fault (a script error, the token lookup's database gone): refusing every
-            # request, or answering 500, because the limiter broke would turn a protection into
-            # an outage. The request goes through unlimited and the traceback is logged.
-            logger.exception("Rate limit %r not applied to %s %s: the limiter failed.",
-                             group.name, request.method, request.path)
-            return None
+
+def _site_key_functions() -> tuple[KeyFunction, ...]:
+    key_function = app_settings.RATE_LIMIT_CLIENT_KEY
+    return () if key_function is None else (key_function,)
+
+
+def count_request(request: HttpRequest, group: RateLimitGroup, trusted_proxies: tuple[IPNetwork, ...],
+                  key_functions: tuple[KeyFunction, ...]) -> tuple[RateLimit, int] | None:
+    """Count a request against ``group`` for its client: the limiter's verdict and the whole seconds
+    until its reset, or None if the limiter (or a client key function) failed."""
+    try:
+        limiter = get_engine().store.rate_limiter
+        client = rate_limit_client(request, trusted_proxies, key_functions)
+        verdict = limiter.hit(f"{group.name}:{client}", group.limit, group.window_s)
+        return verdict, seconds_until(verdict.reset_at, limiter.clock.time())
+    except Exception:
+        # Fail open. A limiter already counts per process while Redis is down, so what lands
+        # here is a fault (a script error, the token lookup's database gone, a client key function's
+        # bug): refusing every request, or answering 500, because the limiter broke would turn a
+        # protection into an outage. The request goes through unlimited and the traceback is logged.
+        logger.exception("Rate limit %r not applied to %s %s: the limiter failed.",
+                         group.name, request.method, request.path)
+        return None
+
+
+def set_limit_headers(response: HttpResponse, verdict: RateLimit, reset_s: int) -> None:
+    """X-RateLimit-* of ``verdict``, unless the response already reports a tighter limit (a view's own)."""
+    already = response.get("X-RateLimit-Remaining")
+    if already is not None and already.isdigit() and int(already) <= verdict.remaining:
+        return
+    response["X-RateLimit-Limit"] = str(verdict.limit)
+    response["X-RateLimit-Remaining"] = str(verdict.remaining)
+    response["X-RateLimit-Reset"] = str(reset_s)
 
 
 def seconds_until(moment: float, now: float) -> int:
@@ -277,3 +321,101 @@ def _too_many_requests(group: RateLimitGroup, retry_after_s: int) -> JsonRespons
     }}, status=429)
     response["Retry-After"] = str(retry_after_s)
     return response
+
+
+# -- per-view limits -------------------------------------------------------------------------------
+
+# "100/m", "10/s", "1000/5m", "5000/day": a count, then a period made of an optional multiple and a unit
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*")
+_UNIT_S = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "minute": 60, "minutes": 60,
+           "h": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
+_VIEW_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def parse_rate(rate: str) -> tuple[int, float]:
+    """``"100/m"`` as (100, 60.0): at most 100 requests in any 60 s. ValueError names the argument."""
+    match = _RATE.fullmatch(rate) if isinstance(rate, str) else None
+    unit_s = _UNIT_S.get(match.group(3)) if match else None
+    if match is None or unit_s is None or int(match.group(1)) < 1 or int(match.group(2) or 1) < 1:
+        raise ValueError(f"rate_limit(): the argument 'rate' must be '<count>/<period>' with a count of at least "
+                         f"1, such as '100/m', '10/s', '1000/5m' or '5000/d' (periods s, m, h, d); got {rate!r}.")
+    return int(match.group(1)), float(int(match.group(2) or 1) * unit_s)
+
+
+def rate_limit(rate: str, *, key: KeyFunction | None = None, name: str | None = None,
+               methods: Iterable[str] | None = None):
+    """A view decorator: at most ``rate`` requests per client (``"100/m"``, ``"10/s"``, ``"1000/5m"``).
+
+    Counted by the same limiter as RateLimitMiddleware (in Redis when the site has it, so the
+    fleet shares the limit), with the same X-RateLimit-* headers on every response of the view
+    and the same 429. ``key(request)`` says whose budget a request spends (a string such as
+    ``"org:42"``); None, or no ``key``, falls back to RESILIENCE_RATE_LIMIT_CLIENT_KEY and then the
+    token, user or address. ``name`` is the budget's name (views that give the same name share
+    it; default: the view's dotted path); ``methods`` limits only those methods (default: all).
+    Sync and async views; on a class-based view, decorate ``dispatch`` with ``method_decorator``.
+    """
+    limit, window_s = parse_rate(rate)
+    if key is not None and not callable(key):
+        raise TypeError(f"rate_limit(): the argument 'key' must be a function of the request returning its client "
+                        f"key or None; got {key!r}.")
+    if name is not None and (not isinstance(name, str) or not _VIEW_NAME.fullmatch(name)):
+        raise ValueError(f"rate_limit(): the argument 'name' must be made of letters, digits, '.', '_' and '-'; "
+                         f"got {name!r}.")
+    if methods is not None:
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        if not methods or not all(isinstance(m, str) and HTTP_METHOD.fullmatch(m.upper()) for m in methods):
+            raise ValueError(f"rate_limit(): the argument 'methods' must be HTTP methods such as ['POST']; "
+                             f"got {methods!r}.")
+        methods = frozenset(m.upper() for m in methods)
+    view_keys = () if key is None else (key,)
+
+    def decorator(view):
+        # a dot cannot be in a RESILIENCE_RATE_LIMITS group's name: a view's budget never meets a group's
+        group = RateLimitGroup(f"view.{name or f'{view.__module__}.{view.__qualname__}'}", (), methods,
+                               limit, window_s)
+
+        def applies(request: HttpRequest) -> bool:
+            return methods is None or request.method in methods
+
+        def key_functions() -> tuple[KeyFunction, ...]:
+            return view_keys + _site_key_functions()
+
+        def refused(counted: tuple[RateLimit, int]) -> JsonResponse:
+            verdict, reset_s = counted
+            response = _too_many_requests(group, reset_s)
+            set_limit_headers(response, verdict, reset_s)
+            return response
+
+        if inspect.iscoroutinefunction(view):
+            @functools.wraps(view)
+            async def limited_async(request, *args, **kwargs):
+                counted = None
+                if applies(request):
+                    # the limiter may look a token up in the database: not on the event loop
+                    counted = await sync_to_async(count_request)(request, group, app_settings.TRUSTED_PROXIES,
+                                                                 key_functions())
+                if counted is not None and not counted[0].allowed:
+                    return refused(counted)
+                response = await view(request, *args, **kwargs)
+                if counted is not None:
+                    set_limit_headers(response, *counted)
+                return response
+
+            limited_async.rate_limit = group
+            return limited_async
+
+        @functools.wraps(view)
+        def limited(request, *args, **kwargs):
+            counted = count_request(request, group, app_settings.TRUSTED_PROXIES, key_functions()) \
+                if applies(request) else None
+            if counted is not None and not counted[0].allowed:
+                return refused(counted)
+            response = view(request, *args, **kwargs)
+            if counted is not None:
+                set_limit_headers(response, *counted)
+            return response
+
+        limited.rate_limit = group
+        return limited
+
+    return decorator

@@ -576,20 +576,26 @@ def test_in_redis_a_token_never_appears_in_a_key(settings, client):
                     f"{hashlib.sha256(token.encode()).hexdigest()}"]
 
 
-def requests_in_another_worker(prefix, count, results):
+def requests_in_another_worker(prefix, count, path, results):
     """A forked process with its own engine and store, as a second gunicorn worker would have."""
     with use_engine(redis_engine(prefix)):
-        results.put(statuses(Client(), count))
+        results.put(statuses(Client(), count, path))
+
+
+def statuses_in_another_worker(prefix, count, path="/api/ping/"):
+    """The statuses of ``count`` requests for ``path`` made by another process on the Redis store at ``prefix``."""
+    results = FORK.Queue()
+    worker = FORK.Process(target=requests_in_another_worker, args=(prefix, count, path, results))
+    worker.start()
+    answered = results.get(timeout=30)
+    worker.join(30)
+    assert worker.exitcode == 0
+    return answered
 
 
 @pytest.mark.skipif(not redis_url(), reason=NEEDS_REDIS)
 def test_two_worker_processes_share_one_limit_in_redis(settings, client):
-    results = FORK.Queue()
-    worker = FORK.Process(target=requests_in_another_worker, args=(settings.RESILIENCE_KEY_PREFIX, 2, results))
-    worker.start()
-    other_worker_statuses = results.get(timeout=30)
-    worker.join(30)
-    assert worker.exitcode == 0
+    other_worker_statuses = statuses_in_another_worker(settings.RESILIENCE_KEY_PREFIX, 2)
     with use_engine(redis_engine(settings.RESILIENCE_KEY_PREFIX)):
         responses = [client.get("/api/ping/") for _ in range(2)]
     assert other_worker_statuses == [200, 200]
