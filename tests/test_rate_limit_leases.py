@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from integrations.resilience.events import EventBus
-from integrations.resilience.rate_limit import LEASE_MAX
+from integrations.resilience.leases import LEASE_MAX
 from integrations.resilience.redis_store import RedisStore
 
 from conftest import redis_url

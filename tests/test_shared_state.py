@@ -20,6 +20,7 @@ from integrations.errors import ErrorCategory
 from integrations.models import BreakerEvent, Integration
 from integrations.resilience import Engine, Policy, execute
 from integrations.resilience.events import EventBus, SharedStateChanged, StateTransition
+from integrations.resilience.leases import LEASE_MAX, LEASE_TTL_S
 from integrations.resilience.registry import PolicyRegistry
 from integrations.resilience.redis_store import RedisStore
 
@@ -113,23 +114,57 @@ def test_half_open_admits_exactly_half_open_max_calls_across_processes():
 # -- a quota is one quota for the fleet ---------------------------------------------------
 
 
-def _spend_quota(index, barrier, results, url, prefix, policy, calls):
+def _spend_quota(index, barrier, results, url, prefix, policy):
+    """Call until refused for longer than a lease lives: every leased unit is then spent or given back."""
     engine = engine_on(url, prefix, policy)
     invoked = []
     barrier.wait()
-    refused = 0
-    for _ in range(calls):
+    refused, refused_since, give_up_at = 0, None, time.monotonic() + 30
+    while time.monotonic() < give_up_at:
         result = engine.execute(policy.name, lambda: invoked.append(1))
-        refused += result.error is not None and result.error.category is ErrorCategory.QUOTA_EXCEEDED
+        if result.error is None:
+            refused_since = None
+            continue
+        assert result.error.category is ErrorCategory.QUOTA_EXCEEDED, result.error
+        refused += 1
+        refused_since = refused_since or time.monotonic()
+        if time.monotonic() - refused_since > 3 * LEASE_TTL_S:
+            break
+        time.sleep(0.01)
     results.put((len(invoked), refused))
 
 
 def test_processes_share_an_hourly_limit_exactly():
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     policy = Policy(name="metered", hourly_limit=75, timeout_enforcement="inline")
-    results = run_processes(_spend_quota, redis_url(), prefix, policy, 50)
+    results = run_processes(_spend_quota, redis_url(), prefix, policy)
     assert sum(invoked for invoked, _ in results) == 75
-    assert sum(refused for _, refused in results) == PROCESSES * 50 - 75
+    assert all(refused for _, refused in results)
+
+
+def test_a_busy_process_leases_quota_and_a_refusal_elsewhere_comes_early_by_at_most_its_unspent_lease(
+        two_processes_view):
+    policy = Policy(name="leased", hourly_limit=400, daily_limit=10_000, timeout_enforcement="inline")
+    busy, other = two_processes_view(policy)
+    spent = 0
+    while spent < 150:  # until the busy process holds units taken ahead and not spent yet
+        assert busy.execute("leased", lambda: 1).ok
+        spent += 1
+        if spent > 20 and other.store.quota_usage(policy).hourly_used > spent:
+            break
+    # another process sees the units leased ahead as used; the busy one, what it spent
+    assert 0 < other.store.quota_usage(policy).hourly_used - spent <= LEASE_MAX
+    assert busy.store.quota_usage(policy).hourly_used == spent
+    spent_elsewhere = 0
+    while other.execute("leased", lambda: 1).ok:
+        spent_elsewhere += 1
+    assert 0 <= 400 - (spent + spent_elsewhere) <= LEASE_MAX  # refused early by at most the unspent lease
+    busy.store.settle_quota_leases(everything=True)  # (the flusher does it once the lease is past its time)
+    while other.execute("leased", lambda: 1).ok:
+        spent_elsewhere += 1
+    assert spent + spent_elsewhere == 400  # every unit given back was spent: the limit, exactly
+    usage = other.store.quota_usage(policy)
+    assert (usage.hourly_used, usage.daily_used) == (400, 400)
 
 
 # -- changes made by one process are seen by the others within 1 s -------------------------

@@ -18,9 +18,10 @@ state.lua: one integration's breaker, half-open probe leases, retry budget and q
     reply  STATE_REPLY, decoded by decode_state into a StateReply: the decision, the breaker
            after the op, the transitions it caused (TRANSITION each) and, for snapshot only,
            the counts (BREAKER_COUNTS, BreakerSnapshot's field names).
-quota.lua: one unit of the hourly and daily quota (the closed-state fast path).
+quota.lua: units of the hourly and daily quota (the closed-state fast path): one for the call,
+    and a lease of more (rate_limit.LeaseBook's, as for the inbound limiter).
     KEYS   QUOTA_KEYS (the last two of STATE_KEYS)   ARGV QUOTA_ARGV
-    reply  '' when the unit was taken, else the full window's name (decode_quota).
+    reply  QUOTA_REPLY, decoded by decode_quota into a QuotaReply.
 rate_limit.lua: one request against a sliding window, with rate_limit.LeaseBook's leases.
     KEYS   RATE_LIMIT_KEYS (rate_limit_key)   ARGV RATE_LIMIT_ARGV
     reply  RATE_LIMIT_REPLY, decoded by decode_rate_limit into a RateLimitReply.
@@ -217,7 +218,25 @@ def _transition(integration: str, item) -> Transition:
 # -- quota.lua -----------------------------------------------------------------------------------
 
 QUOTA_KEYS = ("hourly_quota", "daily_quota")
-QUOTA_ARGV = ("hourly_limit", "daily_limit")  # -1: none
+QUOTA_ARGV = (
+    "hourly_limit",  # -1: none
+    "daily_limit",   # -1: none
+    "count",         # '1': take a unit for this call; '0': only give back
+    "give_back",     # unspent units of a lease taken earlier in these windows
+    "lease_wanted",  # how big a lease is wanted (0: none)
+    "lease_share",   # a lease is at most (limit - count) / lease_share in each limited window
+)
+QUOTA_REPLY = (
+    "full",     # '' when this call's unit was taken (or none asked), else 'hourly' or 'daily'
+    "granted",  # the lease's size (0: none)
+)
+
+
+class QuotaReply(NamedTuple):
+    """quota.lua's reply by name (QUOTA_REPLY)."""
+
+    full: str | None  # the full window, None when the unit was taken
+    granted: int
 
 
 def quota_keys(prefix: str, integration: str, now: float) -> list[str]:
@@ -225,13 +244,17 @@ def quota_keys(prefix: str, integration: str, now: float) -> list[str]:
     return state_keys(prefix, integration, now)[len(STATE_KEYS) - len(QUOTA_KEYS):]
 
 
-def quota_argv(policy: Policy) -> list:
-    return argv(QUOTA_ARGV, {"hourly_limit": _limit(policy.hourly_limit), "daily_limit": _limit(policy.daily_limit)})
+def quota_argv(hourly_limit: int | None, daily_limit: int | None, *, count: bool = True, give_back: int = 0,
+               lease_wanted: int = 0, lease_share: int = 1) -> list:
+    """quota.lua's ARGV; the limits are a policy's (None: none)."""
+    return argv(QUOTA_ARGV, {"hourly_limit": _limit(hourly_limit), "daily_limit": _limit(daily_limit),
+                             "count": int(count), "give_back": give_back, "lease_wanted": lease_wanted,
+                             "lease_share": lease_share})
 
 
-def decode_quota(reply) -> str | None:
-    """None when the unit was taken, else the window that is full: 'hourly' or 'daily'."""
-    return _text(reply) or None
+def decode_quota(reply) -> QuotaReply:
+    fields = dict(zip(QUOTA_REPLY, reply, strict=True))
+    return QuotaReply(full=_text(fields["full"]) or None, granted=int(fields["granted"]))
 
 
 # -- rate_limit.lua ------------------------------------------------------------------------------

@@ -36,8 +36,11 @@ arguments and replies are built and decoded by name in lua_api.py.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import threading
 import time
+import weakref
 
 import redis
 
@@ -48,6 +51,7 @@ from .breaker import BreakerSnapshot, Transition
 from .events import EventBus
 from .events import bus as default_bus
 from .policy import MODE_FORCED_OPEN, MODE_NORMAL, Policy
+from .leases import LEASE_SHARE, Grant, Lease, LeaseBook, Settlement, call_if_alive
 from .lua_api import ACQUIRE, FLUSH, PUBLISH, RECORD, REFUSE, RESET, SNAPSHOT, TRIAL, StateReply
 from .quota import DAY, HOUR, QuotaUsage, window_start
 from .rate_limit import RedisRateLimiter
@@ -61,6 +65,11 @@ _VIEW_TTL_S = 0.5
 
 
 _SHARED_ADMITTED = Permit(True, shared=True)
+_NO_GRANT = Grant("", 0, 0, 0.0)
+
+
+def _from_quota_lease(lease: Lease) -> Permit:
+    return _SHARED_ADMITTED
 
 
 class _Pending:
@@ -107,6 +116,10 @@ class RedisStore(StateStore):
         self._open_until: dict[str, tuple[float, float]] = {}  # name -> (opened at, seen at), wall time
         self._closed_seen_at: dict[str, float | None] = {}  # name -> when last seen closed (monotonic)
         self.link.on_flush(self._flush_due)
+        # units of quota taken ahead (leases.py): a busy integration's calls cost no round trip each
+        self.quota_leases = LeaseBook(wait_s=socket_timeout_s * 2)
+        self.link.on_flush(self.settle_quota_leases)
+        atexit.register(call_if_alive, weakref.WeakMethod(self.settle_quota_leases), True)
         # inbound rate limits in the same Redis, through the same link (one client, one outage)
         self.rate_limiter = RedisRateLimiter(self.link, prefix, self.local.rate_limiter)
 
@@ -195,15 +208,44 @@ class RedisStore(StateStore):
         return seen_at is not None and time.monotonic() - seen_at < _VIEW_TTL_S
 
     def _take_quota(self, policy: Policy) -> Permit | None:
-        """One unit of quota in one small script; None when Redis is unreachable."""
-        reply = self.link.call(self._quota_script, keys=lua_api.quota_keys(self.prefix, policy.name, self.clock.time()),
-                               args=lua_api.quota_argv(policy))
+        """A unit of quota: from this process's lease, else one small script that may grant one.
+
+        None when Redis is unreachable. The lease book's key is the integration's counters
+        (this hour's and this day's): a new window starts a new lease; ``terms`` are the limits,
+        so a saved policy's new limits are never spent from a lease taken under the old ones.
+        """
+        keys = lua_api.quota_keys(self.prefix, policy.name, self.clock.time())
+        return self.quota_leases.take("|".join(keys), (policy.hourly_limit, policy.daily_limit), True,
+                                      spend=_from_quota_lease,
+                                      ask=functools.partial(self._count_quota, policy, keys))
+
+    def _count_quota(self, policy: Policy, keys: list[str], settlement: Settlement,
+                     wanted: int) -> tuple[Permit | None, Grant]:
+        """One round trip: this call's unit, ``settlement``'s unspent units given back, a lease asked for."""
+        reply = self.link.call(self._quota_script, keys=keys, args=lua_api.quota_argv(
+            policy.hourly_limit, policy.daily_limit, give_back=settlement.size - settlement.used, lease_wanted=wanted, lease_share=LEASE_SHARE))
         if reply is None:
-            return None
-        full = lua_api.decode_quota(reply)
-        if full is not None:
-            return Permit(False, category=ErrorCategory.QUOTA_EXCEEDED, reason=f"{full} quota reached", shared=True)
-        return _SHARED_ADMITTED
+            return None, _NO_GRANT
+        taken = lua_api.decode_quota(reply)
+        if taken.granted:
+            self.link.ensure_flusher()
+        if taken.full is not None:
+            permit = Permit(False, category=ErrorCategory.QUOTA_EXCEEDED, reason=f"{taken.full} quota reached",
+                            shared=True)
+            return permit, _NO_GRANT
+        return _SHARED_ADMITTED, Grant("", taken.granted, 0, 0.0)
+
+    def settle_quota_leases(self, everything: bool = False) -> None:
+        """Give back the unspent units of quota leases past their time (or of all): one pipelined round trip."""
+        due = self.quota_leases.due(everything)
+        if not due or self.link.waiting():
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key, (hourly_limit, daily_limit), settlement in due:
+            self._quota_script(keys=key.split("|"), client=pipe, args=lua_api.quota_argv(
+                hourly_limit, daily_limit, count=False, give_back=settlement.size - settlement.used))
+        # unreachable: the unspent units stay counted until their window ends (refusals a little early)
+        self.link.call(pipe.execute)
 
     # -- the StateStore interface ------------------------------------------------------
 
@@ -307,23 +349,30 @@ class RedisStore(StateStore):
         if not self.available:
             self.link.regained()
         reads = []
-        for policy, state, (hourly, daily) in zip(policies, replies[0::2], replies[1::2]):
+        for (_, _, quota_keys), policy, state, counters in zip(calls, policies, replies[0::2], replies[1::2]):
             reply = lua_api.decode_state(policy.name, state)
             self._observe(policy.name, reply)
-            reads.append((_snapshot_from(policy, reply),
-                          QuotaUsage(policy.name, int(hourly or 0), policy.hourly_limit, int(daily or 0),
-                                     policy.daily_limit, window_start(now, HOUR) + HOUR,
-                                     window_start(now, DAY) + DAY)))
+            reads.append((_snapshot_from(policy, reply), self._usage(policy, now, quota_keys, counters)))
         return reads
+
+    def _usage(self, policy: Policy, now: float, keys: list[str], counters) -> QuotaUsage:
+        """The quota used, from the window counters read in Redis.
+
+        What this process leased and has not spent is not used yet; other processes' leases are
+        (they are spent or given back within a second).
+        """
+        ahead = self.quota_leases.unspent("|".join(keys))
+        hourly, daily = (max(int(counter or 0) - ahead, 0) for counter in counters)
+        return QuotaUsage(policy.name, hourly, policy.hourly_limit, daily, policy.daily_limit,
+                          window_start(now, HOUR) + HOUR, window_start(now, DAY) + DAY)
 
     def quota_usage(self, policy: Policy) -> QuotaUsage:
         now = self.clock.time()
-        used = self.link.call(self.client.mget, *lua_api.quota_keys(self.prefix, policy.name, now))
+        keys = lua_api.quota_keys(self.prefix, policy.name, now)
+        used = self.link.call(self.client.mget, *keys)
         if used is None:
             return self.local.quota_usage(policy)
-        hourly, daily = used
-        return QuotaUsage(policy.name, int(hourly or 0), policy.hourly_limit, int(daily or 0),
-                          policy.daily_limit, window_start(now, HOUR) + HOUR, window_start(now, DAY) + DAY)
+        return self._usage(policy, now, keys, used)
 
     def reset(self, policy: Policy, by: str | None = None, reason: str = "manual reset") -> Transition | None:
         self._take_pending(policy.name)  # the window is cleared: successes still waiting say nothing more
