@@ -17,7 +17,8 @@ Steps, in order:
    a time; the other idles.
 5. For each repeat: a warm-up, then the scenarios against "limits on"
    (ramp, steady, API steady, spike), then the rate-limit cost (the same
-   steady load on "on" and "off", interleaved on, off, off, on...).
+   steady load on "on" and "off", interleaved on, off, off, on...), then the pipeline's
+   cost: the guarded view and the same upstream call with bare httpx, interleaved on "on".
    With --profile, then py-spy on the workers under the steady load.
 6. Writes results.json and RESULTS.md beside this file (each row with the wrk
    command that produced it).
@@ -72,6 +73,9 @@ GUARDED_PATH = "/load/guarded/"
 API_PATH = "/api/dlq/stats/"
 # The same views where no group of RATE_LIMITS_ON matches (urls.py): the "limits off" side of the cost.
 UNCOUNTED = {GUARDED_PATH: "/load/uncounted/guarded/", API_PATH: "/load/uncounted/api/dlq/stats/"}
+# The same upstream call with bare httpx, not counted either: guarded / bare is the pipeline's cost (issue 14).
+BARE_PATH = "/load/uncounted/bare/"
+BARE_RATIO_TARGET = 0.9
 
 # Targets of issue 7.
 P95_TARGET_MS = 200.0
@@ -537,16 +541,29 @@ def spike(stack: Stack, site: Site, baseline: int, extra: int, phase_s: int) -> 
 def rate_limit_cost(stack: Stack, path: str, connections: int, durations: Durations, token: bool) -> dict:
     """The same steady load on one site, counted (``path``) and not counted (its twin in UNCOUNTED),
     interleaved on/off/off/on...: the same workers, so only the counting differs."""
+    return interleaved(stack, path, UNCOUNTED[path], connections, durations, token, "limits")
+
+
+def bare_cost(stack: Stack, connections: int, durations: Durations) -> dict:
+    """The guarded view ("on") and the bare httpx view ("off") making the same upstream call, neither
+    counted by a rate limit, interleaved on one site: only the pipeline differs."""
+    return interleaved(stack, UNCOUNTED[GUARDED_PATH], BARE_PATH, connections, durations, False, "guarded")
+
+
+def interleaved(stack: Stack, on_path: str, off_path: str, connections: int, durations: Durations, token: bool,
+                what: str) -> dict:
+    """Steady load on ``on_path`` and ``off_path`` of the "on" site, in segments on/off/off/on...,
+    and their ratios: throughput on/off and site CPU per request of each."""
     order = []
     for pair in range(durations.cost_pairs):
         order += ["on", "off"] if pair % 2 == 0 else ["off", "on"]
     segments = []
     for label in order:
-        row = drive(stack, stack.sites["on"], path if label == "on" else UNCOUNTED[path], connections,
+        row = drive(stack, stack.sites["on"], on_path if label == "on" else off_path, connections,
                     durations.cost_segment_s, token=token)
         row["site"] = label
         segments.append(row)
-        log(f"cost   limits {label:3s} {describe(row)}")
+        log(f"{what:7s} {label:3s} {describe(row)}")
     on = [row for row in segments if row["site"] == "on"]
     off = [row for row in segments if row["site"] == "off"]
     rps_on = sum(row["rps"] for row in on) / len(on)
@@ -554,7 +571,8 @@ def rate_limit_cost(stack: Stack, path: str, connections: int, durations: Durati
     cpu_on = sum(row["site_cpu_ms_per_request"] for row in on) / len(on)
     cpu_off = sum(row["site_cpu_ms_per_request"] for row in off) / len(off)
     return {
-        "endpoint": path,
+        "endpoint": on_path,
+        "baseline": off_path,
         "connections": connections,
         "segment_s": durations.cost_segment_s,
         "order": order,
@@ -584,6 +602,7 @@ def one_run(stack: Stack, args, durations: Durations, number: int) -> dict:
         drive(stack, stack.sites[label], API_PATH, 8, durations.warmup_s, token=True)
     drive(stack, on, UNCOUNTED[GUARDED_PATH], 8, durations.warmup_s)
     drive(stack, on, UNCOUNTED[API_PATH], 8, durations.warmup_s, token=True)
+    drive(stack, on, BARE_PATH, 8, durations.warmup_s)
 
     run["ramp"] = ramp(stack, on, durations)
     run["sustainable"] = sustainable(run["ramp"])
@@ -600,6 +619,7 @@ def one_run(stack: Stack, args, durations: Durations, number: int) -> dict:
         "guarded": rate_limit_cost(stack, GUARDED_PATH, steady_c, durations, token=False),
         "api": rate_limit_cost(stack, API_PATH, steady_c, durations, token=True),
     }
+    run["bare"] = bare_cost(stack, steady_c, durations)
     run["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     run["duration_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
     return run
@@ -713,6 +733,14 @@ def _cost(cost: dict) -> str:
             f"({cost['site_cpu_ms_per_request_on']:.2f} vs {cost['site_cpu_ms_per_request_off']:.2f} ms/req)")
 
 
+def _bare(bare: dict) -> str:
+    median_cost, _ = pair_costs(bare["segments"])
+    return (f"guarded / bare throughput {bare['throughput_ratio_on_over_off']:.3f} (means: {bare['rps_on']:.0f} vs "
+            f"{bare['rps_off']:.0f} req/s; median of pairs {1 - median_cost:.3f}; target >= {BARE_RATIO_TARGET}), "
+            f"site CPU per request {bare['site_cpu_ms_per_request_on']:.2f} ms guarded vs "
+            f"{bare['site_cpu_ms_per_request_off']:.2f} ms bare")
+
+
 def _step(step: dict | None) -> str:
     return "none" if step is None else f"{step['rps']:.0f} req/s at {step['connections']} conn., p95 {step['p95_ms']:.0f} ms"
 
@@ -809,6 +837,21 @@ def markdown(results: dict) -> str:
             out.append(HEADER.format(first="limits"))
             for row in cost["segments"]:
                 out.append(_row(row, row["site"]))
+            out.append("\n")
+    if any("bare" in run for run in runs):
+        out.append("## The pipeline's cost at the HTTP level: guarded vs bare httpx\n\n")
+        out.append(f"The same site and workers; \"on\" drives `{UNCOUNTED[GUARDED_PATH]}` (the guarded view: "
+                   "`integrations.http.Client`, the external_api preset's breaker, retry, timeouts, bulkhead and "
+                   f"quota, shared in Redis), \"off\" drives `{BARE_PATH}` (the same upstream GET with a bare, "
+                   "kept-alive `httpx.Client`); no rate-limit group matches either path. Interleaved, in the order "
+                   f"shown. Target: guarded / bare throughput >= {BARE_RATIO_TARGET}.\n\n")
+        for run in runs:
+            if "bare" not in run:
+                continue
+            out.append(f"Run {run['run']}: {_bare(run['bare'])}.\n\n")
+            out.append(HEADER.format(first="view"))
+            for row in run["bare"]["segments"]:
+                out.append(_row(row, "guarded" if row["site"] == "on" else "bare"))
             out.append("\n")
     if results.get("profile"):
         out.append("## Profile (py-spy, --profile)\n\n")
@@ -910,6 +953,8 @@ def main(argv=None) -> int:
         cost = run["rate_limit_cost"]
         log(f"run {run['run']}: sustained at saturation {_step(held['saturated'])}; best step {_step(held['best'])}; "
             f"rate-limit cost guarded {_cost(cost['guarded'])}, API {_cost(cost['api'])}")
+        if "bare" in run:
+            log(f"run {run['run']}: {_bare(run['bare'])}")
     return 0
 
 

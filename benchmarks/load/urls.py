@@ -3,9 +3,14 @@
 /load/uncounted/guarded/ and /load/uncounted/api/dlq/stats/ are the same views at paths no
 rate-limit group of run.py matches: the rate-limit cost is measured on one site, the same
 workers answering requests that are counted and requests that are not.
+
+/load/uncounted/bare/ makes the same upstream call with bare httpx (no pipeline), at a path no
+group matches either: guarded / bare is the pipeline's cost at the HTTP level, on one site.
 """
 
 import threading
+
+import httpx
 
 from django.conf import settings
 from django.http import JsonResponse
@@ -17,6 +22,7 @@ from integrations.http import Client
 from resilience_site.urls import urlpatterns as site_urlpatterns
 
 _client: Client | None = None
+_bare: httpx.Client | None = None
 _client_lock = threading.Lock()
 
 
@@ -31,6 +37,27 @@ def upstream_client() -> Client:
     return _client
 
 
+def bare_client() -> httpx.Client:
+    """One bare httpx.Client per process, kept alive like upstream_client(), with the integration's
+    attempt timeout (external_api preset: 5 s) as its own."""
+    global _bare
+    if _bare is None:
+        with _client_lock:
+            if _bare is None:
+                _bare = httpx.Client(base_url=settings.LOAD_UPSTREAM_URL, timeout=5.0)
+    return _bare
+
+
+def bare(request):
+    """The same upstream call as guarded(), with bare httpx: 200 with what it said, 503 if it failed."""
+    try:
+        response = bare_client().get("/item")
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        return JsonResponse({"ok": False, "category": type(error).__name__}, status=503)
+    return JsonResponse({"ok": True, "upstream": response.json()})
+
+
 def guarded(request):
     """GET the upstream through the integration's pipeline; 200 with what it said, 503 if the call failed."""
     try:
@@ -43,6 +70,7 @@ def guarded(request):
 urlpatterns = [
     path("load/guarded/", guarded, name="load-guarded"),
     path("load/uncounted/guarded/", guarded),
+    path("load/uncounted/bare/", bare),
     path("load/uncounted/api/dlq/stats/", DeadLetterStatsView.as_view()),
     *site_urlpatterns,
 ]
