@@ -38,15 +38,18 @@ from .resilience.timeouts import attempt_time_left
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 
 
-def raise_for_category(response: httpx.Response, integration: str) -> httpx.Response:
-    """Return a successful response; raise the ResilienceError an unsuccessful one stands for."""
+def raise_for_category(response: httpx.Response, integration: str, url_shown: str | None = None) -> httpx.Response:
+    """Return a successful response; raise the ResilienceError an unsuccessful one stands for.
+
+    ``url_shown`` stands for the request's URL in the error when the URL is a secret (a Slack webhook's).
+    """
     category = category_for_status(response.status_code)
     if category is None:
         return response
     request = response.request
     raise ResilienceError(
         category,
-        f"{request.method} {request.url} returned {response.status_code} {response.reason_phrase}".strip(),
+        f"{request.method} {url_shown or request.url} returned {response.status_code} {response.reason_phrase}".strip(),
         integration=integration,
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
         status=response.status_code,

@@ -171,10 +171,11 @@ class HealthCheckResultAdmin(ReadOnlyAdmin):
 
 @admin.register(NotificationChannel)
 class NotificationChannelAdmin(admin.ModelAdmin):
-    list_display = ("name", "kind", "min_severity", "hourly_cap", "enabled", "integration")
+    list_display = ("name", "kind", "min_severity", "rate_limit", "rate_window_s", "suppressed", "enabled",
+                    "integration")
     list_filter = ("kind", "enabled", "min_severity")
     search_fields = ("name", "url", "emails")
-    readonly_fields = ("integration", "window_start", "sent_in_window")
+    readonly_fields = ("integration", "window_start", "sent_in_window", "suppressed")
 
 
 @admin.register(Delivery)

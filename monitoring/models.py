@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from functools import partial
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -470,42 +473,83 @@ def split_emails(value: str) -> list[str]:
     return [address.strip() for address in value.split(",") if address.strip()]
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _https_or_loopback(url: str) -> bool:
+    """Whether a URL carrying a secret goes over https (or stays on this host: a local relay, a test)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme == "https" or parts.hostname in LOOPBACK_HOSTS
+
+
 class NotificationChannel(models.Model):
-    """Where alerts are sent: an email list or a signed webhook.
+    """Where alerts are sent: an email list, a signed webhook or a Slack incoming webhook.
 
     Each channel is an integration of its own (``notify.<name>``), so its
     deliveries run through the pipeline (retries, breaker, timeouts) and a
     failed one goes to the dead letter queue, to be sent again by the redrive.
+    At most ``rate_limit`` notifications go out per ``rate_window_s``; the
+    ones past it are suppressed, counted, and said in the next one sent.
     """
 
     EMAIL = "email"
     WEBHOOK = "webhook"
-    KIND_CHOICES = [(EMAIL, "Email"), (WEBHOOK, "Webhook (HMAC-SHA256 signed)")]
+    SLACK = "slack"
+    KIND_CHOICES = [(EMAIL, "Email"), (WEBHOOK, "Webhook (HMAC-SHA256 signed)"), (SLACK, "Slack (incoming webhook)")]
+    POSTED_KINDS = (WEBHOOK, SLACK)
 
     name = models.CharField(max_length=80, unique=True,
                             validators=[RegexValidator(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                                                        "Letters, digits, '.', '_' and '-' only.")])
     kind = models.CharField(max_length=10, choices=KIND_CHOICES)
-    url = models.URLField(max_length=500, blank=True, help_text="Webhook: the URL alerts are POSTed to.")
+    url = models.URLField(max_length=500, blank=True,
+                          help_text="Webhook and Slack: the URL alerts are POSTed to (Slack's incoming webhook URL "
+                                    "is a secret: it is never shown in errors or logs).")
     emails = models.CharField(max_length=500, blank=True, validators=[_validate_emails],
                               help_text="Email: comma-separated recipients.")
     secret = models.CharField(max_length=128, default=generate_secret,
                               help_text="Webhook: the HMAC key receivers verify the signature with.")
     min_severity = models.CharField(max_length=10, choices=SEVERITY_CHOICES, default=WARNING)
-    hourly_cap = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)],
-                                             help_text="At most this many notifications per UTC hour.")
+    rate_limit = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)],
+                                             help_text="At most this many notifications per window; the rest are "
+                                                       "suppressed, and counted in the next one sent.")
+    rate_window_s = models.PositiveIntegerField(default=3600, validators=[MinValueValidator(1)],
+                                                help_text="The rate limit's window in seconds; windows start at "
+                                                          "multiples of it since the Unix epoch (3600: each UTC hour).")
     enabled = models.BooleanField(default=True)
     integration = models.OneToOneField(Integration, on_delete=models.CASCADE, related_name="notification_channel",
                                        editable=False)
-    # The cap's counter: deliveries claimed in the UTC hour that starts at window_start.
+    # The rate limit's counter: deliveries claimed in the window that starts at window_start.
     window_start = models.DateTimeField(null=True, blank=True, editable=False)
     sent_in_window = models.PositiveIntegerField(default=0, editable=False)
+    # Notifications suppressed by the rate limit since the last one sent, which says so.
+    suppressed = models.PositiveIntegerField(default=0, editable=False)
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            # what code that skips full_clean() may not store either: the rate limit divides by the window
+            models.CheckConstraint(condition=Q(rate_limit__gte=1), name="notification_channel_rate_limit_at_least_1",
+                                   violation_error_message="rate_limit must be at least 1."),
+            models.CheckConstraint(condition=Q(rate_window_s__gte=1),
+                                   name="notification_channel_rate_window_s_at_least_1",
+                                   violation_error_message="rate_window_s must be at least 1 second."),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.kind})"
+
+    @property
+    def hourly_cap(self) -> int:
+        """The old name of ``rate_limit``, from when the window was always the UTC hour."""
+        return self.rate_limit
+
+    @hourly_cap.setter
+    def hourly_cap(self, value: int) -> None:
+        self.rate_limit = value
 
     @property
     def integration_name(self) -> str:
@@ -514,8 +558,26 @@ class NotificationChannel(models.Model):
     def clean(self):
         if self.kind == self.WEBHOOK and not self.url:
             raise ValidationError({"url": "A webhook channel needs a URL."})
+        if self.kind == self.SLACK and not self.url:
+            raise ValidationError({"url": "A Slack channel needs its incoming webhook's URL."})
+        if self.kind == self.SLACK and not _https_or_loopback(self.url):
+            raise ValidationError({"url": "A Slack channel's URL must use https "
+                                          "(an incoming webhook is https://hooks.slack.com/services/...)."})
         if self.kind == self.EMAIL and not split_emails(self.emails):
             raise ValidationError({"emails": "An email channel needs at least one recipient."})
+
+    def configuration_error(self) -> str | None:
+        """What is wrong with this channel's settings, each named by its field; None when it can send.
+
+        ``full_clean`` without the queries (unique name, constraints): checked before each send,
+        since code may create a channel without the admin's validation.
+        """
+        try:
+            self.clean_fields(exclude=["integration"])
+            self.clean()
+        except ValidationError as exc:
+            return "; ".join(f"{field}: {' '.join(messages)}" for field, messages in sorted(exc.message_dict.items()))
+        return None
 
     def save(self, *args, **kwargs):
         if self.integration_id is None:
@@ -530,21 +592,53 @@ class NotificationChannel(models.Model):
     def accepts(self, severity: str) -> bool:
         return self.enabled and SEVERITY_RANK[severity] >= SEVERITY_RANK[self.min_severity]
 
+    def window_start_for(self, now: datetime | None = None) -> datetime:
+        """Where the rate limit's window holding ``now`` starts: a multiple of ``rate_window_s`` since the epoch."""
+        epoch_s = int(_now(now).timestamp())
+        return datetime.fromtimestamp(epoch_s - epoch_s % self.rate_window_s, tz=dt_timezone.utc)
+
     def claim_slot(self, now: datetime | None = None) -> bool:
-        """Take one of this hour's ``hourly_cap`` notifications; False when the cap is reached.
+        """Take one of this window's ``rate_limit`` notifications; False when they are all taken.
 
         Atomic in the database, so processes notifying at once never exceed it.
         """
-        hour = _now(now).replace(minute=0, second=0, microsecond=0)
+        window = self.window_start_for(now)
         channels = NotificationChannel.objects.filter(pk=self.pk)
-        if channels.filter(window_start=hour, sent_in_window__lt=F("hourly_cap")).update(
+        if channels.filter(window_start=window, sent_in_window__lt=F("rate_limit")).update(
                 sent_in_window=F("sent_in_window") + 1):
             return True
-        # a new hour: the first claimer starts its window; a claimer that lost the race tries the new window
-        if channels.exclude(window_start=hour).update(window_start=hour, sent_in_window=1):
+        # a new window: the first claimer starts it; a claimer that lost the race tries the new window
+        if channels.exclude(window_start=window).update(window_start=window, sent_in_window=1):
             return True
-        return bool(channels.filter(window_start=hour, sent_in_window__lt=F("hourly_cap")).update(
+        return bool(channels.filter(window_start=window, sent_in_window__lt=F("rate_limit")).update(
             sent_in_window=F("sent_in_window") + 1))
+
+    def take_slot(self, now: datetime | None = None) -> NotificationSlot:
+        """Claim a slot of the rate limit for one notification. Refused, the notification is counted
+        as suppressed; granted, the slot carries how many were suppressed since the last one sent,
+        for this one to say (the count starts again from 0)."""
+        channels = NotificationChannel.objects.filter(pk=self.pk)
+        if not self.claim_slot(now):
+            channels.update(suppressed=F("suppressed") + 1)
+            return NotificationSlot(granted=False)
+        # taken with a conditional update: two senders never both report the same suppressed ones
+        while True:
+            count = channels.values_list("suppressed", flat=True).first()
+            if not count:
+                return NotificationSlot(granted=True)
+            if channels.filter(suppressed=count).update(suppressed=0):
+                return NotificationSlot(granted=True, suppressed_before=count)
+
+
+@dataclass(frozen=True)
+class NotificationSlot:
+    """NotificationChannel.take_slot's answer: true when the notification may be sent."""
+
+    granted: bool
+    suppressed_before: int = 0  # notifications the rate limit kept back since the last one sent
+
+    def __bool__(self) -> bool:
+        return self.granted
 
 
 class Delivery(models.Model):
@@ -554,15 +648,16 @@ class Delivery(models.Model):
     SENT = "sent"
     QUEUED = "queued"  # failed; the dead letter queue will send it again
     FAILED = "failed"
-    CAPPED = "capped"
+    CAPPED = "capped"  # suppressed by the channel's rate limit
     STATUS_CHOICES = [(SENDING, "Sending"), (SENT, "Sent"), (QUEUED, "Queued for redrive"), (FAILED, "Failed"),
-                      (CAPPED, "Not sent: hourly cap")]
+                      (CAPPED, "Not sent: rate limit")]
 
     channel = models.ForeignKey(NotificationChannel, on_delete=models.CASCADE, related_name="deliveries")
     alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="deliveries")
     event = models.CharField(max_length=15)
     subject = models.CharField(max_length=300)
-    body = models.TextField(help_text="The JSON document sent (webhook) or the text mailed (email).")
+    body = models.TextField(help_text="The alert event's JSON document: what a webhook receives; the email's text "
+                                      "and the Slack message are made from it.")
     status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=SENDING)
     error = models.CharField(max_length=500, blank=True)
     attempts = models.PositiveIntegerField(default=0)

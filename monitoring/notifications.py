@@ -1,4 +1,4 @@
-"""Alert notifications: the document sent, webhook signatures, and delivery through the pipeline.
+"""Alert notifications: the document sent, webhook signatures, Slack messages, and delivery through the pipeline.
 
 A webhook is a POST of a JSON document with the header
 
@@ -7,7 +7,13 @@ A webhook is a POST of a JSON document with the header
 signed afresh at each attempt. Receivers check it with ``verify_signature``,
 which rejects a signature that does not match and one whose timestamp is more
 than ``tolerance_s`` (5 minutes) away from now, so a captured request cannot
-be replayed later.
+be replayed later. A Slack channel POSTs ``slack_message``'s ``{"text",
+"blocks"}`` to its incoming webhook instead, unsigned: the URL is the secret,
+and errors show only its host.
+
+A channel sends at most ``rate_limit`` notifications per ``rate_window_s``
+(``NotificationChannel.take_slot``); the others are recorded as capped, counted,
+logged, and the next one sent says how many (``"suppressed"`` in the document).
 
 Every delivery runs through ``execute`` on the channel's integration
 (``notify.<channel>``); with the dead letter queue installed it carries
@@ -25,6 +31,7 @@ import logging
 import time
 from datetime import datetime
 from typing import Callable
+from urllib.parse import urlsplit
 
 import httpx
 from django.apps import apps
@@ -97,8 +104,11 @@ def verify_signature(secret: str, header: str | None, body: bytes | str, toleran
     return timestamp
 
 
-def render(alert, event: str, now: datetime | None = None) -> tuple[str, str]:
-    """(subject, JSON document) of one alert event; the document is what a webhook receives."""
+def render(alert, event: str, now: datetime | None = None, suppressed: int = 0) -> tuple[str, str]:
+    """(subject, JSON document) of one alert event; the document is what a webhook receives.
+
+    ``suppressed``: how many notifications the channel's rate limit kept back since the last one sent.
+    """
     integration = f" {alert.integration.name}" if alert.integration_id else ""
     verb = {"new": "", "escalated": "escalated: ", "resolved": "resolved: "}.get(event, f"{event}: ")
     subject = f"[{alert.severity.upper()}] {verb}{alert.get_kind_display()}{integration}"[:300]
@@ -106,30 +116,92 @@ def render(alert, event: str, now: datetime | None = None) -> tuple[str, str]:
         "event": event,
         "alert": alert.as_dict(),
         "generated_at": (now or timezone.now()).isoformat(),
+        "suppressed": suppressed,
     }
     return subject, json.dumps(document, sort_keys=True)
+
+
+def _facts(alert: dict) -> list[tuple[str, str]]:
+    """The alert's facts, as an email's lines and a Slack message's fields give them."""
+    return [("Kind", alert["kind"]), ("Severity", alert["severity"]), ("Status", alert["status"]),
+            ("Integration", alert["integration"] or "-"), ("First seen", alert["first_seen"]),
+            ("Last seen", alert["last_seen"]), ("Occurrences", str(alert["occurrences"]))]
+
+
+def suppressed_note(document: dict) -> str | None:
+    """What a message says of the notifications its channel's rate limit kept back; None if there were none."""
+    count = document.get("suppressed", 0)  # documents stored before the rate limit counted them have none
+    if not count:
+        return None
+    notifications = "notification was" if count == 1 else "notifications were"
+    return f"{count} earlier {notifications} not sent: this channel's rate limit was reached."
 
 
 def email_text(subject: str, body: str) -> str:
     document = json.loads(body)
     alert = document["alert"]
-    lines = [subject, "", alert["message"], "",
-             f"Kind: {alert['kind']}", f"Severity: {alert['severity']}", f"Status: {alert['status']}",
-             f"Integration: {alert['integration'] or '-'}", f"First seen: {alert['first_seen']}",
-             f"Last seen: {alert['last_seen']}", f"Occurrences: {alert['occurrences']}"]
+    lines = [subject, "", alert["message"], "", *(f"{name}: {value}" for name, value in _facts(alert))]
     if alert["details"]:
         lines += ["", "Details:", json.dumps(alert["details"], indent=2, sort_keys=True)]
+    note = suppressed_note(document)
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
+
+
+# Slack's limits on a block's text (https://api.slack.com/reference/block-kit/blocks)
+SLACK_HEADER_MAX = 150
+SLACK_TEXT_MAX = 3000
+
+
+def _slack_escape(text: str) -> str:
+    # Slack reads <...> as links and mentions: an alert's text must not ping @channel or hide a link
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def slack_message(subject: str, body: str) -> dict:
+    """The Slack message of an alert event: ``text`` (what notifications show) and Block Kit ``blocks``."""
+    document = json.loads(body)
+    alert = document["alert"]
+    message = _slack_escape(alert["message"] or "-")
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": _clip(subject, SLACK_HEADER_MAX)}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": _clip(message, SLACK_TEXT_MAX)}},
+        {"type": "section", "fields": [{"type": "mrkdwn", "text": f"*{name}*\n{_slack_escape(value)}"}
+                                       for name, value in _facts(alert)]},
+    ]
+    note = suppressed_note(document)
+    if note:
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": note}]})
+    return {"text": _clip(f"{_slack_escape(subject)}: {message}", SLACK_TEXT_MAX), "blocks": blocks}
+
+
+def shown_url(url: str) -> str:
+    """A secret URL as errors and logs may show it: scheme and host, the path (the secret) left out."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}/…"
+
+
+def _post_json(integration: str, url: str, body: bytes, headers: dict, url_shown: str | None = None) -> int:
+    budget = attempt_time_left()
+    headers = {"Content-Type": "application/json", "User-Agent": "resilience-control-plane", **headers}
+    response = httpx.post(url, content=body, headers=headers,
+                          timeout=budget if budget is not None else FALLBACK_TIMEOUT_S)
+    return raise_for_category(response, integration, url_shown=url_shown).status_code
 
 
 def post_webhook(integration: str, url: str, secret: str, body: bytes) -> int:
     """One attempt: POST the signed body; returns the status, raises ResilienceError for a failed one."""
-    budget = attempt_time_left()
-    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body),
-               "User-Agent": "resilience-control-plane"}
-    response = httpx.post(url, content=body, headers=headers,
-                          timeout=budget if budget is not None else FALLBACK_TIMEOUT_S)
-    return raise_for_category(response, integration).status_code
+    return _post_json(integration, url, body, {SIGNATURE_HEADER: sign(secret, body)})
+
+
+def post_slack(integration: str, url: str, body: bytes) -> int:
+    """One attempt: POST a Slack message to an incoming webhook, whose URL is never shown in an error."""
+    return _post_json(integration, url, body, {}, url_shown=shown_url(url))
 
 
 def send_email(subject: str, text: str, recipients: list[str]) -> int:
@@ -150,6 +222,9 @@ def operation(delivery) -> tuple[Callable, tuple]:
     channel = delivery.channel
     if channel.kind == NotificationChannel.WEBHOOK:
         return post_webhook, (channel.integration.name, channel.url, channel.secret, delivery.body.encode())
+    if channel.kind == NotificationChannel.SLACK:
+        message = json.dumps(slack_message(delivery.subject, delivery.body)).encode()
+        return post_slack, (channel.integration.name, channel.url, message)
     return send_email, (delivery.subject, email_text(delivery.subject, delivery.body), split_emails(channel.emails))
 
 
@@ -209,12 +284,22 @@ def notify(channel: NotificationChannel, alert: Alert, event: str, now: datetime
     """Send one alert event through ``channel``; None when its severity is below the channel's minimum."""
     if not channel.accepts(alert.severity):
         return None
-    subject, body = render(alert, event, now)
+    problem = channel.configuration_error()
+    if problem is not None:
+        # created without the admin's validation: nothing sensible to send to, and nothing to redrive
+        subject, body = render(alert, event, now)
+        delivery = Delivery.objects.create(channel=channel, alert=alert, event=event, subject=subject, body=body)
+        delivery.mark(Delivery.FAILED, f"channel {channel.name} is misconfigured: {problem}")
+        logger.error("channel %s is misconfigured (%s): %s alert %s not sent", channel.name, problem, event, alert.pk)
+        return delivery
+    slot = channel.take_slot(now)
+    subject, body = render(alert, event, now, suppressed=slot.suppressed_before)
     delivery = Delivery.objects.create(channel=channel, alert=alert, event=event, subject=subject, body=body)
-    if not channel.claim_slot(now):
-        delivery.mark(Delivery.CAPPED, f"hourly cap of {channel.hourly_cap} reached")
-        logger.warning("channel %s: hourly cap of %d reached; %s alert %s not sent", channel.name,
-                       channel.hourly_cap, event, alert.pk)
+    if not slot:
+        limit = f"rate limit of {channel.rate_limit} per {channel.rate_window_s} s"
+        delivery.mark(Delivery.CAPPED, f"{limit} reached; counted in the next notification sent")
+        logger.warning("channel %s: %s reached; %s alert %s not sent (the next notification sent says how many "
+                       "were not)", channel.name, limit, event, alert.pk)
         return delivery
     send(delivery)
     return delivery

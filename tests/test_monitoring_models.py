@@ -4,6 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
 from integrations.models import Integration
@@ -154,6 +155,70 @@ def test_a_channel_takes_at_most_its_hourly_cap_per_hour():
     assert channel.claim_slot(NOW + timedelta(hours=1))
     channel.refresh_from_db()
     assert channel.sent_in_window == 1
+
+
+def test_a_channels_window_is_its_own_length_and_3600_s_is_the_utc_hour():
+    hourly = NotificationChannel(name="hourly", kind=NotificationChannel.EMAIL)
+    assert hourly.window_start_for(NOW) == NOW.replace(minute=0)
+    five_minutes = NotificationChannel(name="fast", kind=NotificationChannel.EMAIL, rate_window_s=300)
+    assert five_minutes.window_start_for(NOW + timedelta(minutes=4, seconds=59)) == NOW
+    assert five_minutes.window_start_for(NOW + timedelta(minutes=5)) == NOW + timedelta(minutes=5)
+
+
+def test_a_channel_takes_at_most_its_rate_limit_per_window():
+    channel = NotificationChannel.objects.create(name="ops", kind=NotificationChannel.EMAIL,
+                                                 emails="ops@example.com", rate_limit=2, rate_window_s=60)
+    assert [channel.claim_slot(NOW + timedelta(seconds=s)) for s in (0, 30, 59)] == [True, True, False]
+    assert [channel.claim_slot(NOW + timedelta(seconds=s)) for s in (60, 61, 62)] == [True, True, False]
+
+
+def test_a_slot_after_suppressed_ones_says_how_many_and_the_count_starts_again():
+    channel = NotificationChannel.objects.create(name="ops", kind=NotificationChannel.EMAIL,
+                                                 emails="ops@example.com", rate_limit=1, rate_window_s=60)
+    slots = [channel.take_slot(NOW) for _ in range(4)]
+    assert [(bool(slot), slot.suppressed_before) for slot in slots] == [(True, 0), (False, 0), (False, 0),
+                                                                         (False, 0)]
+    later = channel.take_slot(NOW + timedelta(seconds=60))
+    assert (bool(later), later.suppressed_before) == (True, 3)
+    channel.refresh_from_db()
+    assert channel.suppressed == 0
+    assert channel.take_slot(NOW + timedelta(seconds=120)).suppressed_before == 0
+
+
+def test_hourly_cap_is_the_old_name_of_rate_limit():
+    channel = NotificationChannel(name="ops", kind=NotificationChannel.EMAIL, hourly_cap=7)
+    assert (channel.rate_limit, channel.hourly_cap, channel.rate_window_s) == (7, 7, 3600)
+
+
+@pytest.mark.parametrize("fields, field, wanted", [
+    ({"kind": NotificationChannel.SLACK, "url": ""}, "url", "A Slack channel needs its incoming webhook's URL."),
+    ({"kind": NotificationChannel.SLACK, "url": "http://hooks.slack.com/services/T0/B0/x"}, "url",
+     "A Slack channel's URL must use https"),
+    ({"kind": NotificationChannel.WEBHOOK, "url": ""}, "url", "A webhook channel needs a URL."),
+    ({"kind": NotificationChannel.EMAIL, "emails": ""}, "emails", "needs at least one recipient"),
+    ({"rate_limit": 0}, "rate_limit", "greater than or equal to 1"),
+    ({"rate_window_s": 0}, "rate_window_s", "greater than or equal to 1"),
+])
+def test_a_bad_channel_is_refused_naming_the_field(fields, field, wanted):
+    channel = NotificationChannel(**{"name": "ops", "kind": NotificationChannel.EMAIL, "emails": "a@example.com",
+                                     **fields})
+    with pytest.raises(ValidationError) as info:
+        channel.full_clean()
+    assert list(info.value.message_dict) == [field]
+    assert wanted in " ".join(info.value.message_dict[field])
+    assert channel.configuration_error().startswith(f"{field}: ")
+
+
+def test_slack_may_be_plain_http_only_on_this_host():
+    for url in ("https://hooks.slack.com/services/T0/B0/x", "http://127.0.0.1:8081/services/T0/B0/x"):
+        assert NotificationChannel(name="ops", kind=NotificationChannel.SLACK, url=url).configuration_error() is None
+
+
+@pytest.mark.parametrize("field", ["rate_limit", "rate_window_s"])
+def test_the_database_refuses_a_zero_rate_limit_or_window_from_code_that_skips_validation(field):
+    with pytest.raises(IntegrityError, match=f"notification_channel_{field}_at_least_1"), transaction.atomic():
+        NotificationChannel.objects.create(name="ops", kind=NotificationChannel.EMAIL, emails="a@example.com",
+                                           **{field: 0})
 
 
 def test_a_channel_filters_by_minimum_severity():

@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,6 +18,7 @@ from monitoring.notifications import SIGNATURE_HEADER, SignatureError, sign, ver
 SECRET = "s3cret"
 BODY = b'{"event": "new"}'
 T = 1_767_600_000
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=timezone.utc)
 
 
 # -- signatures ----------------------------------------------------------------------------------
@@ -82,14 +84,50 @@ class Receiver:
 RECEIVER = Receiver()
 
 
+SLACK_PATH = "/services/T0000/B0000/s3cretSlackToken"
+
+
+def slack_payload_problem(content_type, body):
+    """What Slack's incoming webhook would refuse in a POST (it answers 400 invalid_payload); None if nothing."""
+    if content_type != "application/json":
+        return f"content type {content_type}"
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(payload.get("text"), str) or not payload["text"]:
+        return "no text"
+    blocks = payload.get("blocks")
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) and "type" in b for b in blocks):
+        return "blocks is not a list of blocks"
+    for block in blocks:
+        if block["type"] == "header" and (block["text"]["type"] != "plain_text" or len(block["text"]["text"]) > 150):
+            return "a header is plain_text of at most 150 characters"
+        if block["type"] == "section" and not (block.get("text", {}).get("text") or block.get("fields")):
+            return "a section needs text or fields"
+    return None
+
+
 class Handler(BaseHTTPRequestHandler):
+    """A webhook receiver at any path, and a Slack incoming webhook at SLACK_PATH (it answers as Slack does)."""
+
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with RECEIVER.lock:
             RECEIVER.requests.append((self.headers.get(SIGNATURE_HEADER), body))
-        self.send_response(RECEIVER.status)
-        self.send_header("Content-Length", "0")
+        if self.path != SLACK_PATH:
+            self.send_response(RECEIVER.status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        problem = slack_payload_problem(self.headers.get("Content-Type"), body)
+        status, answer = (RECEIVER.status, b"no_service") if RECEIVER.status != 200 else \
+            (400, b"invalid_payload") if problem else (200, b"ok")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
+        self.wfile.write(answer)
 
     def log_message(self, *args):
         pass
@@ -114,8 +152,8 @@ def fresh_receiver():
     stats.buffer.drain()
 
 
-def webhook(url, name="ops", **fields):
-    channel = NotificationChannel.objects.create(name=name, kind=NotificationChannel.WEBHOOK, url=url, **fields)
+def webhook(url, name="ops", kind=NotificationChannel.WEBHOOK, **fields):
+    channel = NotificationChannel.objects.create(name=name, kind=kind, url=url, **fields)
     # quick retries, so a failing receiver costs milliseconds, not seconds
     Integration.objects.filter(pk=channel.integration_id).update(base_delay_ms=1, max_delay_ms=5)
     return channel
@@ -228,3 +266,103 @@ def test_a_failed_delivery_goes_to_the_dead_letter_queue_and_the_redrive_sends_i
     assert (delivery.status, letter.status) == (Delivery.SENT, "succeeded")
     [(header, body)] = RECEIVER.received()
     assert verify_signature(channel.secret, header, body) > first_signed_at
+
+
+# -- Slack -----------------------------------------------------------------------------------------
+
+def slack(receiver_url, name="chat", **fields):
+    url = receiver_url.replace("/hooks/alerts", SLACK_PATH)
+    return webhook(url, name=name, kind=NotificationChannel.SLACK, **fields)
+
+
+@pytest.mark.django_db
+def test_a_slack_channel_posts_text_and_blocks_to_its_incoming_webhook(receiver_url,
+                                                                       django_capture_on_commit_callbacks):
+    slack(receiver_url)
+    with django_capture_on_commit_callbacks(execute=True):
+        raise_alert(CRITICAL)
+    [(signature, body)] = RECEIVER.received()
+    assert signature is None  # the URL is the secret
+    message = json.loads(body)
+    assert message["text"] == "[CRITICAL] Error spike billing: 45% of calls failed"
+    assert [block["type"] for block in message["blocks"]] == ["header", "section", "section"]
+    assert message["blocks"][0]["text"] == {"type": "plain_text", "text": "[CRITICAL] Error spike billing"}
+    fields = [field["text"] for field in message["blocks"][2]["fields"]]
+    assert "*Severity*\ncritical" in fields and "*Integration*\nbilling" in fields
+    delivery = Delivery.objects.get()
+    assert (delivery.status, delivery.attempts) == (Delivery.SENT, 1)  # Slack answered 200 ok
+
+
+@pytest.mark.django_db
+def test_slack_is_told_an_alerts_text_not_mentions_or_links(receiver_url, django_capture_on_commit_callbacks):
+    slack(receiver_url)
+    integration, _ = Integration.objects.get_or_create(name="billing")
+    with django_capture_on_commit_callbacks(execute=True):
+        Alert.raise_or_update(Alert.ERROR_SPIKE, WARNING, "<!channel> p95 > 2 s & <https://evil.example|rising>",
+                              integration=integration)
+    [(_, body)] = RECEIVER.received()
+    section = json.loads(body)["blocks"][1]["text"]["text"]
+    assert section == "&lt;!channel&gt; p95 &gt; 2 s &amp; &lt;https://evil.example|rising&gt;"
+    assert Delivery.objects.get().status == Delivery.SENT
+
+
+@pytest.mark.django_db
+def test_a_slack_failure_never_shows_the_webhooks_url(receiver_url, django_capture_on_commit_callbacks,
+                                                       monkeypatch, caplog):
+    monkeypatch.setattr(notifications, "dlq_installed", lambda: False)
+    slack(receiver_url)
+    RECEIVER.status = 404  # a revoked webhook: Slack answers 404 no_service
+    with django_capture_on_commit_callbacks(execute=True):
+        raise_alert()
+    delivery = Delivery.objects.get()
+    assert delivery.status == Delivery.FAILED and len(RECEIVER.received()) == 1  # a 404 is not retried
+    host = receiver_url.split("/hooks/")[0]
+    assert f"POST {host}/… returned 404" in delivery.error
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "returned 404" in logged
+    assert "s3cret" not in delivery.error + logged
+
+
+@pytest.mark.django_db
+def test_a_channel_created_in_code_without_its_url_fails_naming_the_field(receiver_url, caplog,
+                                                                        django_capture_on_commit_callbacks):
+    NotificationChannel.objects.create(name="chat", kind=NotificationChannel.SLACK)  # no full_clean: no URL
+    with django_capture_on_commit_callbacks(execute=True):
+        raise_alert()
+    delivery = Delivery.objects.get()
+    assert (delivery.status, delivery.error) == (
+        Delivery.FAILED, "channel chat is misconfigured: url: A Slack channel needs its incoming webhook's URL.")
+    assert RECEIVER.received() == []
+    assert any("channel chat is misconfigured (url: " in record.getMessage() for record in caplog.records)
+
+
+# -- per-channel rate limits -------------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_past_its_rate_limit_a_channel_suppresses_and_its_next_notification_says_how_many(receiver_url, caplog):
+    channel = webhook(receiver_url, rate_limit=1, rate_window_s=60)
+    alert, _ = raise_alert()
+    sent_at = {0: "sent", 1: "capped", 2: "capped", 60: "sent", 61: "capped", 120: "sent"}
+    deliveries = [notifications.notify(channel, alert, "new", now=NOW + timedelta(seconds=at)) for at in sent_at]
+    assert [d.status for d in deliveries] == list(sent_at.values())
+    assert [json.loads(body)["suppressed"] for _, body in RECEIVER.received()] == [0, 2, 1]
+    assert "rate limit of 1 per 60 s reached" in deliveries[1].error
+    warnings = [r.getMessage() for r in caplog.records if r.name == "monitoring.notifications"]
+    assert len(warnings) == 3 and "channel ops: rate limit of 1 per 60 s reached" in warnings[0]
+
+
+@pytest.mark.django_db
+def test_slack_and_email_say_how_many_were_suppressed(receiver_url):
+    chat = slack(receiver_url, rate_limit=1, rate_window_s=60)
+    mailbox = NotificationChannel.objects.create(name="oncall", kind=NotificationChannel.EMAIL,
+                                                 emails="a@example.com", rate_limit=1, rate_window_s=60)
+    alert, _ = raise_alert()
+    for at in (0, 1, 2, 60):
+        for channel in (chat, mailbox):
+            notifications.notify(channel, alert, "new", now=NOW + timedelta(seconds=at))
+    first, second = (json.loads(body) for _, body in RECEIVER.received())
+    assert [block["type"] for block in first["blocks"]] == ["header", "section", "section"]
+    assert second["blocks"][-1] == {"type": "context", "elements": [
+        {"type": "mrkdwn", "text": "2 earlier notifications were not sent: this channel's rate limit was reached."}]}
+    assert [m.body.endswith("2 earlier notifications were not sent: this channel's rate limit was reached.")
+            for m in mail.outbox] == [False, True]
