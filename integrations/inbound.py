@@ -371,8 +371,8 @@ def rate_limit(rate: str, *, key: KeyFunction | None = None, name: str | None = 
 
     def decorator(view):
         # a dot cannot be in a RESILIENCE_RATE_LIMITS group's name: a view's budget never meets a group's
-        group = RateLimitGroup(f"view.{name or f'{view.__module__}.{view.__qualname__}'}", (), methods,
-                               limit, window_s)
+        default_name = f"{getattr(view, '__module__', '')}.{getattr(view, '__qualname__', type(view).__name__)}"
+        group = RateLimitGroup(f"view.{name or default_name}", (), methods, limit, window_s)
 
         def applies(request: HttpRequest) -> bool:
             return methods is None or request.method in methods
@@ -401,7 +401,6 @@ def rate_limit(rate: str, *, key: KeyFunction | None = None, name: str | None = 
                     set_limit_headers(response, *counted)
                 return response
 
-            limited_async.rate_limit = group
             return limited_async
 
         @functools.wraps(view)
@@ -415,7 +414,6 @@ def rate_limit(rate: str, *, key: KeyFunction | None = None, name: str | None = 
                 set_limit_headers(response, *counted)
             return response
 
-        limited.rate_limit = group
         return limited
 
     return decorator
