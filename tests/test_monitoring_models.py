@@ -1,11 +1,13 @@
-"""Alerts (dedupe, escalation, acknowledgement, resolution), call statistics summaries, channel caps."""
+"""Alerts (dedupe, escalation, acknowledgement, resolution), call statistics summaries, channel rate limits."""
 
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from integrations.models import Integration
 from monitoring.models import CRITICAL, WARNING, Alert, CallStats, HealthCheck, NotificationChannel
@@ -183,6 +185,32 @@ def test_a_slot_after_suppressed_ones_says_how_many_and_the_count_starts_again()
     channel.refresh_from_db()
     assert channel.suppressed == 0
     assert channel.take_slot(NOW + timedelta(seconds=120)).suppressed_before == 0
+
+
+@pytest.mark.skipif(django_settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"),
+                    reason="needs a database with concurrent writers: set DATABASE_URL to PostgreSQL")
+@pytest.mark.django_db(transaction=True)
+def test_senders_at_once_never_pass_the_limit_nor_report_a_suppressed_one_twice():
+    channel = NotificationChannel.objects.create(name="ops", kind=NotificationChannel.EMAIL,
+                                                 emails="ops@example.com", rate_limit=3, rate_window_s=60)
+    slots, start = [], threading.Barrier(6)
+
+    def sender():
+        start.wait()
+        try:
+            mine = [NotificationChannel.objects.get(pk=channel.pk).take_slot(NOW) for _ in range(5)]
+            slots.extend(mine)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=sender) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(slots) == 30 and sum(map(bool, slots)) == 3
+    after = channel.take_slot(NOW + timedelta(seconds=60))
+    assert sum(slot.suppressed_before for slot in slots) + after.suppressed_before == 27
 
 
 def test_hourly_cap_is_the_old_name_of_rate_limit():
