@@ -323,6 +323,22 @@ def test_a_slack_failure_never_shows_the_webhooks_url(receiver_url, django_captu
     assert "s3cret" not in delivery.error + logged
 
 
+@pytest.mark.skipif(not notifications.dlq_installed(), reason="the dead letter queue app is not installed")
+@pytest.mark.django_db(transaction=True)
+def test_a_slack_message_slack_could_not_take_is_redriven_by_the_dead_letter_queue(receiver_url):
+    slack(receiver_url)
+    RECEIVER.status = 503
+    raise_alert()  # outside a transaction: notified at once
+    delivery = Delivery.objects.get()
+    assert delivery.status == Delivery.QUEUED and len(RECEIVER.received()) == 3  # 1 + the channel's 2 retries
+    RECEIVER.reset()
+    call_command("dlq", "retry", "--all")
+    delivery.refresh_from_db()
+    assert delivery.status == Delivery.SENT
+    [(signature, body)] = RECEIVER.received()
+    assert signature is None and json.loads(body)["text"].startswith("[WARNING] Error spike billing")
+
+
 @pytest.mark.django_db
 def test_a_channel_created_in_code_without_its_url_fails_naming_the_field(receiver_url, caplog,
                                                                         django_capture_on_commit_callbacks):
