@@ -134,7 +134,10 @@ def _refuse_streaming(stream: bool) -> None:
         raise ValueError("integrations.http.Client reads whole responses: streaming cannot be retried or cached")
 
 
-def _cache_key(request: httpx.Request):
+def _cache_key(engine, integration: str, request: httpx.Request, fallbacks: tuple):
+    policy = engine.registry.cached(integration)
+    if policy is not None and policy.cache_ttl_s <= 0 and not fallbacks:
+        return False  # nothing is cached nor kept for a fallback: no key to build
     if request.method in CACHEABLE_METHODS:
         return {"method": request.method, "url": str(request.url), "headers": sorted(request.headers.items())}
     return False  # a POST's response is never served to another POST
@@ -172,16 +175,20 @@ class Client(httpx.Client):
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
         _refuse_streaming(stream)
 
+        enforced = isinstance(self._transport_for_url(request.url), DeadlineTransport)
+
         def attempt() -> httpx.Response:
             budget = attempt_time_left()
             timeout = attempt_timeout(self.integration, budget)
             if timeout is not None:
                 request.extensions = {**request.extensions, "timeout": timeout}
+            if enforced:  # every read of the body ends by the deadline already: httpx reads it as usual
+                return raise_for_category(super(Client, self).send(request, **kwargs), self.integration)
             response = super(Client, self).send(request, stream=True, **kwargs)
             return raise_for_category(read_within(response, request, _read_deadline(budget)), self.integration)
 
-        enforced = isinstance(self._transport_for_url(request.url), DeadlineTransport)
-        result = get_engine().call(self.integration, attempt, cache_key=_cache_key(request),
+        engine = get_engine()
+        result = engine.call(self.integration, attempt, cache_key=_cache_key(engine, self.integration, request, self.fallbacks),
                                    fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
                                    enforces_deadline=enforced)
         return result.unwrap()
@@ -215,7 +222,8 @@ class AsyncClient(httpx.AsyncClient):
             complete = await aread_within(response, request, _read_deadline(budget))
             return raise_for_category(complete, self.integration)
 
-        result = await get_engine().aexecute(self.integration, attempt, cache_key=_cache_key(request),
-                                             fallbacks=self.fallbacks,
-                                             dead_letter=request.extensions.get(_DEAD_LETTER))
+        engine = get_engine()
+        result = await engine.aexecute(self.integration, attempt,
+                                       cache_key=_cache_key(engine, self.integration, request, self.fallbacks),
+                                       fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER))
         return result.unwrap()

@@ -8,7 +8,11 @@ Every request, whatever its method and path, is answered 200 with
 on 127.0.0.1 only. One asyncio protocol object per connection parses the
 requests itself (no per-request framework work), so on one core it answers
 several thousand requests a second: a benchmark of the site must not measure
-its upstream. GET /__stats answers how many requests were served.
+its upstream. GET /__stats answers how many requests were served. Two paths
+misbehave on purpose, for the http client benchmark's overrun rows: /__hang
+never answers; /__trickle sends its headers and then one byte of its body
+every 50 ms, never finishing (each read gets data well within any read
+timeout, so only a deadline on the whole attempt ends it).
 SIGTERM or SIGINT stops it.
 """
 
@@ -70,10 +74,21 @@ class UpstreamProtocol(asyncio.Protocol):
             request_line = head.split(b"\r\n", 1)[0].split(b" ")
             path = request_line[1].split(b"?", 1)[0] if len(request_line) > 1 else b"/"
             close = b"\r\nconnection: close" in head.lower()
+            if path == b"/__hang":
+                continue
+            if path == b"/__trickle":
+                asyncio.get_running_loop().create_task(self._trickle())
+                continue
             if self.queue is None:
                 self._answer(path, close)
             else:
                 self.queue.put_nowait((path, close))
+
+    async def _trickle(self) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n")
+        while not self.transport.is_closing():
+            self.transport.write(b" ")
+            await asyncio.sleep(0.05)
 
     async def _answer_after_latency(self) -> None:
         while True:

@@ -1,0 +1,169 @@
+"""The http Client's cost per request and how far past its deadline a stalled request keeps the caller.
+
+    .venv/bin/python benchmarks/bench_http_client.py [--requests N] [--json FILE]
+
+The upstream is benchmarks/load/upstream.py in a process of its own (asyncio,
+keep-alive, a small JSON), so the CPU figures are this process's: the client's.
+
+Per request (GET /item, N requests per row, best of 5 interleaved repeats; wall
+time and this process's CPU time per request):
+
+    bare httpx          httpx.Client(timeout=5).get(): no resilience at all
+    tenacity+pybreaker  the same get() inside pybreaker's CircuitBreaker.call, in
+                        a function decorated with tenacity's @retry (3 retries):
+                        what a user stacks today (no timeout beyond httpx's)
+    ours, Client        integrations.http.Client.get() on an integration with
+                        the default timeout_enforcement="thread", 3 retries,
+                        breaker, bulkhead and quota on: its DeadlineTransport
+                        ends every socket operation by the attempt's deadline,
+                        so attempts run in the caller's thread
+    ours, thread        the same Client given a plain httpx.HTTPTransport: the
+                        attempt is handed to a worker thread (what
+                        timeout_enforcement="thread" costs any other operation)
+
+Overrun (attempt timeout 200 ms, no retry; 10 requests per row): how long after
+its deadline the caller got its TIMEOUT, for an upstream that never answers
+(/__hang) and one that trickles a byte every 50 ms and never finishes
+(/__trickle: every read gets data, so per-read timeouts never fire; bare httpx
+with timeout=0.2 would wait forever and has no row). Median and worst, ms.
+
+Targets (issue 14): the default path costs <= the stacked pair; the caller is
+never kept past its deadline (overrun bounded: a few ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# bench_overhead sets up Django and holds the peers' configuration (the same stacked pair).
+from bench_overhead import build_engine, machine, tenacity_retry  # noqa: E402
+
+import pybreaker  # noqa: E402
+
+from integrations.errors import ErrorCategory, ResilienceError  # noqa: E402
+from integrations.http import Client  # noqa: E402
+from integrations.resilience import Policy, use_engine  # noqa: E402
+
+REPEATS = 5
+POLICY = Policy(name="bench_http", max_retries=3, hourly_limit=10**9, daily_limit=10**9, max_concurrent=100,
+                attempt_timeout_ms=5000, timeout_ms=20000, cache_ttl_s=0)
+STALL_POLICY = Policy(name="bench_stall", max_retries=0, attempt_timeout_ms=200, timeout_ms=200,
+                      max_concurrent=100, failure_threshold=10**6, failure_rate_threshold=0,
+                      slow_call_rate_threshold=0, cache_ttl_s=0)
+DEADLINE_S = 0.2
+
+
+def start_upstream() -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, str(HERE / "load" / "upstream.py"), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    if len(line) != 2 or line[0] != "PORT":
+        proc.kill()
+        raise SystemExit(f"the upstream did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{line[1]}"
+
+
+def build_rows(url: str):
+    bare = httpx.Client(base_url=url, timeout=5.0)
+    breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=30)
+
+    @tenacity_retry()
+    def stacked():
+        return breaker.call(bare.get, "/item")
+
+    ours = Client(POLICY.name, base_url=url)
+    ours_thread = Client(POLICY.name, base_url=url, transport=httpx.HTTPTransport())
+    return {
+        "bare httpx": lambda: bare.get("/item"),
+        "tenacity+pybreaker": stacked,
+        "ours, Client": lambda: ours.get("/item"),
+        "ours, thread": lambda: ours_thread.get("/item"),
+    }
+
+
+def time_row(fn, requests: int) -> tuple[float, float]:
+    """(wall µs, CPU µs) per request."""
+    for _ in range(20):
+        fn().raise_for_status()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(requests):
+        fn()
+    return ((time.perf_counter() - wall0) / requests * 1e6, (time.process_time() - cpu0) / requests * 1e6)
+
+
+def overrun(client: Client, path: str, calls: int = 10) -> dict:
+    late = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        try:
+            client.get(path)
+        except ResilienceError as error:
+            if error.category is not ErrorCategory.TIMEOUT:
+                raise SystemExit(f"{path}: expected a TIMEOUT, got {error.category.value}: {error}") from error
+        else:
+            raise SystemExit(f"{path}: answered, but it never should")
+        late.append((time.perf_counter() - started - DEADLINE_S) * 1000)
+    return {"median_ms": round(statistics.median(late), 2), "worst_ms": round(max(late), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    upstream, url = start_upstream()
+    try:
+        with use_engine(build_engine(POLICY)) as engine:
+            engine.registry.put(STALL_POLICY)
+            rows = build_rows(url)
+            best: dict[str, tuple[float, float]] = {}
+            for _ in range(REPEATS):
+                for name, fn in rows.items():
+                    wall, cpu = time_row(fn, args.requests)
+                    if name not in best or wall < best[name][0]:
+                        best[name] = (wall, cpu)
+            stall = {"ours, Client": Client(STALL_POLICY.name, base_url=url),
+                     "ours, thread": Client(STALL_POLICY.name, base_url=url, transport=httpx.HTTPTransport())}
+            overruns = {f"{name}, {path}": overrun(client, path)
+                        for path in ("/__hang", "/__trickle") for name, client in stall.items()}
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    stacked_wall, stacked_cpu = best["tenacity+pybreaker"]
+    bare_wall, bare_cpu = best["bare httpx"]
+    print(f"{args.requests} requests per row, best of {REPEATS}, upstream {url}\n")
+    print(f"{'row':20} {'µs/req':>8} {'CPU µs/req':>11} {'over bare':>10} {'x stacked (overhead)':>21}")
+    table = {}
+    for name, (wall, cpu) in best.items():
+        ratio = (wall - bare_wall) / (stacked_wall - bare_wall) if name != "bare httpx" else None
+        table[name] = {"us_per_request": round(wall, 1), "cpu_us_per_request": round(cpu, 1),
+                       "overhead_us": round(wall - bare_wall, 1),
+                       "overhead_x_stacked": None if ratio is None else round(ratio, 2)}
+        print(f"{name:20} {wall:8.1f} {cpu:11.1f} {wall - bare_wall:+10.1f} "
+              f"{'' if ratio is None else f'{ratio:.2f}x':>21}")
+    print(f"\noverrun past a {DEADLINE_S * 1000:.0f} ms attempt deadline (10 requests each):")
+    for name, figures in overruns.items():
+        print(f"  {name:28} median {figures['median_ms']:6.2f} ms, worst {figures['worst_ms']:6.2f} ms")
+    ours = table["ours, Client"]["us_per_request"]
+    print(f"\nours, Client: {ours - bare_wall:+.1f} µs over bare httpx, against {stacked_wall - bare_wall:+.1f} µs for "
+          f"the stacked pair (target <= 1x: {'PASS' if ours <= stacked_wall else 'FAIL'})")
+    if args.json:
+        args.json.write_text(json.dumps({"benchmark": "http client", "requests": args.requests, "rows": table,
+                                         "overrun": overruns, "cpu_note": f"bare {bare_cpu:.1f}, "
+                                         f"stacked {stacked_cpu:.1f} µs CPU per request",
+                                         "machine": machine()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
