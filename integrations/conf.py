@@ -165,6 +165,19 @@ def path_prefix(value) -> str:
     return value
 
 
+def request_budgets(value) -> tuple[tuple[str, int], ...]:
+    """{path prefix: milliseconds} as (prefix, ms) pairs, the longest prefix first (the one that applies)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a dict of path prefix -> milliseconds, such as {{'/api/': 5000}}; got {value!r}.")
+    for prefix, budget in value.items():
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            raise ValueError(f"the key {prefix!r} must be a path prefix starting with '/'.")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"the budget of {prefix!r} must be a whole number of milliseconds, at least 1; "
+                             f"got {budget!r}.")
+    return tuple(sorted(value.items(), key=lambda item: -len(item[0])))
+
+
 def networks(value) -> tuple:
     # a bare string would be read character by character, and "1" is a valid address
     if not isinstance(value, (list, tuple)):
@@ -334,4 +347,6 @@ app_settings = AppSettings("integrations", {
     # last, so that the check ids of the settings above stay what they were
     "RATE_LIMIT_CLIENT_KEY": Setting("", client_key_function,
                                      "Dotted path of a function(request) -> client key or None (the default chain)."),
+    "REQUEST_BUDGETS": Setting({}, request_budgets, "RequestDeadlineMiddleware: {path prefix: ms} a request may "
+                                                     "spend; its guarded calls end by then."),
 })

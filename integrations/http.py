@@ -24,18 +24,23 @@ request; they must yield an httpx.Response or whatever the caller expects.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import httpx
 
-from .errors import ResilienceError, category_for_status
+from .errors import ErrorCategory, ResilienceError, category_for_status
 from .http_deadline import DeadlineTransport
-from .resilience import get_engine
+from .resilience import CallOptions, get_engine
+from .resilience.options import call_options as checked_options
 from .resilience.retry import parse_retry_after
 from .resilience.timeouts import attempt_time_left
 
 # Methods whose responses may be served from the cache.
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+# Methods a retry cannot make happen twice (RFC 9110, 9.2.2): the others are retried only when the
+# request surely never reached the upstream, unless it carries an Idempotency-Key or says idempotent=True.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 def raise_for_category(response: httpx.Response, integration: str, url_shown: str | None = None) -> httpx.Response:
@@ -123,10 +128,53 @@ async def aread_within(response: httpx.Response, request: httpx.Request, deadlin
     return _complete(response, request, bytes(raw))
 
 
-def _with_dead_letter(kwargs: dict, dead_letter) -> dict:
+_CALL_OPTIONS = "resilience.call_options"  # request extension carrying the request's CallOptions
+_IDEMPOTENT = "resilience.idempotent"  # request extension: the caller says a retry is safe
+
+
+def _with_extras(kwargs: dict, dead_letter, call_options, idempotent) -> dict:
+    """httpx's request arguments with ours carried in the request's extensions."""
+    extras = {}
     if dead_letter is not None:
-        kwargs["extensions"] = {**(kwargs.get("extensions") or {}), _DEAD_LETTER: dead_letter}
+        extras[_DEAD_LETTER] = dead_letter
+    if call_options is not None:
+        extras[_CALL_OPTIONS] = checked_options(call_options)
+    if idempotent is not None:
+        if not isinstance(idempotent, bool):
+            raise TypeError(f"idempotent must be True or False, got {idempotent!r}")
+        extras[_IDEMPOTENT] = idempotent
+    if extras:
+        kwargs["extensions"] = {**(kwargs.get("extensions") or {}), **extras}
     return kwargs
+
+
+def _never_sent(error: ResilienceError) -> bool:
+    """Whether a failed attempt surely did not reach the upstream's application: a retry cannot repeat it.
+
+    Connecting failed or timed out, no pooled connection came free, or the upstream answered 429
+    (it refused the request unprocessed).
+    """
+    return error.category is ErrorCategory.RATE_LIMIT or isinstance(
+        error.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+
+
+def _options_for(request: httpx.Request) -> CallOptions | None:
+    """The request's CallOptions, narrowed for a method a retry could repeat (POST, PATCH)."""
+    options = request.extensions.get(_CALL_OPTIONS)
+    safe = request.extensions.get(_IDEMPOTENT)
+    if safe is None:
+        safe = request.method in IDEMPOTENT_METHODS or "idempotency-key" in request.headers
+    if safe:
+        return options
+    if options is None:
+        return _UNSENT_ONLY
+    if options.retry_if_error is None:
+        return dataclasses.replace(options, retry_if_error=_never_sent)
+    asked = options.retry_if_error
+    return dataclasses.replace(options, retry_if_error=lambda error: _never_sent(error) and asked(error))
+
+
+_UNSENT_ONLY = CallOptions(retry_if_error=_never_sent)
 
 
 def _refuse_streaming(stream: bool) -> None:
@@ -165,12 +213,15 @@ class Client(httpx.Client):
         self.integration = integration
         self.fallbacks = tuple(fallbacks)
 
-    def request(self, method: str, url, *, dead_letter=None, **kwargs) -> httpx.Response:
-        """httpx's ``request``, plus ``dead_letter=DeadLetter(...)``: kept if the request finally fails.
+    def request(self, method: str, url, *, dead_letter=None, call_options: CallOptions | None = None,
+                idempotent: bool | None = None, **kwargs) -> httpx.Response:
+        """httpx's ``request``, plus ``dead_letter=DeadLetter(...)``: kept if the request finally fails;
+        ``call_options``: this request's overrides (CallOptions); ``idempotent=True``: a POST or PATCH
+        that may be retried like a GET (an ``Idempotency-Key`` header says so too).
 
             client.request("POST", "/charges", json=order, dead_letter=DeadLetter("billing.charge", order))
         """
-        return super().request(method, url, **_with_dead_letter(kwargs, dead_letter))
+        return super().request(method, url, **_with_extras(kwargs, dead_letter, call_options, idempotent))
 
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
         _refuse_streaming(stream)
@@ -188,9 +239,10 @@ class Client(httpx.Client):
             return raise_for_category(read_within(response, request, _read_deadline(budget)), self.integration)
 
         engine = get_engine()
-        result = engine.call(self.integration, attempt, cache_key=_cache_key(engine, self.integration, request, self.fallbacks),
-                                   fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
-                                   enforces_deadline=enforced)
+        result = engine.call(self.integration, attempt,
+                             cache_key=_cache_key(engine, self.integration, request, self.fallbacks),
+                             fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
+                             enforces_deadline=enforced, call_options=_options_for(request))
         return result.unwrap()
 
 
@@ -206,9 +258,10 @@ class AsyncClient(httpx.AsyncClient):
         self.integration = integration
         self.fallbacks = tuple(fallbacks)
 
-    async def request(self, method: str, url, *, dead_letter=None, **kwargs) -> httpx.Response:
-        """httpx's ``request``, plus ``dead_letter=DeadLetter(...)``, as Client.request."""
-        return await super().request(method, url, **_with_dead_letter(kwargs, dead_letter))
+    async def request(self, method: str, url, *, dead_letter=None, call_options: CallOptions | None = None,
+                      idempotent: bool | None = None, **kwargs) -> httpx.Response:
+        """httpx's ``request``, plus ``dead_letter``, ``call_options`` and ``idempotent``, as Client.request."""
+        return await super().request(method, url, **_with_extras(kwargs, dead_letter, call_options, idempotent))
 
     async def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
         _refuse_streaming(stream)
@@ -225,5 +278,6 @@ class AsyncClient(httpx.AsyncClient):
         engine = get_engine()
         result = await engine.aexecute(self.integration, attempt,
                                        cache_key=_cache_key(engine, self.integration, request, self.fallbacks),
-                                       fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER))
+                                       fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
+                                       call_options=_options_for(request))
         return result.unwrap()

@@ -1,6 +1,6 @@
 """Inbound protection: who may reach the site, how often, and the headers every page carries.
 
-Three middlewares, each optional (docs/inbound.md says where each goes in MIDDLEWARE); their
+Four middlewares, each optional (docs/inbound.md says where each goes in MIDDLEWARE); their
 settings and defaults are in integrations/conf.py:
 
 - ``ContentSecurityPolicyMiddleware`` sets RESILIENCE_CONTENT_SECURITY_POLICY on every response.
@@ -12,6 +12,9 @@ settings and defaults are in integrations/conf.py:
   otherwise, per process again while Redis is down. API responses
   carry X-RateLimit-Limit, -Remaining and -Reset; past the limit the answer is 429 with
   Retry-After and the API's error shape.
+
+- ``RequestDeadlineMiddleware`` gives each request the budget RESILIENCE_REQUEST_BUDGETS sets for
+  its path: the guarded calls made while serving it end by then (resilience/options.py).
 
 ``@rate_limit("100/m", key=...)`` limits one view with the same limiter, headers and 429.
 
@@ -34,7 +37,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import markcoroutinefunction, sync_to_async
 
 from django.conf import settings
 from django.core.exceptions import MiddlewareNotUsed
@@ -45,7 +48,7 @@ from rest_framework import authentication, exceptions
 from rest_framework.authtoken.models import Token
 
 from .conf import HTTP_METHOD, RateLimitGroup, app_settings
-from .resilience import get_engine
+from .resilience import deadline, get_engine
 from .resilience.rate_limit import RateLimit
 
 logger = logging.getLogger(__name__)
@@ -236,6 +239,42 @@ def _admin_forbidden(address: IPAddress | None) -> HttpResponseForbidden:
         f"<p>The operations console cannot be reached from your address ({seen_as}).</p></body></html>\n",
         content_type="text/html; charset=utf-8",
     )
+
+
+class RequestDeadlineMiddleware:
+    """Gives each request the budget RESILIENCE_REQUEST_BUDGETS sets for its path (the longest
+    matching prefix): every guarded call made while serving it ends by then (options.deadline),
+    and one made after it is refused with TIMEOUT without reaching its upstream. A request no
+    prefix matches has no budget. Sync and async."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        self.budgets = app_settings.REQUEST_BUDGETS
+        self.is_async = inspect.iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def budget_s(self, path: str) -> float | None:
+        return next((budget / 1000 for prefix, budget in self.budgets if path.startswith(prefix)), None)
+
+    def __call__(self, request: HttpRequest):
+        if self.is_async:
+            return self._acall(request)
+        budget = self.budget_s(request.path_info)
+        if budget is None:
+            return self.get_response(request)
+        with deadline(budget):
+            return self.get_response(request)
+
+    async def _acall(self, request: HttpRequest):
+        budget = self.budget_s(request.path_info)
+        if budget is None:
+            return await self.get_response(request)
+        with deadline(budget):
+            return await self.get_response(request)
 
 
 class RateLimitMiddleware:

@@ -54,6 +54,22 @@ class GreaterThanValidator(BaseValidator):
         return value <= limit
 
 
+@deconstructible
+class KnobValidator:
+    """The value must fit the named Policy knob (for knobs whose rule no Django validator states)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, value) -> None:
+        problem = KNOBS_BY_NAME[self.name].problem(value)
+        if problem:
+            raise ValidationError(problem, code="invalid")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, KnobValidator) and other.name == self.name
+
+
 def knob_field(knob: Knob) -> models.Field:
     """The model field of one Policy knob: its type, bounds, choices and help, from the one declaration."""
     validators = []
@@ -72,6 +88,9 @@ def knob_field(knob: Knob) -> models.Field:
         return models.PositiveIntegerField(**options)
     if knob.type is float:
         return models.FloatField(**options)
+    if knob.many:
+        validators.append(KnobValidator(knob.name))
+        return models.CharField(max_length=200, **options)
     return models.CharField(max_length=20, choices=knob.choices, **options)
 
 

@@ -105,6 +105,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # The request's budget (RESILIENCE_REQUEST_BUDGETS) covers everything below it.
+    "integrations.inbound.RequestDeadlineMiddleware",
     # Right inside SecurityMiddleware, so every response from below (a 403, a 429) carries it.
     "integrations.inbound.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -321,13 +323,22 @@ RESILIENCE_WATCHDOG = {
     if _key.startswith("RESILIENCE_WATCHDOG_") and env_str(_key)
 }
 
+
+
+def env_json(name, what):
+    """The environment variable ``name`` as JSON; ImproperlyConfigured saying it must be ``what``."""
+    try:
+        return json.loads(env_str(name))
+    except json.JSONDecodeError as exc:
+        raise ImproperlyConfigured(f"{name} must be {what}: {exc}.") from None
+
+
 # RESILIENCE_RATE_LIMITS: the route groups as a JSON object, replacing the defaults.
 if env_str("RESILIENCE_RATE_LIMITS"):
-    try:
-        RESILIENCE_RATE_LIMITS = json.loads(env_str("RESILIENCE_RATE_LIMITS"))
-    except json.JSONDecodeError as exc:
-        raise ImproperlyConfigured(
-            f"RESILIENCE_RATE_LIMITS must be a JSON object of route groups: {exc}.") from None
+    RESILIENCE_RATE_LIMITS = env_json("RESILIENCE_RATE_LIMITS", "a JSON object of route groups")
+# RESILIENCE_REQUEST_BUDGETS: {path prefix: ms}; the guarded calls of a request end by its budget.
+if env_str("RESILIENCE_REQUEST_BUDGETS"):
+    RESILIENCE_REQUEST_BUDGETS = env_json("RESILIENCE_REQUEST_BUDGETS", "a JSON object of path prefix -> milliseconds")
 
 LOGGING["loggers"]["resilience_site"] = {"handlers": ["console"], "level": LOG_LEVEL}
 

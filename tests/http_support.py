@@ -116,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up at its deadline
 
-    do_GET = do_POST = do_HEAD = _respond
+    do_GET = do_POST = do_HEAD = do_PUT = do_PATCH = do_DELETE = _respond
 
     def log_message(self, format, *args):
         pass

@@ -222,6 +222,7 @@ EVERY_KNOB = {
     "max_delay_ms": 2_222,
     "backoff_multiplier": 1.7,
     "jitter": False,
+    "retry_on": "timeout,unknown",
     "retry_budget_percent": 15.0,
     "attempt_timeout_ms": 3_333,
     "timeout_ms": 44_444,

@@ -16,6 +16,7 @@ OUT_OF_RANGE = [
     ("retry_budget_percent", 120), ("capacity", 0), ("capacity", 1.5), ("backoff_multiplier", 0.5),
     ("max_retries", 21), ("max_retries", -1), ("base_delay_ms", -1), ("attempt_timeout_ms", 0), ("timeout_ms", 0),
     ("max_concurrent", 0), ("bulkhead_wait_ms", -5), ("hourly_limit", 0), ("daily_limit", 0), ("cache_ttl_s", -1),
+    ("retry_on", "timeout,circuit_open"), ("retry_on", " , "),
 ]
 
 
@@ -47,6 +48,10 @@ def test_the_model_tells_an_out_of_range_knob_what_the_policy_tells_it(field, va
     ("mode", "sometimes", "Unknown value 'sometimes'; expected one of normal, metrics_only, forced_open, "
                           "forced_closed."),
     ("timeout_enforcement", "process", "Unknown value 'process'; expected one of thread, inline."),
+    ("retry_on", "timeout,bogus", "Unknown value 'bogus'; expected some of timeout, rate_limit, network, "
+                                  "server_error, client_error, unknown."),
+    ("retry_on", "", "Name at least one category; to retry nothing, set max retries to 0."),
+    ("retry_on", 5, "Expected a string, got 5."),
 ])
 def test_a_policy_refuses_a_knob_of_the_wrong_type_or_choice(field, value, expected):
     with pytest.raises(InvalidPolicy) as caught:
@@ -76,7 +81,10 @@ def test_every_knob_has_a_model_field_of_its_type_nullable_only_when_optional():
         assert model_field.get_internal_type() == types[knob.type], knob.name
         assert model_field.null is knob.optional, knob.name
         assert model_field.help_text == knob.help
-        if knob.choices:
+        if knob.many:  # a set of the choices, checked by the knob's own rule
+            assert not model_field.choices and any(getattr(v, "name", None) == knob.name
+                                                   for v in model_field.validators), knob.name
+        elif knob.choices:
             assert tuple(model_field.choices) == knob.choices
 
 

@@ -16,14 +16,17 @@ from typing import Callable
 
 from .engine import CallResult, Engine
 from .fallback import Fallback, is_async_callable
+from .options import CallOptions, deadline
 from .policy import Policy
 
 __all__ = [
+    "CallOptions",
     "CallResult",
     "Engine",
     "Fallback",
     "Policy",
     "aexecute",
+    "deadline",
     "execute",
     "get_engine",
     "install_policy_source",
@@ -107,24 +110,30 @@ def install_policy_source(loader: Callable, creator: Callable | None = None) -> 
         engine.registry.creator = creator
 
 
-def execute(name: str, fn: Callable, *args, cache_key=None, fallbacks=(), dead_letter=None, **kwargs) -> CallResult:
-    """Run ``fn(*args, **kwargs)`` through integration ``name``'s pipeline; never raises for its failure."""
+def execute(name: str, fn: Callable, *args, cache_key=None, fallbacks=(), dead_letter=None,
+            call_options: CallOptions | None = None, **kwargs) -> CallResult:
+    """Run ``fn(*args, **kwargs)`` through integration ``name``'s pipeline; never raises for its failure.
+
+    ``call_options``: this call's overrides of the integration's timeouts and retries, and what
+    else to retry (CallOptions).
+    """
     return get_engine().execute(name, fn, *args, cache_key=cache_key, fallbacks=fallbacks,
-                                dead_letter=dead_letter, **kwargs)
+                                dead_letter=dead_letter, call_options=call_options, **kwargs)
 
 
 async def aexecute(name: str, fn: Callable, *args, cache_key=None, fallbacks=(), dead_letter=None,
-                   **kwargs) -> CallResult:
+                   call_options: CallOptions | None = None, **kwargs) -> CallResult:
     """The async twin of ``execute``, for coroutine functions."""
     return await get_engine().aexecute(name, fn, *args, cache_key=cache_key, fallbacks=fallbacks,
-                                       dead_letter=dead_letter, **kwargs)
+                                       dead_letter=dead_letter, call_options=call_options, **kwargs)
 
 
-def resilient(name: str, *, fallbacks=(), cache_key: Callable | None = None):
+def resilient(name: str, *, fallbacks=(), cache_key: Callable | None = None, call_options: CallOptions | None = None):
     """Guard a function: it returns the value (live, cached or fallback) or raises ResilienceError.
 
     ``cache_key``, if given, is called with the function's arguments to make
     the cache key; otherwise the arguments themselves are used when cacheable.
+    ``call_options`` apply to every call of the function.
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -135,14 +144,15 @@ def resilient(name: str, *, fallbacks=(), cache_key: Callable | None = None):
             @functools.wraps(fn)
             async def async_guarded(*args, **kwargs):
                 result = await aexecute(name, fn, *args, cache_key=key_for(args, kwargs), fallbacks=fallbacks,
-                                        **kwargs)
+                                        call_options=call_options, **kwargs)
                 return result.unwrap()
 
             return async_guarded
 
         @functools.wraps(fn)
         def guarded(*args, **kwargs):
-            return execute(name, fn, *args, cache_key=key_for(args, kwargs), fallbacks=fallbacks, **kwargs).unwrap()
+            return execute(name, fn, *args, cache_key=key_for(args, kwargs), fallbacks=fallbacks,
+                           call_options=call_options, **kwargs).unwrap()
 
         return guarded
 

@@ -43,6 +43,8 @@ from .clock import SystemClock
 from .degraded import Shedder
 from .events import CallFinished, DeadLetterRequested, EventBus, StateTransition
 from .events import bus as default_bus
+from .options import CallOptions, call_options as checked_options
+from .options import time_left as deadline_left
 from .policy import TIMEOUT_INLINE, Policy
 from .registry import PolicyRegistry
 from .retry import retry_delay_s, should_retry
@@ -124,11 +126,13 @@ class _Call:
 
     __slots__ = ("engine", "policy", "local", "fn", "args", "kwargs", "fallbacks", "dead_letter", "material",
                  "cache_state", "started", "deadline", "attempts", "durations", "error", "value", "ok", "source",
-                 "fallback_used", "age_s", "stopped_by", "trace", "enforces_deadline")
+                 "fallback_used", "age_s", "stopped_by", "trace", "enforces_deadline", "options", "budgeted", "unwanted")
 
     def __init__(self, engine: Engine, policy: Policy, fn, args, kwargs, fallbacks, dead_letter, cache_key,
-                 trace=None) -> None:
+                 trace=None, options: CallOptions | None = None) -> None:
         self.engine = engine
+        self.options = options
+        self.unwanted = False  # the value is one the call's retry_if_result asked to retry
         self.trace = trace  # the call's span (tracing.CallSpan) when tracing is on
         self.enforces_deadline = False  # the operation ends by its attempt's deadline itself: run it inline
         self.policy = policy
@@ -140,6 +144,10 @@ class _Call:
         self.dead_letter = dead_letter
         self.started = engine.clock.monotonic()
         self.deadline = self.started + policy.timeout_ms / 1000
+        budget = deadline_left()  # the context's deadline (an inbound request's budget): the call ends by it
+        self.budgeted = budget is not None and budget < policy.timeout_ms / 1000
+        if self.budgeted:
+            self.deadline = self.started + budget
         self.attempts = 0
         self.durations: list[float] = []
         self.error: ResilienceError | None = None
@@ -191,7 +199,8 @@ class _Call:
     def permit(self, left: float):
         """Ask the store for this attempt; None means stop (the reason is recorded)."""
         if left <= 0:
-            self.stop(ErrorCategory.TIMEOUT, f"overall timeout of {self.policy.timeout_ms} ms reached")
+            self.stop(ErrorCategory.TIMEOUT, "the deadline of the request this call serves has passed" if self.budgeted
+                      else f"overall timeout of {self.policy.timeout_ms} ms reached")
             return None
         is_retry = self.attempts > 0
         permit = self.engine.store.acquire(self.policy, is_retry)
@@ -210,21 +219,36 @@ class _Call:
     def attempt_timeout(self, left: float) -> float:
         return min(self.policy.attempt_timeout_ms / 1000, left)
 
-    def succeeded(self, permit, value, duration: float) -> None:
+    def succeeded(self, permit, value, duration: float) -> float | None:
+        """Record a successful attempt; returns the delay before a retry its value asks for, or None."""
         self.attempts += 1
         self.durations.append(duration * 1000)
-        self._record(permit, br.SUCCESS, duration)
-        self.ok, self.value, self.error = True, value, None
+        options = self.options
+        unwanted = options is not None and options.retry_if_result is not None and options.retry_if_result(value)
+        # a value the caller does not want yet says nothing about the upstream's health
+        self._record(permit, br.IGNORED if unwanted else br.SUCCESS, duration)
+        # the latest outcome is the call's: this value, unless a retry it asks for ends otherwise
+        self.ok, self.value, self.error, self.unwanted = True, value, None, unwanted
+        if not unwanted or self.attempts > self.policy.max_retries:
+            return None
+        return self._delay_before_retry(None)
 
     def failed(self, permit, exc: BaseException, duration: float) -> float | None:
         """Record a failed attempt; returns the delay before a retry, or None to stop."""
         self.attempts += 1
         self.durations.append(duration * 1000)
         error = classify(exc, self.policy.name)
-        self.error = error
+        self.ok, self.value, self.error, self.unwanted = False, None, error, False
         self._record(permit, br.FAILURE if error.category.counts_as_failure else br.IGNORED, duration)
-        if not should_retry(self.policy, self.attempts, error):
+        if not should_retry(self.policy, self.attempts, error) or (
+                self.options is not None and self.options.retry_if_error is not None
+                and not self.options.retry_if_error(error)):
             return None
+        return self._delay_before_retry(error)
+
+    def _delay_before_retry(self, error: ResilienceError | None) -> float | None:
+        """The backoff before the next attempt (after ``error``, or a value to retry); None when the
+        wait would end past the deadline."""
         delay = retry_delay_s(self.policy, self.attempts, error, self.engine.rng)
         if delay >= self.time_left():
             self.stopped_by = "deadline"
@@ -244,7 +268,9 @@ class _Call:
         self.error = ResilienceError(category, reason, integration=self.policy.name)
 
     def stop(self, category: ErrorCategory, reason: str) -> None:
-        if self.error is None:
+        if self.ok:  # a value is in hand (one retry_if_result wanted retried): it stays the call's
+            self.stopped_by = category.value
+        elif self.error is None:
             self.refuse(category, reason)
         else:
             self.stopped_by = category.value
@@ -292,7 +318,7 @@ class _Call:
     def finish(self) -> CallResult:
         engine, policy = self.engine, self.policy
         live_failed = self.error is not None
-        if self.material is not None and self.ok and self.source == LIVE:
+        if self.material is not None and self.ok and self.source == LIVE and not self.unwanted:
             keep_last_known = policy.cache_ttl_s > 0 or any(f.kind == fb.LAST_KNOWN for f in self.fallbacks)
             engine.cache.store(policy, self.material, self.value, engine.clock.time(),
                                response=policy.cache_ttl_s > 0, last_known=keep_last_known)
@@ -346,14 +372,14 @@ class Engine:
             local.bulkhead.limit = policy.max_concurrent
         return local
 
-    def _begin(self, policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace=None) -> _Call:
+    def _begin(self, policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace=None, options=None) -> _Call:
         if not callable(fn):
             raise TypeError(f"execute({policy.name!r}, ...) needs a callable operation, got {fn!r}")
         if dead_letter is not None and not (hasattr(dead_letter, "handler") and hasattr(dead_letter, "payload")):
             raise TypeError(f"dead_letter must be integrations.dlq.DeadLetter(handler_name, payload), "
                             f"got {dead_letter!r}")
         return _Call(self, policy, fn, args, kwargs, fb.check_fallbacks(fallbacks) if fallbacks else (), dead_letter,
-                     cache_key, trace)
+                     cache_key, trace, options)
 
     def _fail_fast(self, policy: Policy, fallbacks, dead_letter) -> CallResult | None:
         """A call that a known-open breaker refuses, answered before any per-call work.
@@ -374,23 +400,31 @@ class Engine:
 
     # -- the sync loop -------------------------------------------------------
 
-    def execute(self, name: str, fn: Callable, *args, cache_key=None, fallbacks=(), dead_letter=None, **kwargs):
-        return self.call(name, fn, args, kwargs, cache_key=cache_key, fallbacks=fallbacks, dead_letter=dead_letter)
+    def execute(self, name: str, fn: Callable, *args, cache_key=None, fallbacks=(), dead_letter=None,
+                call_options: CallOptions | None = None, **kwargs):
+        return self.call(name, fn, args, kwargs, cache_key=cache_key, fallbacks=fallbacks, dead_letter=dead_letter,
+                         call_options=call_options)
 
     def call(self, name: str, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, cache_key=None,
-             fallbacks=(), dead_letter=None, enforces_deadline: bool = False) -> CallResult:
+             fallbacks=(), dead_letter=None, enforces_deadline: bool = False,
+             call_options: CallOptions | None = None) -> CallResult:
         """``execute`` with the operation's arguments passed explicitly.
 
         ``enforces_deadline``: the operation ends by its attempt's deadline on its own (it reads
         ``attempt_time_left()``, as the http Client's transport does), so its attempts run in the
         caller's thread whatever the integration's ``timeout_enforcement``: no thread hand-off.
+        ``call_options``: this call's overrides of the policy and what else to retry (options.py).
         """
         policy = self.registry.get(name)
+        if call_options is not None:
+            policy = checked_options(call_options).applied_to(policy)
         if self.tracing is None:
-            return self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, None, enforces_deadline)
+            return self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, None, enforces_deadline,
+                              call_options)
         trace = self.tracing.start_call(name)
         try:
-            result = self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace, enforces_deadline)
+            result = self._call(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace, enforces_deadline,
+                                call_options)
         except BaseException as exc:
             self.tracing.abandon_call(trace, exc)
             raise
@@ -398,13 +432,13 @@ class Engine:
         return result
 
     def _call(self, policy: Policy, fn: Callable, args: tuple, kwargs: dict | None, cache_key, fallbacks, dead_letter,
-              trace=None, enforces_deadline: bool = False) -> CallResult:
+              trace=None, enforces_deadline: bool = False, options: CallOptions | None = None) -> CallResult:
         refused = self._fail_fast(policy, fallbacks, dead_letter)
         if refused is not None:
             return refused
         if fb.is_async_callable(fn):
             raise TypeError(f"{fn!r} is a coroutine function: use aexecute({policy.name!r}, ...)")
-        call = self._begin(policy, fn, args, kwargs or {}, cache_key, fallbacks, dead_letter, trace)
+        call = self._begin(policy, fn, args, kwargs or {}, cache_key, fallbacks, dead_letter, trace, options)
         call.enforces_deadline = enforces_deadline
         if not call.short_circuit():
             self._attempts(call)
@@ -463,23 +497,28 @@ class Engine:
                 raise
             if span is not None:
                 self.tracing.end_attempt(span, None, policy.name)
-            call.succeeded(permit, value, clock.monotonic() - started)
-            return
+            delay = call.succeeded(permit, value, clock.monotonic() - started)
+            if delay is None:
+                return
+            clock.sleep(delay)
 
     # -- the async loop: the same steps, awaited ------------------------------
 
     async def aexecute(self, name: str, fn: Callable, *args, cache_key=None, fallbacks=(), dead_letter=None,
-                       **kwargs):
+                       call_options: CallOptions | None = None, **kwargs):
         if not self.registry.is_fresh(name):
             from asgiref.sync import sync_to_async
 
             await sync_to_async(self.registry.get, thread_sensitive=True)(name)
         policy = self.registry.get(name)
+        if call_options is not None:
+            policy = checked_options(call_options).applied_to(policy)
         if self.tracing is None:
-            return await self._acall(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter)
+            return await self._acall(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, None, call_options)
         trace = self.tracing.start_call(name)
         try:
-            result = await self._acall(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace)
+            result = await self._acall(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace,
+                                       call_options)
         except BaseException as exc:
             self.tracing.abandon_call(trace, exc)
             raise
@@ -487,11 +526,11 @@ class Engine:
         return result
 
     async def _acall(self, policy: Policy, fn: Callable, args: tuple, kwargs: dict, cache_key, fallbacks, dead_letter,
-                     trace=None) -> CallResult:
+                     trace=None, options: CallOptions | None = None) -> CallResult:
         refused = self._fail_fast(policy, fallbacks, dead_letter)
         if refused is not None:
             return refused
-        call = self._begin(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace)
+        call = self._begin(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace, options)
         if not call.short_circuit():
             await self._aattempts(call)
         if not call.ok:
@@ -548,8 +587,10 @@ class Engine:
                 raise
             if span is not None:
                 self.tracing.end_attempt(span, None, policy.name)
-            call.succeeded(permit, value, clock.monotonic() - started)
-            return
+            delay = call.succeeded(permit, value, clock.monotonic() - started)
+            if delay is None:
+                return
+            await clock.asleep(delay)
 
     # -- operator views and actions -------------------------------------------
 

@@ -11,10 +11,12 @@ and the engine share one source.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
 
+from ..errors import ErrorCategory
 from .backoff import exponential
 
 MODE_NORMAL = "normal"
@@ -55,6 +57,7 @@ class Knob:
     above: float | None = None  # exclusive lower bound
     maximum: float | None = None  # inclusive
     choices: tuple[tuple[str, str], ...] = ()  # (value, label)
+    many: bool = False  # a comma-separated set of the choices (at least one)
     help: str = ""
     message: str = ""  # what an out-of-bounds value is told (default: from the bounds)
     name: str = ""  # set from the Policy field
@@ -88,6 +91,8 @@ class Knob:
             fits, expected = isinstance(value, str), "a string"
         if not fits:
             return f"Expected {expected}, got {value!r}."
+        if self.many:
+            return self._set_problem(value)
         if self.choices and value not in (choice for choice, _ in self.choices):
             return f"Unknown value {value!r}; expected one of {', '.join(choice for choice, _ in self.choices)}."
         if self.type in (int, float) and ((self.minimum is not None and value < self.minimum)
@@ -97,12 +102,35 @@ class Knob:
         return None
 
 
+    def _set_problem(self, value: str) -> str | None:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        allowed = [choice for choice, _ in self.choices]
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            return f"Unknown value {', '.join(map(repr, unknown))}; expected some of {', '.join(allowed)}."
+        if not names:
+            return self.message or f"Name at least one of {', '.join(allowed)}."
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def name_set(value: str) -> frozenset[str]:
+    """A ``many`` knob's value as a set of names."""
+    return frozenset(name.strip() for name in value.split(",") if name.strip())
+
+
 def knob(default, group: str, **spec):
     """A Policy field that operators tune (see Knob)."""
     return field(default=default, metadata={"knob": Knob(group, **spec)})
 
 
 _PERCENT = {"minimum": 0, "maximum": 100}
+
+# The failures a retry may be asked for: what an attempt that reached (or tried to reach) the upstream
+# can end with. VALIDATION is the caller's, and the pipeline's refusals are never retried.
+RETRIABLE_CATEGORIES = (ErrorCategory.TIMEOUT, ErrorCategory.RATE_LIMIT, ErrorCategory.NETWORK,
+                        ErrorCategory.SERVER_ERROR, ErrorCategory.CLIENT_ERROR, ErrorCategory.UNKNOWN)
+RETRY_BY_DEFAULT = frozenset(category for category in RETRIABLE_CATEGORIES if category.retryable)
 
 
 class InvalidPolicy(ValueError):
@@ -136,6 +164,10 @@ class Policy:
     max_delay_ms: int = knob(10_000, RETRY, minimum=0, help="No delay between retries is longer.")
     backoff_multiplier: float = knob(2.0, RETRY, minimum=1, help="Each retry's delay is the last one's times this.")
     jitter: bool = knob(True, RETRY, help="Full jitter: each delay is drawn uniformly in [0, delay].")
+    retry_on: str = knob(",".join(sorted(category.value for category in RETRY_BY_DEFAULT)), RETRY, many=True,
+                         choices=tuple((category.value, category.value) for category in RETRIABLE_CATEGORIES),
+                         help="The failures that are retried: categories, comma-separated.",
+                         message="Name at least one category; to retry nothing, set max retries to 0.")
     retry_budget_percent: float | None = knob(20.0, RETRY, **_PERCENT,
                                               help="Retries allowed as a share (%) of calls; blank: no budget.")
     # Timeouts
@@ -180,6 +212,10 @@ class Policy:
     @property
     def attempts(self) -> int:
         return 1 + self.max_retries
+
+    def retries(self, category: ErrorCategory) -> bool:
+        """Whether a failure of ``category`` is retried (``retry_on``)."""
+        return category.value in name_set(self.retry_on)
 
     def backoff_ms(self, retry_number: int) -> float:
         """The un-jittered delay before retry ``retry_number`` (1-based)."""

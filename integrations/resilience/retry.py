@@ -18,16 +18,16 @@ from .backoff import FULL_JITTER, NO_JITTER, jittered
 from .policy import Policy
 
 
-def retry_delay_s(policy: Policy, retry_number: int, error: ResilienceError, rng: random.Random) -> float:
-    """Seconds to wait before retry ``retry_number`` (1-based) after ``error``."""
-    if error.retry_after is not None:
+def retry_delay_s(policy: Policy, retry_number: int, error: ResilienceError | None, rng: random.Random) -> float:
+    """Seconds to wait before retry ``retry_number`` (1-based) after ``error`` (None: a value to retry)."""
+    if error is not None and error.retry_after is not None:
         return min(max(error.retry_after, 0.0), policy.max_delay_ms / 1000)
     return jittered(policy.backoff_ms(retry_number), rng, FULL_JITTER if policy.jitter else NO_JITTER) / 1000
 
 
 def should_retry(policy: Policy, retry_number: int, error: ResilienceError) -> bool:
-    """Whether the failure is of a kind, and at a count, that allows a retry."""
-    return error.retryable and retry_number <= policy.max_retries
+    """Whether the failure is of a kind the policy retries (``retry_on``), at a count that allows a retry."""
+    return retry_number <= policy.max_retries and policy.retries(error.category)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -1,0 +1,91 @@
+"""Per-call options, and deadlines that flow from an inbound request into the calls made for it.
+
+    execute("billing", charge, order, call_options=CallOptions(timeout_ms=2_000, max_retries=1))
+    execute("reports", fetch, report_id, call_options=CallOptions(retry_if_result=lambda r: r["status"] == "pending"))
+
+    with deadline(1.5):        # every guarded call in the block ends within 1.5 s from here
+        ...
+
+``CallOptions`` overrides the integration's timeouts and retries for one call (validated by the
+same knobs as the Integration's fields: a bad value names the field), and says what to retry
+beyond the integration's ``retry_on`` categories: ``retry_if_result`` retries a call whose value
+is not yet the wanted one (the last value is returned once the retries are spent), and
+``retry_if_error`` narrows which failures of a retryable category may be retried (the http
+Client uses it for a POST without an idempotency key: only when the request surely never left).
+
+``deadline(seconds)`` sets the time by which every guarded call made in the block (this
+context: the thread, or the task and the tasks it starts) must end; nested deadlines keep the
+earliest. ``integrations.inbound.RequestDeadlineMiddleware`` sets one per inbound request from
+``RESILIENCE_REQUEST_BUDGETS``. A call made with less time left than its own ``timeout_ms``
+gets only what is left, and one made after the deadline is refused with TIMEOUT before any
+attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .policy import KNOBS, InvalidPolicy, Policy
+
+_OVERRIDABLE = ("timeout_ms", "attempt_timeout_ms", "max_retries")
+_KNOBS = {knob.name: knob for knob in KNOBS if knob.name in _OVERRIDABLE}
+
+# When (time.monotonic()) the calls of the current context must have ended; None: no deadline.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("resilience_deadline", default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """One call's overrides of its integration's policy, and what else to retry."""
+
+    timeout_ms: int | None = None
+    attempt_timeout_ms: int | None = None
+    max_retries: int | None = None
+    retry_if_result: Callable[[Any], bool] | None = None
+    retry_if_error: Callable[[Any], bool] | None = None
+
+    def __post_init__(self) -> None:
+        errors = {name: problem for name in _OVERRIDABLE
+                  if getattr(self, name) is not None and (problem := _KNOBS[name].problem(getattr(self, name)))}
+        for name in ("retry_if_result", "retry_if_error"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                errors[name] = f"Expected a callable, got {value!r}."
+        if errors:
+            raise InvalidPolicy("call_options", errors)
+
+    def applied_to(self, policy: Policy) -> Policy:
+        """``policy`` with this call's overrides (the same policy when there are none)."""
+        changes = {name: getattr(self, name) for name in _OVERRIDABLE if getattr(self, name) is not None}
+        return policy.replace(**changes) if changes else policy
+
+
+def call_options(value) -> CallOptions | None:
+    """``value`` checked: a CallOptions or None, else a TypeError that says what to pass."""
+    if value is None or isinstance(value, CallOptions):
+        return value
+    raise TypeError(f"call_options must be integrations.resilience.CallOptions(...), got {value!r}")
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Every guarded call made in the block ends within ``seconds`` from now (or an earlier deadline)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
+        raise TypeError(f"deadline() takes seconds as a number, got {seconds!r}")
+    ends = time.monotonic() + seconds
+    current = _deadline.get()
+    token = _deadline.set(ends if current is None else min(current, ends))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def time_left() -> float | None:
+    """Seconds left before the current context's deadline (negative once past), or None without one."""
+    ends = _deadline.get()
+    return None if ends is None else ends - time.monotonic()
