@@ -19,6 +19,11 @@ and reports microseconds per call:
     ours +1 subscriber  the same with one no-op CallFinished subscriber
     ours module execute integrations.resilience.execute("bench", op) under
                         use_engine(): the process-engine lookup on top of "ours"
+    ours rate limited   "ours" with an outbound rate limit (rate_limit_permits=10^9 per
+                        second, never reached): every attempt counted in this process's
+                        sliding window (issue 15: what the rate limiter costs when on)
+    ours call_options   "ours" with call_options=CallOptions(max_retries=2): the policy
+                        overridden for the call (a replaced, validated Policy per call)
     ours thread timeout the same policy with timeout_enforcement="thread": each
                         attempt is handed to a worker thread (N/10 calls)
     ours traced (API)   "ours" with RESILIENCE_TRACING on and only opentelemetry-api
@@ -56,6 +61,7 @@ import argparse
 import asyncio
 import gc
 import json
+import functools
 import os
 import platform
 import sys
@@ -80,7 +86,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 
 from integrations import resilience  # noqa: E402
 from integrations.errors import ErrorCategory  # noqa: E402
-from integrations.resilience import Engine, Policy, use_engine  # noqa: E402
+from integrations.resilience import CallOptions, Engine, Policy, use_engine  # noqa: E402
 from integrations.resilience.cache import ResponseCache  # noqa: E402
 from integrations.resilience.clock import SystemClock  # noqa: E402
 from integrations.resilience.events import CallFinished, EventBus  # noqa: E402
@@ -142,6 +148,8 @@ def build_rows(n: int):
     with_subscriber.subscribe(CallFinished, lambda event: None)
     ours_events = build_engine(BENCH_POLICY, with_subscriber)
     ours_thread = build_engine(BENCH_POLICY.replace(timeout_enforcement="thread"))
+    ours_rate_limited = build_engine(BENCH_POLICY.replace(rate_limit_permits=10**9, rate_limit_period_s=1.0))
+    with_options = functools.partial(ours.execute, call_options=CallOptions(max_retries=2))
     ours_traced_api = build_engine(BENCH_POLICY)
     ours_traced_api.tracing = Tracing(tracer_provider=trace.NoOpTracerProvider())
     sdk = TracerProvider()
@@ -165,6 +173,8 @@ def build_rows(n: int):
         (OURS, n, ours.execute, ("bench", op)),
         ("ours (+1 subscriber)", n, ours_events.execute, ("bench", op)),
         ("ours module execute", n, resilience.execute, ("bench", op)),
+        ("ours rate limited", n, ours_rate_limited.execute, ("bench", op)),
+        ("ours call_options", n, with_options, ("bench", op)),
         ("ours thread timeout", n // 10, ours_thread.execute, ("bench", op)),
         ("ours traced (API)", n, ours_traced_api.execute, ("bench", op)),
         ("ours traced (SDK)", n // 10, ours_traced_sdk.execute, ("bench", op)),

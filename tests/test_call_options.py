@@ -13,7 +13,7 @@ from http_support import closed_port, http_server, integration, upstream  # noqa
 from integrations.errors import ErrorCategory, ResilienceError
 from integrations.http import AsyncClient, Client
 from integrations.resilience import CallOptions, aexecute, deadline, execute, get_engine, resilient
-from integrations.resilience.policy import InvalidPolicy
+from integrations.resilience.policy import InvalidPolicy, Policy
 
 
 class Script:
@@ -356,3 +356,16 @@ def test_a_guarded_call_after_the_requests_budget_is_refused_without_reaching_th
 
     response = RequestDeadlineMiddleware(view)(rf.get("/api/orders/"))
     assert json.loads(response.content) == {"category": "timeout", "attempts": 0} and upstream.calls == 0
+
+
+def test_the_overrides_follow_the_policy_they_are_applied_to():
+    options = CallOptions(timeout_ms=1_000)
+    first = Policy("svc", base_delay_ms=1)
+    reloaded = first.replace(base_delay_ms=7)  # the integration was saved: a new policy
+
+    applied, applied_again, applied_reloaded = (options.applied_to(first), options.applied_to(first),
+                                                options.applied_to(reloaded))
+
+    assert (applied.timeout_ms, applied.base_delay_ms) == (1_000, 1) and applied_again is applied
+    assert (applied_reloaded.timeout_ms, applied_reloaded.base_delay_ms) == (1_000, 7)
+    assert first.timeout_ms == 30_000  # the integration's own policy is untouched

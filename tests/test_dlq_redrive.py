@@ -221,6 +221,16 @@ def test_a_refusal_by_the_pipeline_gives_the_rest_of_the_batch_back_uncounted(ma
     assert (report.released, report.held) == (1, {"svc": "refused by the pipeline: quota_exceeded"})
 
 
+def test_an_outbound_rate_limit_refusal_gives_the_rest_of_the_batch_back_uncounted(make_engine, now):
+    make_engine("svc", rate_limit_permits=2, rate_limit_period_s=60.0)
+    for n in range(3):
+        enqueue(payload={"n": n})
+    report = make_redriver(now).run()
+    statuses = sorted(DeadLetter.objects.values_list("status", "attempts"))
+    assert statuses == [("pending", 0), ("succeeded", 1), ("succeeded", 1)]
+    assert report.held == {"svc": "refused by the pipeline: rate_limit"}
+
+
 def test_the_rate_cap_limits_entries_per_integration_per_minute(make_engine, now, clock):
     capped = f"capped-{uuid.uuid4().hex[:8]}"  # counts live in the shared cache: a name of this test's own
     make_engine(capped)

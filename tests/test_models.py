@@ -234,6 +234,9 @@ EVERY_KNOB = {
     "bulkhead_wait_ms": 55,
     "hourly_limit": 100,
     "daily_limit": 1_000,
+    "rate_limit_permits": 50,
+    "rate_limit_period_s": 60.0,
+    "rate_limit_wait_ms": 250,
     "cache_ttl_s": 66,
     "capacity": 0.75,
 }

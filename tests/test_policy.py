@@ -17,6 +17,8 @@ OUT_OF_RANGE = [
     ("max_retries", 21), ("max_retries", -1), ("base_delay_ms", -1), ("attempt_timeout_ms", 0), ("timeout_ms", 0),
     ("max_concurrent", 0), ("bulkhead_wait_ms", -5), ("hourly_limit", 0), ("daily_limit", 0), ("cache_ttl_s", -1),
     ("retry_on", "timeout,circuit_open"), ("retry_on", " , "),
+    ("rate_limit_permits", 0), ("rate_limit_period_s", 0), ("rate_limit_period_s", 100_000),
+    ("rate_limit_wait_ms", -1),
 ]
 
 

@@ -359,7 +359,7 @@ class _BatchRun:
         duration_ms = (time.monotonic() - started) * 1000
         if result.ok:
             entry.succeeded(now(), duration_ms=duration_ms)
-        elif result.error.category.is_refusal:
+        elif result.attempts == 0:  # refused before reaching the upstream (breaker, quota, rate limit, bulkhead...)
             self.refused = f"refused by the pipeline: {result.error.category.value}"
             return False
         elif rejected_payload(result.error):

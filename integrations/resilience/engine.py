@@ -126,13 +126,15 @@ class _Call:
 
     __slots__ = ("engine", "policy", "local", "fn", "args", "kwargs", "fallbacks", "dead_letter", "material",
                  "cache_state", "started", "deadline", "attempts", "durations", "error", "value", "ok", "source",
-                 "fallback_used", "age_s", "stopped_by", "trace", "enforces_deadline", "options", "budgeted", "unwanted")
+                 "fallback_used", "age_s", "stopped_by", "trace", "enforces_deadline", "options", "budgeted", "unwanted",
+                 "rate_wait_until")
 
     def __init__(self, engine: Engine, policy: Policy, fn, args, kwargs, fallbacks, dead_letter, cache_key,
                  trace=None, options: CallOptions | None = None) -> None:
         self.engine = engine
         self.options = options
         self.unwanted = False  # the value is one the call's retry_if_result asked to retry
+        self.rate_wait_until = None  # while an attempt waits for a rate-limit permit: until when it may
         self.trace = trace  # the call's span (tracing.CallSpan) when tracing is on
         self.enforces_deadline = False  # the operation ends by its attempt's deadline itself: run it inline
         self.policy = policy
@@ -214,6 +216,31 @@ class _Call:
             self.stopped_by = permit.category.value  # the breaker opened or the quota ran out mid-call
         else:
             self.refuse(permit.category, permit.reason)
+        return None
+
+    def rate_limit_wait(self) -> float | None:
+        """An outbound rate-limit permit for the next attempt: 0.0 when taken, else how long to wait
+        before asking again, or None when none comes within rate_limit_wait_ms and the deadline
+        (the call is refused with RATE_LIMIT, or a retry stopped)."""
+        policy, engine = self.policy, self.engine
+        verdict = engine.store.rate_limiter.hit(f"integration.{policy.name}", policy.rate_limit_permits,
+                                                policy.rate_limit_period_s)
+        if verdict.allowed:
+            return 0.0
+        now = engine.clock.monotonic()
+        if self.rate_wait_until is None:
+            self.rate_wait_until = min(now + policy.rate_limit_wait_ms / 1000, self.deadline)
+        wait = max(verdict.reset_at - engine.clock.time(), 0.001)
+        if now + wait <= self.rate_wait_until:
+            return wait
+        self.rate_wait_until = None
+        if self.attempts:
+            self.stopped_by = ErrorCategory.RATE_LIMIT.value
+        else:
+            self.error = ResilienceError(
+                ErrorCategory.RATE_LIMIT, f"outbound rate limit of {policy.rate_limit_permits} per "
+                f"{policy.rate_limit_period_s:g} s reached", integration=policy.name, code="outbound_rate_limited",
+                retry_after=round(wait, 3))
         return None
 
     def attempt_timeout(self, left: float) -> float:
@@ -467,7 +494,15 @@ class Engine:
             if not bulkhead.acquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
-            left = call.deadline - clock.monotonic()  # the wait for a slot came out of the deadline
+            if policy.rate_limit_permits is not None:
+                wait = call.rate_limit_wait()
+                while wait:
+                    clock.sleep(wait)
+                    wait = call.rate_limit_wait()
+                if wait is None:
+                    bulkhead.release()
+                    return
+            left = call.deadline - clock.monotonic()  # the waits for a slot and a permit came out of the deadline
             permit = call.permit(left)
             if permit is None:
                 bulkhead.release()
@@ -560,7 +595,15 @@ class Engine:
             if not await bulkhead.aacquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
-            left = call.deadline - clock.monotonic()  # the wait for a slot came out of the deadline
+            if policy.rate_limit_permits is not None:
+                wait = call.rate_limit_wait()
+                while wait:
+                    await clock.asleep(wait)
+                    wait = call.rate_limit_wait()
+                if wait is None:
+                    bulkhead.release()
+                    return
+            left = call.deadline - clock.monotonic()  # the waits for a slot and a permit came out of the deadline
             permit = call.permit(left)
             if permit is None:
                 bulkhead.release()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -36,6 +37,12 @@ _KNOBS = {knob.name: knob for knob in KNOBS if knob.name in _OVERRIDABLE}
 
 # When (time.monotonic()) the calls of the current context must have ended; None: no deadline.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("resilience_deadline", default=None)
+
+
+# Policies with a call's overrides, by (the policy's id, the overrides): a call with the same
+# options on the same policy reuses its copy (the policy itself is kept to tell a reused id apart).
+_APPLIED: dict[tuple, tuple[Policy, Policy]] = {}
+_APPLIED_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +66,25 @@ class CallOptions:
             raise InvalidPolicy("call_options", errors)
 
     def applied_to(self, policy: Policy) -> Policy:
-        """``policy`` with this call's overrides (the same policy when there are none)."""
-        changes = {name: getattr(self, name) for name in _OVERRIDABLE if getattr(self, name) is not None}
-        return policy.replace(**changes) if changes else policy
+        """``policy`` with this call's overrides (the same policy when there are none).
+
+        The overrides were checked against their knobs when the options were made: the copy is
+        not validated again (a Policy's validation of every knob would cost more than the call).
+        """
+        changes = tuple((name, getattr(self, name)) for name in _OVERRIDABLE if getattr(self, name) is not None)
+        if not changes:
+            return policy
+        key = (id(policy), changes)
+        cached = _APPLIED.get(key)
+        if cached is not None and cached[0] is policy:
+            return cached[1]
+        applied = copy.copy(policy)
+        for name, value in changes:
+            object.__setattr__(applied, name, value)
+        if len(_APPLIED) >= _APPLIED_MAX:
+            _APPLIED.clear()  # policies are reloaded now and then: old entries must not pile up
+        _APPLIED[key] = (policy, applied)
+        return applied
 
 
 def call_options(value) -> CallOptions | None:

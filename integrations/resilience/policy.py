@@ -39,9 +39,9 @@ KINDS = ("database", "ai_service", "market_data", "cache", "external_api")
 
 
 # The knob groups, in the order the admin shows them.
-BREAKER, RETRY, TIMEOUTS, BULKHEAD, QUOTA, CACHE, DEGRADED = (
-    "Circuit breaker", "Retry", "Timeouts", "Bulkhead", "Quota", "Cache", "Degraded mode")
-KNOB_GROUPS = (BREAKER, RETRY, TIMEOUTS, BULKHEAD, QUOTA, CACHE, DEGRADED)
+BREAKER, RETRY, TIMEOUTS, BULKHEAD, QUOTA, RATE_LIMIT, CACHE, DEGRADED = (
+    "Circuit breaker", "Retry", "Timeouts", "Bulkhead", "Quota", "Rate limit", "Cache", "Degraded mode")
+KNOB_GROUPS = (BREAKER, RETRY, TIMEOUTS, BULKHEAD, QUOTA, RATE_LIMIT, CACHE, DEGRADED)
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,14 @@ class Policy:
     # Quota (None: no limit)
     hourly_limit: int | None = knob(None, QUOTA, minimum=1, help="Upstream attempts per hour; blank: no limit.")
     daily_limit: int | None = knob(None, QUOTA, minimum=1, help="Upstream attempts per day; blank: no limit.")
+    # Outbound rate limit: at most rate_limit_permits attempts in any rate_limit_period_s, fleet-wide
+    rate_limit_permits: int | None = knob(None, RATE_LIMIT, minimum=1,
+                                          help="Upstream attempts per period, fleet-wide; blank: no rate limit.")
+    rate_limit_period_s: float = knob(1.0, RATE_LIMIT, above=0, maximum=86_400,
+                                      help="The period the permits are counted over (a sliding window), in seconds.")
+    rate_limit_wait_ms: int = knob(0, RATE_LIMIT, minimum=0,
+                                   help="How long an attempt waits for a permit (never past the call's deadline); "
+                                        "0: not at all.")
     # Cache
     cache_ttl_s: int = knob(0, CACHE, minimum=0, help="0: responses are not cached.")
     cache_version: int = 0  # bumped to clear the integration's cache without scanning keys
