@@ -252,7 +252,8 @@ def test_a_fresh_cache_hit_skips_the_upstream(make_engine, upstream, clock):
     assert (second.ok, second.value, second.source, second.attempts) == (True, {"price": 10}, "cache", 0)
     assert second.age_s == pytest.approx(30)
     assert first.source == "live"
-    assert engine.cache_stats("svc") == {"integration": "svc", "hits": 1, "misses": 1, "hit_ratio": 0.5}
+    assert engine.cache_stats("svc") == {"integration": "svc", "hits": 1, "misses": 1, "hit_ratio": 0.5,
+                                         "entries": 1, "average_age_s": pytest.approx(30)}
 
 
 def test_a_cache_entry_older_than_the_ttl_is_not_served_fresh(make_engine, upstream, clock):

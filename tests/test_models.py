@@ -238,6 +238,7 @@ EVERY_KNOB = {
     "rate_limit_period_s": 60.0,
     "rate_limit_wait_ms": 250,
     "cache_ttl_s": 66,
+    "cache_soft_ttl_s": 33,
     "capacity": 0.75,
 }
 

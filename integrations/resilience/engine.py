@@ -27,6 +27,10 @@ twin mirrors the sync one instead of forking its logic.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import copy
+import functools
 import logging
 import random
 import threading
@@ -38,7 +42,7 @@ from . import breaker as br
 from . import fallback as fb
 from . import faults
 from .bulkhead import Bulkhead
-from .cache import ResponseCache, key_material
+from .cache import Lookup, ResponseCache, key_material
 from .clock import SystemClock
 from .degraded import Shedder
 from .events import CallFinished, DeadLetterRequested, EventBus, StateTransition
@@ -125,6 +129,7 @@ class _Call:
     """One guarded call's state and decisions, shared by the sync and async loops."""
 
     __slots__ = ("engine", "policy", "local", "fn", "args", "kwargs", "fallbacks", "dead_letter", "material",
+                 "lookup",
                  "cache_state", "started", "deadline", "attempts", "durations", "error", "value", "ok", "source",
                  "fallback_used", "age_s", "stopped_by", "trace", "enforces_deadline", "options", "budgeted", "unwanted",
                  "rate_wait_until")
@@ -160,6 +165,7 @@ class _Call:
         self.age_s = None
         self.stopped_by = None
         self.cache_state = None
+        self.lookup = None  # what the cache step found (cache.Lookup): a hit, this call's fill, a wait
         self.material = None
         if policy.cache_ttl_s > 0 or (fallbacks and any(f.kind in (fb.CACHE, fb.LAST_KNOWN) for f in fallbacks)):
             self.material = key_material(fn, args, kwargs, cache_key)
@@ -171,17 +177,41 @@ class _Call:
 
     def short_circuit(self) -> bool:
         """Serve a fresh cache hit or shed the call; True when no attempt is to be made."""
-        policy = self.policy
-        if self.material is not None and policy.cache_ttl_s > 0:
-            hit = self.engine.cache.fresh(policy, self.material, self.engine.clock.time())
-            self.local.count_cache(hit is not None)
-            self.cache_state = "miss" if hit is None else "hit"
-            if hit is not None:
-                self.ok, self.source = True, CACHE
-                self.value, self.age_s = hit
-                return True
+        policy, engine = self.policy, self.engine
+        if self.material is not None and policy.cache_ttl_s > 0 and self.lookup is None and self.cached(
+                engine.cache.consult(policy, self.material, engine.clock.time(), self.time_left())):
+            return True
         if policy.capacity < 1.0 and not self.local.shedder.admit(policy.capacity):
+            if self.lookup is not None:
+                engine.cache.settle(self.lookup)  # a shed call fills nothing: those waiting look again
             self.refuse(ErrorCategory.DEGRADED, f"degraded mode: running at {policy.capacity:.0%} capacity")
+            return True
+        return False
+
+    @property
+    def waiting(self) -> bool:
+        """Another call fills this call's cache key: the loop waits for it, then calls cached()."""
+        return self.lookup is not None and self.lookup.waiting is not None
+
+    def cached(self, found) -> bool:
+        """Take the cache step's Lookup; True when it answered the call (no attempt to make)."""
+        self.lookup = found
+        if found.waiting is not None:
+            return False
+        self.local.count_cache(found.hit is not None)
+        self.cache_state = "miss" if found.hit is None else "hit"
+        if found.hit is not None:
+            self.ok, self.source, (self.value, stored_at) = True, CACHE, found.hit
+            self.age_s = max(self.engine.clock.time() - stored_at, 0.0)
+            if found.refresh:
+                self.engine.refresh_in_background(self)
+            return True
+        if found.error is not None:  # the call that filled the key failed: this one shares its failure
+            self.error = copy.copy(found.error)
+            self.error.details = {**found.error.details, "coalesced": True}
+            return True
+        if found.fill is None:
+            self.refuse(ErrorCategory.TIMEOUT, "the deadline came while another call fetched the same cache key")
             return True
         return False
 
@@ -285,6 +315,8 @@ class _Call:
     def abandoned(self, permit) -> None:
         """The caller went away mid-attempt (KeyboardInterrupt, cancellation): free the permit."""
         self.engine.store.record(self.policy, permit, br.IGNORED, False, self.attempts > 0)
+        if self.lookup is not None:
+            self.engine.cache.settle(self.lookup)  # those waiting for this call's fill look again
 
     def _record(self, permit, outcome: str, duration: float) -> None:
         slow = duration * 1000 > self.policy.slow_call_ms
@@ -347,8 +379,12 @@ class _Call:
         live_failed = self.error is not None
         if self.material is not None and self.ok and self.source == LIVE and not self.unwanted:
             keep_last_known = policy.cache_ttl_s > 0 or any(f.kind == fb.LAST_KNOWN for f in self.fallbacks)
-            engine.cache.store(policy, self.material, self.value, engine.clock.time(),
-                               response=policy.cache_ttl_s > 0, last_known=keep_last_known)
+            stored_at = engine.clock.time()
+            if engine.cache.store(policy, self.material, self.value, stored_at,
+                                  response=policy.cache_ttl_s > 0, last_known=keep_last_known) and self.lookup:
+                engine.cache.settle(self.lookup, stored_at, self.value)
+        if self.lookup is not None:
+            engine.cache.settle(self.lookup, error=self.error)  # what the call's fill ends with, if not a value
         if self.error is not None and self.stopped_by is not None:
             self.error.details.setdefault("stopped_by", self.stopped_by)
         latency_ms = (engine.clock.monotonic() - self.started) * 1000
@@ -388,6 +424,7 @@ class Engine:
         self.bus = bus or default_bus
         self.store.on_stale_policy = self.registry.invalidate
         self._locals: dict[str, _Local] = {}
+        self._refreshes: set = set()  # background refreshes of async operations in progress
         self._locals_lock = threading.Lock()
 
     def _local(self, policy: Policy) -> _Local:
@@ -467,7 +504,8 @@ class Engine:
             raise TypeError(f"{fn!r} is a coroutine function: use aexecute({policy.name!r}, ...)")
         call = self._begin(policy, fn, args, kwargs or {}, cache_key, fallbacks, dead_letter, trace, options)
         call.enforces_deadline = enforces_deadline
-        if not call.short_circuit():
+        if not call.short_circuit() and not (
+                call.waiting and call.cached(self.cache.wait(call.lookup, call.time_left, self.clock.time))):
             self._attempts(call)
         if not call.ok:
             for fallback in call.fallbacks:
@@ -566,7 +604,8 @@ class Engine:
         if refused is not None:
             return refused
         call = self._begin(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace, options)
-        if not call.short_circuit():
+        if not call.short_circuit() and not (
+                call.waiting and call.cached(await self.cache.await_(call.lookup, call.time_left, self.clock.time))):
             await self._aattempts(call)
         if not call.ok:
             for fallback in call.fallbacks:
@@ -665,7 +704,58 @@ class Engine:
         local = self._locals.get(name)
         hits, misses = (local.cache_hits, local.cache_misses) if local else (0, 0)
         total = hits + misses
-        return {"integration": name, "hits": hits, "misses": misses, "hit_ratio": hits / total if total else None}
+        return {"integration": name, "hits": hits, "misses": misses, "hit_ratio": hits / total if total else None,
+                **self.cache.local_stats(name, self.clock.time())}
+
+    # -- the cache's own calls: background refresh and warming ----------------
+
+    def refresh(self, name: str, fn: Callable, *args, cache_key=None, **kwargs) -> CallResult:
+        """A live call through the pipeline (no cache lookup) whose value replaces the cached one:
+        what cache warming runs. Raises ValueError when the call cannot be cached."""
+        policy = self.registry.get(name)
+        call = self._begin(policy, fn, args, kwargs, cache_key, (), None)
+        if call.material is None or policy.cache_ttl_s <= 0:
+            raise ValueError(f"{name}: this call is not cached (cache_ttl_s is {policy.cache_ttl_s}; a cache_key "
+                             f"or plain-data arguments of a named function are needed)")
+        call.lookup = Lookup(policy, call.material)
+        self._attempts(call)
+        return call.finish()
+
+    def refresh_in_background(self, call: _Call) -> None:
+        """A hit past its soft TTL was served: fetch it again once, in the background."""
+        if fb.is_async_callable(call.fn):
+            task = asyncio.get_running_loop().create_task(self._arefresh(call), context=contextvars.Context())
+            self._refreshes.add(task)  # a task nothing refers to may be collected before it ends
+            task.add_done_callback(self._refreshes.discard)
+        else:
+            self.cache.in_background(functools.partial(self._refresh, call))
+
+    def _refresh_call(self, call: _Call) -> _Call | None:
+        fill = self.cache.claim_refresh(call.policy, call.material, self.clock.time())
+        if fill is None:
+            return None  # another process refreshes it, or has already
+        again = _Call(self, call.policy, call.fn, call.args, call.kwargs, (), None, False, None, call.options)
+        again.material, again.fn = call.material, call.fn
+        again.lookup = Lookup(call.policy, call.material, fill=fill)
+        return again
+
+    def _refresh(self, call: _Call) -> None:
+        try:
+            again = self._refresh_call(call)
+            if again is not None:
+                self._attempts(again)
+                again.finish()
+        except Exception:  # noqa: BLE001 - the refresh thread outlives a failure; the entry stays as it is
+            logger.exception("background refresh of a cached response of %s failed", call.policy.name)
+
+    async def _arefresh(self, call: _Call) -> None:
+        try:
+            again = self._refresh_call(call)
+            if again is not None:
+                await self._aattempts(again)
+                again.finish()
+        except Exception:  # noqa: BLE001 - as _refresh
+            logger.exception("background refresh of a cached response of %s failed", call.policy.name)
 
     def reset_breaker(self, policy: Policy, by: str | None = None, reason: str = "manual reset"):
         transition = self.store.reset(policy, by, reason)

@@ -199,6 +199,9 @@ class Policy:
                                         "0: not at all.")
     # Cache
     cache_ttl_s: int = knob(0, CACHE, minimum=0, help="0: responses are not cached.")
+    cache_soft_ttl_s: int | None = knob(None, CACHE, minimum=1,
+                                        help="Past this age (below the TTL) a cached response is still served and "
+                                             "fetched again once in the background; blank: no background refresh.")
     cache_version: int = 0  # bumped to clear the integration's cache without scanning keys
     revision: float = 0.0  # when the policy was last saved: a shared store tells processes holding an older one
     # Fault injection for game days (set from an active FaultInjection; applied only when
@@ -280,6 +283,12 @@ def knob_problems(values: dict) -> dict[str, str]:
     if minimum is not None and window is not None and minimum > window:
         errors["minimum_calls"] = (f"Minimum calls ({minimum}) must not exceed the window size ({window}): the "
                                    f"rates would never be evaluated.")
+    soft, ttl = values.get("cache_soft_ttl_s"), values.get("cache_ttl_s")
+    if soft is not None and ttl is not None and soft >= ttl:
+        errors["cache_soft_ttl_s"] = (f"Cache soft TTL ({soft} s) must be below the cache TTL ({ttl} s): past the TTL "
+                                      f"a response is not served at all." if ttl else
+                                      f"Cache soft TTL ({soft} s) needs a cache TTL: responses are not cached "
+                                      f"(cache TTL 0).")
     return errors
 
 _BASE = {knob.name: Policy.__dataclass_fields__[knob.name].default for knob in KNOBS}
