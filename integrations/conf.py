@@ -194,17 +194,35 @@ def cache_alias(value) -> str:
     return value
 
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
 def redis_url(value) -> str:
+    """A URL of one of the shared store's forms (integrations/resilience/redis_connect.py), or empty."""
+    from .resilience.redis_connect import parse_url
+
     if not isinstance(value, str):
         raise ValueError(f"must be a Redis URL such as redis://127.0.0.1:6379/0, or empty; got {value!r}.")
     value = value.strip()
-    if value and not value.startswith(REDIS_SCHEMES):
-        raise ValueError(f"must start with {', '.join(REDIS_SCHEMES)} (or be empty: per-process state); "
-                         f"got {value!r}.")
+    if value:
+        parse_url(value)
     return value
+
+
+def redis_explicit(value):
+    """The explicit form of the shared store's Redis (a Sentinel service or a Cluster), or {}: the URL's."""
+    from .resilience.redis_connect import from_explicit
+
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a dict such as {{'sentinels': ['10.0.0.1:26379'], 'service_name': 'mymaster'}} "
+                         f"or {{'cluster_nodes': ['10.0.0.1:7000']}}, or empty; got {value!r}.")
+    return from_explicit(value) if value else None
+
+
+def seconds(*, above: float = 0.0) -> Callable[[Any], float]:
+    def validate(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not above < value < math.inf:
+            raise ValueError(f"must be a number of seconds above {above:g}; got {value!r}.")
+        return float(value)
+
+    return validate
 
 
 def rate_limits(value):
@@ -349,4 +367,11 @@ app_settings = AppSettings("integrations", {
                                      "Dotted path of a function(request) -> client key or None (the default chain)."),
     "REQUEST_BUDGETS": Setting({}, request_budgets, "RequestDeadlineMiddleware: {path prefix: ms} a request may "
                                                      "spend; its guarded calls end by then."),
+    # the shared store's Redis besides REDIS_URL (docs/shared-state.md, "Topologies")
+    "REDIS": Setting({}, redis_explicit, "A Sentinel service or a Cluster named by its parts, instead of the URL: "
+                                         "{sentinels, service_name} or {cluster_nodes}, and db, username, password, "
+                                         "sentinel_password, tls, ca_certs."),
+    "REDIS_CONNECT_TIMEOUT_S": Setting(0.25, seconds(), "The longest the shared store waits to connect to Redis."),
+    "REDIS_SOCKET_TIMEOUT_S": Setting(0.5, seconds(), "The longest the shared store waits for a Redis reply; then "
+                                                      "the call goes on with per-process state."),
 })

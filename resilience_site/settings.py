@@ -176,21 +176,60 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL")
 
-if REDIS_URL:
-    CACHES = {
-        "default": {
-            # django_redis's backend, counting gets, hits and misses for Prometheus.
-            "BACKEND": "django_prometheus.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "resilience",
-            "OPTIONS": {
-                # Fail fast when Redis is away so callers fall back to
-                # per-process state instead of hanging on a dead socket.
-                "SOCKET_CONNECT_TIMEOUT": 2,
-                "SOCKET_TIMEOUT": 2,
-            },
-        },
+
+def redis_cache_and_broker(url):
+    """The Django cache and the django-q2 broker options on the Redis ``url`` names.
+
+    One server (redis://, rediss://): django-redis and django-q2's redis broker read the URL.
+    A Sentinel service (redis+sentinel://): django-redis's SentinelClient, and django-q2 on the
+    cache's connection (its ``django_redis`` option), so both follow a failover. A Cluster: neither
+    library can use one (django-redis has no cluster client; django-q2's broker reads its stats
+    with KEYS and a cross-slot MGET), so it is refused, naming the combinations that work.
+    """
+    from integrations.resilience.redis_connect import CLUSTER, SENTINEL, parse_url
+
+    try:
+        target = parse_url(url)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"REDIS_URL {exc}") from None
+    # Fail fast when Redis is away so callers fall back to per-process state instead of hanging
+    # on a dead socket.
+    options = {"SOCKET_CONNECT_TIMEOUT": 2, "SOCKET_TIMEOUT": 2}
+    broker = {"redis": url}
+    location = url
+    if target.form == CLUSTER:
+        raise ImproperlyConfigured(
+            "REDIS_URL names a Redis Cluster, which the Django cache (django-redis) and django-q2's broker "
+            "cannot use. Set RESILIENCE_REDIS_URL to the cluster for the shared state, and REDIS_URL to one "
+            "Redis or a Sentinel service for the cache and the broker (or leave it unset: local memory and "
+            "the ORM broker); docs/shared-state.md, Topologies.")
+    if target.form == SENTINEL:
+        credentials = f"{target.username or ''}:{target.password}@" if target.password else ""
+        location = f"redis{'s' if target.tls else ''}://{credentials}{target.service_name}/{target.db}"
+        options.update({
+            "CLIENT_CLASS": "django_redis.client.SentinelClient",
+            "CONNECTION_FACTORY": "django_redis.pool.SentinelConnectionFactory",
+            "SENTINELS": list(target.nodes),
+            "SENTINEL_KWARGS": {"socket_timeout": 2, "socket_connect_timeout": 2,
+                                "password": target.sentinel_password, **dict(target.tls_options),
+                                **({"ssl": True} if target.tls else {})},
+        })
+        if target.tls:
+            options["CONNECTION_POOL_KWARGS"] = {"ssl": True, **dict(target.tls_options)}
+        broker = {"django_redis": "default"}
+    cache = {
+        # django_redis's backend, counting gets, hits and misses for Prometheus.
+        "BACKEND": "django_prometheus.cache.backends.redis.RedisCache",
+        "LOCATION": location,
+        "KEY_PREFIX": "resilience",
+        "OPTIONS": options,
     }
+    return cache, broker
+
+
+if REDIS_URL:
+    _REDIS_CACHE, _REDIS_BROKER = redis_cache_and_broker(REDIS_URL)
+    CACHES = {"default": _REDIS_CACHE}
 else:
     CACHES = {
         "default": {
@@ -212,7 +251,7 @@ Q_CLUSTER = {
     "ALT_CLUSTERS": {},
 }
 if REDIS_URL:
-    Q_CLUSTER["redis"] = REDIS_URL
+    Q_CLUSTER.update(_REDIS_BROKER)
 else:
     Q_CLUSTER["orm"] = "default"
 
@@ -311,7 +350,8 @@ for _name, _read in _ENV_SETTINGS.items():
     if env_str(_name):
         globals()[_name] = _read(_name)
 
-# The shared state follows the site's Redis unless RESILIENCE_REDIS_URL names another.
+# The shared state follows the site's Redis unless RESILIENCE_REDIS_URL names another (a Cluster,
+# say), or RESILIENCE_REDIS (JSON) names a Sentinel service or a Cluster by its parts.
 RESILIENCE_REDIS_URL = env_str("RESILIENCE_REDIS_URL", REDIS_URL)
 # This site spools a dead letter the database refused under var/ (the app's default: no spool).
 RESILIENCE_DLQ_SPOOL_DIR = env_str("RESILIENCE_DLQ_SPOOL_DIR", str(BASE_DIR / "var" / "dlq-spool"))
@@ -336,6 +376,15 @@ def env_json(name, what):
 # RESILIENCE_RATE_LIMITS: the route groups as a JSON object, replacing the defaults.
 if env_str("RESILIENCE_RATE_LIMITS"):
     RESILIENCE_RATE_LIMITS = env_json("RESILIENCE_RATE_LIMITS", "a JSON object of route groups")
+if env_str("RESILIENCE_REDIS"):
+    RESILIENCE_REDIS = env_json("RESILIENCE_REDIS", "a JSON object such as "
+                                '{"sentinels": ["10.0.0.1:26379"], "service_name": "mymaster"}')
+for _name in ("RESILIENCE_REDIS_CONNECT_TIMEOUT_S", "RESILIENCE_REDIS_SOCKET_TIMEOUT_S"):
+    if env_str(_name):
+        try:
+            globals()[_name] = float(env_str(_name))
+        except ValueError:
+            raise ImproperlyConfigured(f"{_name} must be a number of seconds; got {env_str(_name)!r}.") from None
 # RESILIENCE_REQUEST_BUDGETS: {path prefix: ms}; the guarded calls of a request end by its budget.
 if env_str("RESILIENCE_REQUEST_BUDGETS"):
     RESILIENCE_REQUEST_BUDGETS = env_json("RESILIENCE_REQUEST_BUDGETS", "a JSON object of path prefix -> milliseconds")

@@ -58,10 +58,14 @@ def _build_default_engine() -> Engine:
         last_known_ttl_s=settings.LAST_KNOWN_TTL_S,
     )
     store = None
-    if settings.REDIS_URL:
+    target = shared_store_target()
+    if target is not None:
+        from .redis_connect import connect
         from .redis_store import RedisStore
 
-        store = RedisStore(settings.REDIS_URL, prefix=settings.KEY_PREFIX)
+        client = connect(target, connect_timeout_s=settings.REDIS_CONNECT_TIMEOUT_S,
+                         socket_timeout_s=settings.REDIS_SOCKET_TIMEOUT_S)
+        store = RedisStore(client=client, prefix=settings.KEY_PREFIX, socket_timeout_s=settings.REDIS_SOCKET_TIMEOUT_S)
     tracing = None
     if settings.TRACING:
         from .tracing import Tracing
@@ -69,6 +73,20 @@ def _build_default_engine() -> Engine:
         tracing = Tracing()
     return Engine(registry=registry, cache=cache, store=store, faults_enabled=settings.FAULT_INJECTION,
                   tracing=tracing)
+
+
+def shared_store_target():
+    """Where the shared store's Redis is (a redis_connect.RedisTarget), or None: per-process state.
+
+    The explicit form (RESILIENCE_REDIS) when it is set, else RESILIENCE_REDIS_URL's.
+    """
+    from ..conf import app_settings as settings
+
+    from .redis_connect import parse_url
+
+    if settings.REDIS is not None:
+        return settings.REDIS
+    return parse_url(settings.REDIS_URL) if settings.REDIS_URL else None
 
 
 def get_engine() -> Engine:

@@ -3,7 +3,9 @@
 The shared breaker and quota store (``redis_store.RedisStore``) and the inbound rate limiter it
 hands out (``rate_limit.RedisRateLimiter``) talk to Redis through one RedisLink, so that
 
-- a process has one client and one connection pool, whatever uses it;
+- a process has one client and one connection pool, whatever uses it: one server, a Sentinel
+  service's primary or a Cluster, whichever the URL names (redis_connect.py), with bounded
+  timeouts and no retries of the client's own, so a slow Redis costs a caller one timeout;
 - an outage is one outage: if Redis cannot be reached, each user of the link goes on with
   per-process state, the log says so once (and once when it is back) and a SharedStateChanged
   event is published; Redis is tried again every ``retry_interval_s`` and shared state resumes by
@@ -25,11 +27,18 @@ from collections.abc import Callable
 import redis
 
 from .events import EventBus, SharedStateChanged
+from .redis_connect import DEFAULT_CONNECT_TIMEOUT_S, connect, parse_url
 
 logger = logging.getLogger("integrations.shared_state")
 
 # Errors that mean "Redis is not there": anything else (a script error) is a bug and is raised.
-UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Besides a connection lost or a timeout: a Cluster with a slot no master serves (CLUSTERDOWN, a
+# failover in progress, a node not reachable to read the topology from), a slot being migrated
+# (TRYAGAIN), and a server that became a replica under a plain redis:// URL (READONLY: the store
+# cannot write there; a Sentinel client turns that into a ConnectionError itself).
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterDownError,
+               redis.exceptions.RedisClusterException, redis.exceptions.TryAgainError,
+               redis.exceptions.ReadOnlyError)
 
 
 class RedisLink:
@@ -43,9 +52,10 @@ class RedisLink:
         retry_interval_s: float,
         flush_interval_s: float,
         socket_timeout_s: float,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
-        self.client = client or redis.Redis.from_url(
-            url, socket_connect_timeout=socket_timeout_s, socket_timeout=socket_timeout_s)
+        self.client = client or connect(parse_url(url), connect_timeout_s=min(connect_timeout_s, socket_timeout_s),
+                                        socket_timeout_s=socket_timeout_s)
         self.clock = clock
         self.bus = bus
         self.retry_interval_s = retry_interval_s
