@@ -144,11 +144,11 @@ class IntegrationAdmin(admin.ModelAdmin):
                     "timeout_ms", "max_retries")
     list_filter = ("kind", "mode")
     search_fields = ("name", "description")
-    readonly_fields = ("breaker", "live_breaker", "recent_breaker_events", "quota_level", "fault",
+    readonly_fields = ("breaker", "live_breaker", "concurrency", "recent_breaker_events", "quota_level", "fault",
                        "cache_version", "created_at", "updated_at")
     actions = ("reset_breakers", "force_open", "force_closed", "enter_degraded_mode", "leave_degraded_mode",
                "clear_caches", "inject_fault", "stop_fault")
-    live_fieldset = ("Live state", {"fields": ("breaker", "live_breaker", "quota_level", "fault",
+    live_fieldset = ("Live state", {"fields": ("breaker", "live_breaker", "concurrency", "quota_level", "fault",
                                                "recent_breaker_events")})
 
     # -- each row's status (integrations/status.py): one store round trip and one figures query a page --
@@ -260,6 +260,13 @@ class IntegrationAdmin(admin.ModelAdmin):
             snapshot.state.replace("_", "-"), changed, snapshot.consecutive_failures, snapshot.consecutive_successes,
             snapshot.window_calls, snapshot.window_failures, "" if rate is None else f" ({rate:.0f}%)",
             snapshot.window_slow, snapshot.window_retries, snapshot.half_open_in_flight, held_by)
+
+    @admin.display(description="Concurrency")
+    def concurrency(self, obj):
+        status = self.status_of(obj)
+        how = "adaptive, following latency, up to" if obj.bulkhead_mode == "adaptive" else "fixed at"
+        return format_html("{} in flight, limit {} in this process ({} {})", status.in_flight,
+                           status.concurrency_limit, how, obj.max_concurrent)
 
     @admin.display(description="Recent breaker events")
     def recent_breaker_events(self, obj):

@@ -104,10 +104,17 @@ def integration_view(status: IntegrationStatus) -> dict:
         "quota": quota_view(status),
         "stats": status.figures,
         "in_flight": status.in_flight,
+        "concurrency": status.to_dict()["concurrency"],
     }
 
 
 # -- serializers: the documented shapes (responses are rendered through them) ------------------
+
+class ConcurrencySerializer(serializers.Serializer):
+    mode = serializers.ChoiceField(choices=("fixed", "adaptive"))
+    limit = serializers.IntegerField(help_text="Calls this process lets in flight now.")
+    max = serializers.IntegerField(help_text="max_concurrent: the fixed limit, or the adaptive one's ceiling.")
+
 
 class CallStatsSummary(serializers.Serializer):
     """Call statistics over a window, summed over every process (what the figures source's ``window`` returns)."""
@@ -191,6 +198,8 @@ class IntegrationSerializer(serializers.Serializer):
     quota = QuotaSerializer()
     stats = CallStatsSummary(allow_null=True, help_text=f"The last {STATS_MINUTES} minutes, every process.")
     in_flight = serializers.IntegerField(help_text="Calls in flight in this process.")
+    concurrency = ConcurrencySerializer(help_text="This process's bulkhead limit: max_concurrent, or where the "
+                                                  "adaptive mode has it now.")
 
 
 class BreakerEventSerializer(serializers.ModelSerializer):

@@ -43,6 +43,7 @@ class IntegrationStatus:
     quota: QuotaUsage
     scope: str  # SHARED, PROCESS or RECORDED: where breaker and quota were read
     in_flight: int  # this process's calls in progress
+    concurrency_limit: int  # this process's bulkhead limit now (max_concurrent, or the adaptive limit)
     figures: dict | None  # the last FIGURES_MINUTES of calls (a CallStatsSummary), None without a source
     process_cache: dict  # this process's cache hits and misses since it started
 
@@ -90,6 +91,8 @@ class IntegrationStatus:
             "figures": self.figures,
             "cache": self.cache,
             "in_flight": self.in_flight,
+            "concurrency": {"mode": self.integration.bulkhead_mode, "limit": self.concurrency_limit,
+                            "max": self.integration.max_concurrent},
         }
 
 
@@ -150,6 +153,7 @@ def read_statuses(integrations: Iterable[Integration], *, figures_minutes: int |
         IntegrationStatus(
             integration=integration, breaker=snapshot, quota=quota, scope=scope,
             in_flight=engine.in_flight(integration.name),
+            concurrency_limit=engine.concurrency_limit(integration.name) or integration.max_concurrent,
             figures=figures.get(integration.pk),
             process_cache=engine.cache_stats(integration.name),
         )

@@ -67,6 +67,11 @@ def integration_families() -> list[GaugeMetricFamily]:
         "The integration's slow_call_ms, in seconds: the latency alert's threshold.",
         labels=["integration"],
     )
+    concurrency = GaugeMetricFamily(
+        "resilience_concurrency_limit",
+        "This process's bulkhead limit: max_concurrent, or where bulkhead_mode=adaptive has it now.",
+        labels=["integration", "mode"],
+    )
     for status in read_statuses(Integration.objects.all(), figures_minutes=None):  # one store round trip
         integration, name, usage = status.integration, status.name, status.quota
         state.add_metric([name, integration.mode], BREAKER_STATE_VALUES[status.state])
@@ -74,7 +79,8 @@ def integration_families() -> list[GaugeMetricFamily]:
             if ratio is not None:
                 quota.add_metric([name, window], ratio)
         slow_call.add_metric([name], integration.slow_call_ms / 1000)
-    return [state, quota, slow_call]
+        concurrency.add_metric([name, integration.bulkhead_mode], status.concurrency_limit)
+    return [state, quota, slow_call, concurrency]
 
 
 def counts_family(name: str, documentation: str, label: str, counts: dict[str, int]) -> GaugeMetricFamily:

@@ -108,7 +108,7 @@ def test_status_json_has_the_same_figures_under_stable_keys(billing):
     (row,) = document["integrations"]
     # IntegrationStatus.to_dict(): the names the API and the docs use
     assert set(row) == {"name", "kind", "mode", "scope", "state", "own_state", "opened_at", "changed_at", "quota",
-                        "figures", "cache", "in_flight"}
+                        "figures", "cache", "in_flight", "concurrency"}
     assert row["scope"] == ("shared" if get_engine().store.shared else "recorded")
     assert set(row["quota"]) == {"hourly", "daily", "level"}
     assert row["state"] == row["own_state"] == "open" and row["mode"] == "normal"

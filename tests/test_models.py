@@ -231,6 +231,7 @@ EVERY_KNOB = {
     "read_timeout_ms": 2_000,
     "write_timeout_ms": 1_000,
     "max_concurrent": 9,
+    "bulkhead_mode": "adaptive",
     "bulkhead_wait_ms": 55,
     "hourly_limit": 100,
     "daily_limit": 1_000,

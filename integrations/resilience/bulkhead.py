@@ -5,6 +5,10 @@ Per process, like resilience4j's semaphore bulkhead. The excess waits up to
 Sync and async callers share one counter; a slot is released when the
 operation really ends, so an attempt abandoned at its timeout keeps its slot
 until its thread finishes and a hung upstream makes the bulkhead shed.
+
+With ``bulkhead_mode="adaptive"`` the limit follows the upstream's latency
+(``AdaptiveLimit``: AIMD, as Netflix's concurrency-limits and Envoy's adaptive
+concurrency do), between 1 and ``max_concurrent``.
 """
 
 from __future__ import annotations
@@ -89,3 +93,36 @@ class Bulkhead:
 def _wake(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class AdaptiveLimit:
+    """An AIMD concurrency limit: a slow attempt (over ``slow_call_ms``) or a timeout lowers it by
+    BACKOFF (multiplicative decrease); a fast one while at least half the limit is in flight raises
+    it by 1 (additive increase), within [1, maximum]. It starts at the maximum: it only falls
+    when the upstream slows down, and comes back as it recovers. Per process, like the bulkhead.
+    """
+
+    BACKOFF = 0.9
+
+    __slots__ = ("maximum", "value")
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.value = float(maximum)
+
+    @property
+    def limit(self) -> int:
+        return max(1, int(self.value))
+
+    def cap(self, maximum: int) -> None:
+        """A saved policy's new max_concurrent: the limit stays within it."""
+        self.maximum = maximum
+        self.value = min(self.value, float(maximum))
+
+    def sample(self, dropped: bool, in_flight: int) -> None:
+        """One attempt's outcome: ``dropped`` when it was slow or timed out; ``in_flight`` as it ended."""
+        if dropped:
+            self.value = max(1.0, self.value * self.BACKOFF)
+        elif in_flight * 2 >= self.value:
+            self.value = min(float(self.maximum), self.value + 1)
+

@@ -41,7 +41,7 @@ from ..errors import ErrorCategory, ResilienceError, classify
 from . import breaker as br
 from . import fallback as fb
 from . import faults
-from .bulkhead import Bulkhead
+from .bulkhead import AdaptiveLimit, Bulkhead
 from .cache import Lookup, ResponseCache, key_material
 from .clock import SystemClock
 from .degraded import Shedder
@@ -49,7 +49,7 @@ from .events import CallFinished, DeadLetterRequested, EventBus, StateTransition
 from .events import bus as default_bus
 from .options import CallOptions, call_options as checked_options
 from .options import time_left as deadline_left
-from .policy import TIMEOUT_INLINE, Policy
+from .policy import BULKHEAD_ADAPTIVE, TIMEOUT_INLINE, Policy
 from .registry import PolicyRegistry
 from .retry import retry_delay_s, should_retry
 from .state import RETRY_BUDGET, LocalStore, StateStore
@@ -93,10 +93,12 @@ class CallResult:
 class _Local:
     """What one process keeps per integration whatever the store: bulkhead, shedder, pool, cache counts."""
 
-    __slots__ = ("bulkhead", "shedder", "_executor", "_executor_size", "lock", "cache_hits", "cache_misses")
+    __slots__ = ("bulkhead", "shedder", "_executor", "_executor_size", "lock", "cache_hits", "cache_misses",
+                 "adaptive")
 
     def __init__(self, policy: Policy) -> None:
         self.bulkhead = Bulkhead(policy.max_concurrent)
+        self.adaptive: AdaptiveLimit | None = None  # bulkhead_mode="adaptive": the limit it sets
         self.shedder = Shedder()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_size = 0
@@ -296,7 +298,8 @@ class _Call:
         self.durations.append(duration * 1000)
         error = classify(exc, self.policy.name)
         self.ok, self.value, self.error, self.unwanted = False, None, error, False
-        self._record(permit, br.FAILURE if error.category.counts_as_failure else br.IGNORED, duration)
+        self._record(permit, br.FAILURE if error.category.counts_as_failure else br.IGNORED, duration,
+                     timed_out=error.category is ErrorCategory.TIMEOUT)
         if not should_retry(self.policy, self.attempts, error) or (
                 self.options is not None and self.options.retry_if_error is not None
                 and not self.options.retry_if_error(error)):
@@ -318,8 +321,12 @@ class _Call:
         if self.lookup is not None:
             self.engine.cache.settle(self.lookup)  # those waiting for this call's fill look again
 
-    def _record(self, permit, outcome: str, duration: float) -> None:
+    def _record(self, permit, outcome: str, duration: float, timed_out: bool = False) -> None:
         slow = duration * 1000 > self.policy.slow_call_ms
+        adaptive = self.local.adaptive
+        if adaptive is not None:
+            adaptive.sample(slow or timed_out, self.local.bulkhead.in_flight)
+            self.local.bulkhead.limit = adaptive.limit
         for transition in self.engine.store.record(self.policy, permit, outcome, slow, self.attempts > 1):
             self.engine.publish_transition(transition)
 
@@ -432,8 +439,18 @@ class Engine:
         if local is None:
             with self._locals_lock:
                 local = self._locals.setdefault(policy.name, _Local(policy))
-        if local.bulkhead.limit != policy.max_concurrent:
-            local.bulkhead.limit = policy.max_concurrent
+        limit = policy.max_concurrent
+        if policy.bulkhead_mode == BULKHEAD_ADAPTIVE:
+            adaptive = local.adaptive
+            if adaptive is None:
+                adaptive = local.adaptive = AdaptiveLimit(limit)
+            elif adaptive.maximum != limit:
+                adaptive.cap(limit)
+            limit = adaptive.limit
+        elif local.adaptive is not None:
+            local.adaptive = None
+        if local.bulkhead.limit != limit:
+            local.bulkhead.limit = limit
         return local
 
     def _begin(self, policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace=None, options=None) -> _Call:
@@ -766,3 +783,8 @@ class Engine:
     def in_flight(self, name: str) -> int:
         local = self._locals.get(name)
         return local.bulkhead.in_flight if local else 0
+
+    def concurrency_limit(self, name: str) -> int | None:
+        """This process's bulkhead limit for ``name`` now (adaptive or fixed); None before its first call."""
+        local = self._locals.get(name)
+        return local.bulkhead.limit if local else None

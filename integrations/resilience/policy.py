@@ -35,6 +35,10 @@ TIMEOUT_THREAD = "thread"
 TIMEOUT_INLINE = "inline"
 TIMEOUT_ENFORCEMENTS = (TIMEOUT_THREAD, TIMEOUT_INLINE)
 
+# How the bulkhead's limit is set: max_concurrent, or following the upstream's latency (bulkhead.AdaptiveLimit).
+BULKHEAD_FIXED = "fixed"
+BULKHEAD_ADAPTIVE = "adaptive"
+
 KINDS = ("database", "ai_service", "market_data", "cache", "external_api")
 
 
@@ -185,6 +189,11 @@ class Policy:
                                         help="http Client: each write of the request; blank: the attempt's time left.")
     # Bulkhead
     max_concurrent: int = knob(20, BULKHEAD, minimum=1, help="Calls in flight per process.")
+    bulkhead_mode: str = knob(BULKHEAD_FIXED, BULKHEAD, choices=(
+        (BULKHEAD_FIXED, "fixed: at most max concurrent"),
+        (BULKHEAD_ADAPTIVE, "adaptive: the limit follows latency, up to max concurrent")),
+        help="adaptive: a slow attempt (over slow call ms) or a timeout lowers the limit by 10 %, a fast one under "
+             "load raises it by 1 (AIMD).")
     bulkhead_wait_ms: int = knob(0, BULKHEAD, minimum=0, help="How long a call waits for a free slot; 0: not at all.")
     # Quota (None: no limit)
     hourly_limit: int | None = knob(None, QUOTA, minimum=1, help="Upstream attempts per hour; blank: no limit.")
