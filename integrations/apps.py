@@ -11,6 +11,7 @@ class IntegrationsConfig(AppConfig):
 
     def ready(self):
         from . import checks as integration_checks
+        from .backup import register_backup_section
         from .conf import app_settings
         from .models import Integration, policy_changed
         from .persistence import on_transition
@@ -42,6 +43,10 @@ class IntegrationsConfig(AppConfig):
         post_save.connect(refresh_policy, sender=Integration, dispatch_uid="integrations.refresh_policy")
         post_delete.connect(forget_policy, sender=Integration, dispatch_uid="integrations.forget_policy")
         policy_changed.connect(refresh_policy, sender=Integration, dispatch_uid="integrations.policy_changed")
+        register_backup_section("integrations", ["integrations.Integration"],
+                                description="Each integration's policy: kind, knobs, mode, capacity.")
+        register_backup_section("breaker_history", ["integrations.BreakerEvent"], optional=True,
+                                description="Every breaker transition and operator action (history).")
         app_settings.register_check()
         checks.register(integration_checks.check_integration_timeouts, "resilience")
         checks.register(integration_checks.check_task_broker)

@@ -105,6 +105,12 @@ def _capacity(value):
         raise ValidationError("Capacity must be in (0, 1]: a share of calls, 1 meaning all of them.", code="range")
 
 
+class IntegrationManager(models.Manager):
+    def get_by_natural_key(self, name: str) -> Integration:
+        """Its name identifies an integration in fixtures and backups (integrations/backup.py)."""
+        return self.get(name=name)
+
+
 class Integration(models.Model):
     """One upstream and its policy. Unset knobs of a new row come from its kind's preset."""
 
@@ -132,6 +138,8 @@ class Integration(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = IntegrationManager()
+
     class Meta:
         ordering = ["name"]
 
@@ -145,6 +153,9 @@ class Integration(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def natural_key(self) -> tuple[str]:
+        return (self.name,)
 
     def clean(self):
         errors = knob_problems({knob: getattr(self, knob) for knob in KNOB_NAMES})

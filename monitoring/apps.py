@@ -21,6 +21,7 @@ class MonitoringConfig(AppConfig):
         The dead letter handler of notifications is in ``dead_letters.py``, which the DLQ app imports.
         """
         from integrations.resilience.events import CallFinished, subscribe
+        from integrations.backup import register_backup_section
         from integrations.schedules import register_schedule
 
         from integrations.figures import install_call_figures
@@ -29,6 +30,10 @@ class MonitoringConfig(AppConfig):
         from .figures import StoredCallFigures
         from .models import alert_event
 
+        register_backup_section("monitoring", ["monitoring.HealthCheck", "monitoring.NotificationChannel"],
+                                description="Health checks and notification channels (their secrets too).")
+        register_backup_section("statistics", ["monitoring.CallStats"], optional=True,
+                                description="Per-minute call statistics (high volume; pruned after retention).")
         subscribe(CallFinished, stats.buffer.record)
         install_call_figures(StoredCallFigures())  # integrations' API, admin and commands show them
         alert_event.connect(notifications.on_alert_event, dispatch_uid="monitoring.notify_alert_event")

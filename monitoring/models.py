@@ -49,6 +49,9 @@ def _now(now: datetime | None) -> datetime:
 # -- call statistics ---------------------------------------------------------------------------
 
 class CallStatsQuerySet(models.QuerySet):
+    def get_by_natural_key(self, integration: str, minute) -> CallStats:
+        return self.get(integration__name=integration, minute=minute)
+
     def between(self, since: datetime, until: datetime) -> CallStatsQuerySet:
         return self.filter(minute__gte=since, minute__lt=until)
 
@@ -125,6 +128,11 @@ class CallStats(_Counters):
 
     def __str__(self) -> str:
         return f"{self.integration_id} @ {self.minute:%Y-%m-%d %H:%M}: {self.calls} calls"
+
+    def natural_key(self) -> tuple:
+        return (self.integration.name, self.minute)
+
+    natural_key.dependencies = ["integrations.integration"]
 
     def summary(self) -> dict:
         return describe({column: getattr(self, column) for column in (*COUNTER_COLUMNS, LATENCY_SUM_COLUMN)})
@@ -333,6 +341,9 @@ class SystemHealth(Alert):
 
 
 class HealthCheckQuerySet(models.QuerySet):
+    def get_by_natural_key(self, integration: str) -> HealthCheck:
+        return self.get(integration__name=integration)
+
     def due(self, now: datetime | None = None) -> list[HealthCheck]:
         """Enabled checks whose interval has passed since they last ran (or that never ran)."""
         now = _now(now)
@@ -384,6 +395,11 @@ class HealthCheck(models.Model):
 
     def __str__(self) -> str:
         return f"{self.integration.name}: {self.status}"
+
+    def natural_key(self) -> tuple[str]:
+        return (self.integration.name,)
+
+    natural_key.dependencies = ["integrations.integration"]
 
     def clean(self):
         if self.kind == self.HTTP and not self.url:
@@ -485,6 +501,11 @@ def _https_or_loopback(url: str) -> bool:
     return parts.scheme == "https" or parts.hostname in LOOPBACK_HOSTS
 
 
+class NotificationChannelManager(models.Manager):
+    def get_by_natural_key(self, name: str) -> NotificationChannel:
+        return self.get(name=name)
+
+
 class NotificationChannel(models.Model):
     """Where alerts are sent: an email list, a signed webhook or a Slack incoming webhook.
 
@@ -528,6 +549,8 @@ class NotificationChannel(models.Model):
     # Notifications suppressed by the rate limit since the last one sent, which says so.
     suppressed = models.PositiveIntegerField(default=0, editable=False)
 
+    objects = NotificationChannelManager()
+
     class Meta:
         ordering = ["name"]
         constraints = [
@@ -541,6 +564,11 @@ class NotificationChannel(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.kind})"
+
+    def natural_key(self) -> tuple[str]:
+        return (self.name,)
+
+    natural_key.dependencies = ["integrations.integration"]
 
     @property
     def hourly_cap(self) -> int:

@@ -199,5 +199,5 @@ def test_the_operator_is_named_by_uid_when_the_os_has_no_name_for_it(monkeypatch
 
 
 def test_the_subcommands_are_required_and_listed():
-    with pytest.raises(CommandError, match=r"\{status,breaker,schedules\}"):
+    with pytest.raises(CommandError, match=r"\{status,breaker,schedules,backup,restore\}"):
         call_command("resilience")

@@ -9,6 +9,7 @@ class DlqConfig(AppConfig):
 
     def ready(self):
         from integrations.resilience.events import DeadLetterRequested, subscribe
+        from integrations.backup import register_backup_section
         from integrations.schedules import register_schedule
 
         from . import tasks
@@ -18,6 +19,8 @@ class DlqConfig(AppConfig):
         from .subscriber import on_dead_letter_requested
 
         dlq_settings.register_check()
+        register_backup_section("dead_letters", ["dlq.DeadLetter"],
+                                description="Every dead letter: pending work, and the history of finished ones.")
 
         subscribe(DeadLetterRequested, on_dead_letter_requested)
         redrive_requested.connect(tasks.on_redrive_requested, dispatch_uid="dlq.queue_redrive")

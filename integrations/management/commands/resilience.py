@@ -21,6 +21,11 @@ Subcommands:
      own transition);
   3. print the breaker's new state.
 - ``schedules``: install every django-q schedule of the product (idempotent).
+- ``backup [--output FILE] [--include SECTION ...]``: the product's configuration and dead
+  letters as one JSON file (integrations/backup.py; the optional sections, e.g. ``statistics``,
+  only when included). Prints the rows per section on stderr.
+- ``restore FILE``: restores such a file all or nothing (the steps are integrations/backup.py's);
+  a bad file is refused naming what is wrong, and nothing is restored.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ import difflib
 import getpass
 import json
 import os
+import sys
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from integrations.backup import InvalidBackup, registered_sections, restore_backup, write_backup
 from integrations.models import BREAKER_ACTIONS, Integration
 from integrations.resilience import get_engine
 from integrations.resilience.breaker import CLOSED, OPEN
@@ -135,10 +142,10 @@ def find_integration(name: str) -> Integration:
 
 
 class Command(BaseCommand):
-    help = "Operate the resilience layer: status, breaker {reset,open,close} NAME, schedules."
+    help = "Operate the resilience layer: status, breaker {reset,open,close} NAME, schedules, backup, restore."
 
     def add_arguments(self, parser):
-        sub = parser.add_subparsers(dest="subcommand", required=True, metavar="{status,breaker,schedules}")
+        sub = parser.add_subparsers(dest="subcommand", required=True, metavar="{status,breaker,schedules,backup,restore}")
         status = sub.add_parser("status", help="Every integration's breaker, quota, success rate, p95 and cache.")
         status.add_argument("--json", action="store_true", help="Print the status as a JSON document.")
         breaker = sub.add_parser("breaker", help="Reset, force open or force close one integration's breaker.")
@@ -146,6 +153,13 @@ class Command(BaseCommand):
                              help="reset: normal mode, closed; open: forced open; close: forced closed.")
         breaker.add_argument("name", metavar="NAME", help="The integration's name.")
         sub.add_parser("schedules", help="Install every django-q schedule of the product (idempotent).")
+        backup = sub.add_parser("backup", help="Write the product's configuration and dead letters as JSON.")
+        backup.add_argument("--output", "-o", default="-", metavar="FILE", help="Where to write it (default: stdout).")
+        backup.add_argument("--include", nargs="+", default=[], metavar="SECTION",
+                            help="Optional sections to add: " + ", ".join(
+                                section.name for section in registered_sections() if section.optional) + ".")
+        restore = sub.add_parser("restore", help="Restore a backup, all or nothing (idempotent).")
+        restore.add_argument("file", metavar="FILE", help="A file written by `resilience backup` (- for stdin).")
 
     def handle(self, *args, subcommand, **options):
         return getattr(self, f"handle_{subcommand}")(**options)
@@ -195,3 +209,29 @@ class Command(BaseCommand):
         for spec, created in installed:
             verb = "installed" if created else "updated"
             self.stdout.write(f"{verb} {spec.name}: {spec.func} every {spec.minutes} min")
+
+    def handle_backup(self, output, include, **options):
+        try:
+            if output == "-":
+                counts = write_backup(self.stdout, include)
+            else:
+                with open(output, "w", encoding="utf-8") as stream:
+                    counts = write_backup(stream, include)
+        except InvalidBackup as error:
+            raise CommandError(str(error)) from None
+        self.stderr.write("backed up " + ", ".join(f"{name}: {count}" for name, count in counts.items())
+                          + ("" if output == "-" else f" to {output}"))
+
+    def handle_restore(self, file, **options):
+        try:
+            if file == "-":
+                report = restore_backup(sys.stdin)
+            else:
+                with open(file, encoding="utf-8") as stream:
+                    report = restore_backup(stream)
+        except OSError as error:
+            raise CommandError(f"Cannot read {file}: {error.strerror}.") from None
+        except InvalidBackup as error:
+            raise CommandError(f"{file}: {error} Nothing was restored.") from None
+        for line in report.lines():
+            self.stdout.write(line)
