@@ -130,6 +130,23 @@ def test_every_multi_key_script_call_is_in_one_cluster_slot(name):
     assert len(lua_api.RATE_LIMIT_KEYS) == 1
 
 
+def test_the_explicit_settings_choose_the_stores_redis_and_its_timeouts(settings):
+    if sentinel_primary() is None:
+        missing(f"the Sentinel service {SERVICE!r} on 127.0.0.1:26379-26381")
+    from integrations.resilience import execute, get_engine
+
+    settings.RESILIENCE_REDIS = {"sentinels": [f"{host}:{port}" for host, port in SENTINELS], "service_name": SERVICE}
+    settings.RESILIENCE_REDIS_CONNECT_TIMEOUT_S = 0.2
+    settings.RESILIENCE_REDIS_SOCKET_TIMEOUT_S = 0.3
+    get_engine().registry.put(Policy(name="explicit", hourly_limit=5))
+    assert execute("explicit", lambda: 1).ok
+    store = get_engine().store
+    pool = store.client.connection_pool
+    assert type(pool).__name__ == "SentinelConnectionPool" and pool.service_name == SERVICE
+    assert (pool.connection_kwargs["socket_connect_timeout"], pool.connection_kwargs["socket_timeout"]) == (0.2, 0.3)
+    assert store.quota_usage(Policy(name="explicit", hourly_limit=5)).hourly_used == 1
+
+
 # -- the fleet's promises on each topology ------------------------------------------------
 
 
