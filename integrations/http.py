@@ -169,12 +169,13 @@ def _options_for(request: httpx.Request) -> CallOptions | None:
     if options is None:
         return _UNSENT_ONLY
     if options.retry_if_error is None:
-        return dataclasses.replace(options, retry_if_error=_never_sent)
+        return dataclasses.replace(options, retry_if_error=_never_sent, hedge=False)
     asked = options.retry_if_error
-    return dataclasses.replace(options, retry_if_error=lambda error: _never_sent(error) and asked(error))
+    return dataclasses.replace(options, retry_if_error=lambda error: _never_sent(error) and asked(error), hedge=False)
 
 
-_UNSENT_ONLY = CallOptions(retry_if_error=_never_sent)
+# a request a second copy could repeat: retried only if it never left, never hedged
+_UNSENT_ONLY = CallOptions(retry_if_error=_never_sent, hedge=False)
 
 
 def _refuse_streaming(stream: bool) -> None:

@@ -61,6 +61,10 @@ class ScriptedUpstream:
         if path == "/slow":
             time.sleep(SLOW_S)
             return 200, {}, {"hits": n}
+        if path == "/slow-first":  # a slow replica first, a fast one after: what a hedge is for
+            if n == 1:
+                time.sleep(1.0)
+            return 200, {}, {"hits": n}
         return 404, {}, {"error": f"unscripted path {path}"}
 
 

@@ -224,6 +224,8 @@ EVERY_KNOB = {
     "jitter": False,
     "retry_on": "timeout,unknown",
     "retry_budget_percent": 15.0,
+    "hedge_delay_ms": 80,
+    "hedge_after_p95": True,
     "attempt_timeout_ms": 3_333,
     "timeout_ms": 44_444,
     "timeout_enforcement": "inline",

@@ -34,7 +34,11 @@ import functools
 import logging
 import random
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from typing import Any, Callable
 
 from ..errors import ErrorCategory, ResilienceError, classify
@@ -53,11 +57,13 @@ from .policy import BULKHEAD_ADAPTIVE, TIMEOUT_INLINE, Policy
 from .registry import PolicyRegistry
 from .retry import retry_delay_s, should_retry
 from .state import RETRY_BUDGET, LocalStore, StateStore
-from .timeouts import run_async, run_in_thread, run_inline
+from .timeouts import AttemptTimeout, abandon, run_async, run_in_thread, run_inline, submit
 
 logger = logging.getLogger("integrations.engine")
 
 LIVE = "live"
+HEDGE_SAMPLES = 200  # hedge_after_p95: the attempts the p95 is taken over
+HEDGE_MIN_SAMPLES = 20  # fewer seen: the fixed hedge delay
 CACHE = "cache"
 FALLBACK = "fallback"
 
@@ -94,11 +100,12 @@ class _Local:
     """What one process keeps per integration whatever the store: bulkhead, shedder, pool, cache counts."""
 
     __slots__ = ("bulkhead", "shedder", "_executor", "_executor_size", "lock", "cache_hits", "cache_misses",
-                 "adaptive")
+                 "adaptive", "latencies")
 
     def __init__(self, policy: Policy) -> None:
         self.bulkhead = Bulkhead(policy.max_concurrent)
         self.adaptive: AdaptiveLimit | None = None  # bulkhead_mode="adaptive": the limit it sets
+        self.latencies: deque[float] = deque(maxlen=HEDGE_SAMPLES)  # hedge_after_p95: recent attempts, s
         self.shedder = Shedder()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_size = 0
@@ -275,6 +282,38 @@ class _Call:
                 retry_after=round(wait, 3))
         return None
 
+    # -- hedging (hedge_delay_ms): a second attempt alongside a slow first one --
+
+    def hedging(self) -> bool:
+        return self.policy.hedge_delay_ms is not None and (self.options is None or self.options.hedge)
+
+    def hedge_delay_s(self) -> float:
+        """When the hedge starts: the fixed delay, or this process's p95 of recent attempts."""
+        samples = self.local.latencies
+        if self.policy.hedge_after_p95 and len(samples) >= HEDGE_MIN_SAMPLES:
+            return sorted(samples)[int(len(samples) * 0.95) - 1]
+        return self.policy.hedge_delay_ms / 1000
+
+    def hedge_permit(self):
+        """The store's permit for a hedge, counted as a retry (the retry budget); None when refused."""
+        permit = self.engine.store.acquire(self.policy, True)
+        for transition in permit.transitions:
+            self.engine.publish_transition(transition)
+        return permit if permit.allowed else None
+
+    def hedge_dropped(self, permit) -> None:
+        """An attempt that lost the race (still running, abandoned): it was made, it decides nothing."""
+        self.attempts += 1
+        self.engine.store.record(self.policy, permit, br.IGNORED, False, True)
+
+    def hedge_failed(self, permit, exc: BaseException, duration: float) -> None:
+        """One of two racing attempts failed while the other runs on: recorded, no retry decided."""
+        self.attempts += 1
+        self.durations.append(duration * 1000)
+        error = classify(exc, self.policy.name)
+        self._record(permit, br.FAILURE if error.category.counts_as_failure else br.IGNORED, duration,
+                     timed_out=error.category is ErrorCategory.TIMEOUT)
+
     def attempt_timeout(self, left: float) -> float:
         return min(self.policy.attempt_timeout_ms / 1000, left)
 
@@ -288,6 +327,8 @@ class _Call:
         self._record(permit, br.IGNORED if unwanted else br.SUCCESS, duration)
         # the latest outcome is the call's: this value, unless a retry it asks for ends otherwise
         self.ok, self.value, self.error, self.unwanted = True, value, None, unwanted
+        if self.policy.hedge_after_p95:
+            self.local.latencies.append(duration)
         if not unwanted or self.attempts > self.policy.max_retries:
             return None
         return self._delay_before_retry(None)
@@ -542,7 +583,8 @@ class Engine:
 
     def _attempts(self, call: _Call) -> None:
         policy, local, clock = call.policy, call.local, self.clock
-        inline = call.enforces_deadline or policy.timeout_enforcement == TIMEOUT_INLINE
+        hedging = call.hedging()  # two attempts at once: both in worker threads
+        inline = not hedging and (call.enforces_deadline or policy.timeout_enforcement == TIMEOUT_INLINE)
         bulkhead = local.bulkhead
         while True:
             left = call.deadline - clock.monotonic()
@@ -566,13 +608,17 @@ class Engine:
             span = None if call.trace is None else self.tracing.start_attempt(
                 call.trace, policy.name, call.attempts + 1, permit.trial)
             started = clock.monotonic()
+            owner = [permit]  # the permit whose attempt's outcome is the one recorded below
             try:
-                if inline:
+                if hedging:
+                    value = self._hedged(call, owner, timeout)
+                elif inline:
                     value = run_inline(call.fn, call.args, call.kwargs, timeout, bulkhead.release, clock.monotonic)
                 else:
                     value = run_in_thread(local.executor(policy), call.fn, call.args, call.kwargs, timeout,
                                           bulkhead.release)
             except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on below
+                permit = owner[0]
                 if span is not None:
                     self.tracing.end_attempt(span, exc, policy.name)
                 delay = call.failed(permit, exc, clock.monotonic() - started)
@@ -583,14 +629,65 @@ class Engine:
             except BaseException as exc:
                 if span is not None:
                     self.tracing.end_attempt(span, exc, policy.name)
-                call.abandoned(permit)
+                call.abandoned(owner[0])
                 raise
+            permit = owner[0]
             if span is not None:
                 self.tracing.end_attempt(span, None, policy.name)
             delay = call.succeeded(permit, value, clock.monotonic() - started)
             if delay is None:
                 return
             clock.sleep(delay)
+
+    def _hedged(self, call: _Call, owner: list, timeout: float):
+        """One attempt, and a second one alongside it if the first runs past the hedge delay: the first
+        success wins and the other is abandoned (it runs on in its thread, holding its bulkhead slot).
+
+        The hedge needs a free bulkhead slot at once and a store permit as a retry (the retry
+        budget); without them the first attempt runs on alone. ``owner[0]`` is set to the permit
+        of the attempt whose outcome is returned (or raised).
+        """
+        local, release = call.local, call.local.bulkhead.release
+        executor = local.executor(call.policy)
+        deadline = time.monotonic() + timeout
+        first = submit(executor, call.fn, call.args, call.kwargs, deadline, release)
+        done, _ = futures_wait([first], timeout=min(call.hedge_delay_s(), timeout))
+        hedge = None
+        if not done and time.monotonic() < deadline and local.bulkhead.try_acquire():
+            hedge = call.hedge_permit()
+            if hedge is None:
+                release()
+        if hedge is None:
+            try:
+                return first.result(max(deadline - time.monotonic(), 0))
+            except FutureTimeout:
+                abandon(first, release)
+                raise AttemptTimeout(timeout) from None
+        second = submit(executor, call.fn, call.args, call.kwargs, deadline, release)
+        started = {first: deadline - timeout, second: time.monotonic()}
+        pending = {first: owner[0], second: hedge}
+        while True:
+            done, _ = futures_wait(pending, timeout=max(deadline - time.monotonic(), 0), return_when=FIRST_COMPLETED)
+            if not done:  # neither ended in time: the earliest attempt running takes the TIMEOUT
+                timed_out = first if first in pending else second
+                owner[0] = pending[timed_out]
+                for future, permit in pending.items():
+                    abandon(future, release)
+                    if future is not timed_out:  # (permits may be one shared object: futures tell them apart)
+                        call.hedge_dropped(permit)
+                raise AttemptTimeout(timeout)
+            for future in done:
+                permit = pending.pop(future)
+                error = future.exception()
+                if error is not None and pending:  # the other may still succeed
+                    call.hedge_failed(permit, error, time.monotonic() - started[future])
+                    continue
+                owner[0] = permit
+                for other, other_permit in pending.items():
+                    abandon(other, release)
+                    call.hedge_dropped(other_permit)
+                pending.clear()
+                return future.result()
 
     # -- the async loop: the same steps, awaited ------------------------------
 

@@ -54,10 +54,13 @@ class CallOptions:
     max_retries: int | None = None
     retry_if_result: Callable[[Any], bool] | None = None
     retry_if_error: Callable[[Any], bool] | None = None
+    hedge: bool = True  # False: no hedged attempt for this call (a request a second copy must not repeat)
 
     def __post_init__(self) -> None:
         errors = {name: problem for name in _OVERRIDABLE
                   if getattr(self, name) is not None and (problem := _KNOBS[name].problem(getattr(self, name)))}
+        if not isinstance(self.hedge, bool):
+            errors["hedge"] = f"Expected true or false, got {self.hedge!r}."
         for name in ("retry_if_result", "retry_if_error"):
             value = getattr(self, name)
             if value is not None and not callable(value):

@@ -174,6 +174,12 @@ class Policy:
                          message="Name at least one category; to retry nothing, set max retries to 0.")
     retry_budget_percent: float | None = knob(20.0, RETRY, **_PERCENT,
                                               help="Retries allowed as a share (%) of calls; blank: no budget.")
+    # Hedging (Polly v8): an attempt still running after the delay gets a second, concurrent one
+    hedge_delay_ms: int | None = knob(None, RETRY, minimum=1,
+                                      help="Idempotent reads: a second attempt starts when the first has run this long "
+                                           "(the first success wins; it counts against the retry budget); blank: off.")
+    hedge_after_p95: bool = knob(False, RETRY, help="Hedge after this process's observed p95 attempt latency "
+                                                    "instead (hedge delay until 20 attempts were seen).")
     # Timeouts
     attempt_timeout_ms: int = knob(5_000, TIMEOUTS, minimum=1, help="One attempt.")
     timeout_ms: int = knob(30_000, TIMEOUTS, minimum=1, help="The whole call, retries included.")

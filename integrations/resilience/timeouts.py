@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
@@ -58,20 +58,25 @@ def run_inline(
     return value
 
 
+def submit(executor: ThreadPoolExecutor, fn: Callable, args: tuple, kwargs: dict, deadline: float,
+           release: Callable[[], None]) -> Future:
+    """Start one attempt in a worker thread, in the caller's context, with the attempt's deadline set."""
+    context = contextvars.copy_context()
+    return executor.submit(context.run, _in_attempt, deadline, fn, args, kwargs, release)
+
+
 def run_in_thread(
     executor: ThreadPoolExecutor, fn: Callable, args: tuple, kwargs: dict, timeout_s: float, release: Callable[[], None]
 ) -> Any:
-    deadline = time.monotonic() + timeout_s
-    context = contextvars.copy_context()
-    future = executor.submit(context.run, _in_attempt, deadline, fn, args, kwargs, release)
+    future = submit(executor, fn, args, kwargs, time.monotonic() + timeout_s, release)
     try:
         return future.result(timeout_s)
     except FutureTimeout:
-        _abandon(future, release)
+        abandon(future, release)
         raise AttemptTimeout(timeout_s) from None
 
 
-def _abandon(future, release: Callable[[], None]) -> None:
+def abandon(future, release: Callable[[], None]) -> None:
     # A running thread cannot be stopped: it finishes on its own and releases its
     # slot then. One that never started is cancelled here and its slot freed now.
     if future.cancel() or future.cancelled():
@@ -85,12 +90,11 @@ async def run_async(
     deadline = time.monotonic() + timeout_s
     if not is_coroutine:
         # a sync operation under aexecute: never block the event loop
-        context = contextvars.copy_context()
-        future = executor.submit(context.run, _in_attempt, deadline, fn, args, kwargs, release)
+        future = submit(executor, fn, args, kwargs, deadline, release)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except TimeoutError:
-            _abandon(future, release)
+            abandon(future, release)
             raise AttemptTimeout(timeout_s) from None
     token = _attempt_deadline.set(deadline)
     try:
