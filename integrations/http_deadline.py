@@ -8,7 +8,7 @@ http Client can run its attempts in the caller's thread (no hand-off to a
 worker thread) and still return by the deadline. What remains of an overrun:
 the resolver (``getaddrinfo`` is not bounded by a socket timeout) and the
 scheduling of the caller's thread. benchmarks/bench_http_client.py measures the
-cost of both ways and the overrun; tests/test_http_deadline.py tests that it ends.
+cost of both ways and the overrun; tests/integrations/test_http_deadline.py tests that it ends.
 
 Outside a guarded attempt the streams behave as httpcore's own.
 """

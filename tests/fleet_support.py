@@ -3,7 +3,7 @@
 Each process builds its own engine and RedisStore from a URL, as a gunicorn worker would;
 nothing is shared but Redis. The ``check_*`` functions are the fleet-wide promises (one trip
 per fleet, exactly ``half_open_max_calls`` trials, exactly the hourly limit of upstream calls);
-tests/test_shared_state.py runs them on the run's Redis, tests/test_redis_topologies.py on a
+tests/integrations/test_shared_state.py runs them on the run's Redis, tests/integrations/test_redis_topologies.py on a
 Cluster and a Sentinel service.
 """
 

@@ -1,4 +1,4 @@
-"""URLs for tests/test_inbound.py: API endpoints of its own, so the tests do not depend on the real API, and the
+"""URLs for tests/integrations/test_inbound.py: API endpoints of its own, so the tests do not depend on the real API, and the
 real admin."""
 
 from django.contrib import admin

@@ -1,4 +1,4 @@
-"""URLs for tests/test_inbound_views.py: views limited with ``@rate_limit`` and client key functions.
+"""URLs for tests/integrations/test_inbound_views.py: views limited with ``@rate_limit`` and client key functions.
 
 The key functions are importable by dotted path (``inbound_view_urls.organisation``), as a project's
 RESILIENCE_RATE_LIMIT_CLIENT_KEY names its own.

@@ -3,7 +3,7 @@
 Python builds every script's KEYS and ARGV here, from the names below in their order, and
 decodes every reply here into named fields; nothing else reads a position. Each script repeats
 its layout in a comment block at its top and names its arguments in the same order
-(tests/test_lua_api.py checks both against this module, and decodes replies of the real scripts).
+(tests/integrations/test_lua_api.py checks both against this module, and decodes replies of the real scripts).
 
 state.lua: one integration's breaker, half-open probe leases, retry budget and quota.
     KEYS   STATE_KEYS, one integration's keys: one hash tag ``{name}``, so one Redis Cluster slot.

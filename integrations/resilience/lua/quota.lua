@@ -3,7 +3,7 @@
 -- The breaker's closed-state decision is the caller's (it saw it closed
 -- moments ago); only the quota must be decided here, once for the fleet.
 -- Python builds the arguments and decodes the reply in lua_api.py only, by
--- the names below (tests/test_lua_api.py checks that they agree); the lease's
+-- the names below (tests/integrations/test_lua_api.py checks that they agree); the lease's
 -- size is rate_limit.LeaseBook's, as for the inbound rate limiter.
 --
 -- KEYS (state.lua's last two: the same hash tag {name}, one slot)

@@ -1,6 +1,6 @@
 -- A sliding-window log: at most `limit` requests in any `window_s` seconds, with leases.
 -- Python builds the arguments and decodes the reply in lua_api.py only, by the names
--- below (tests/test_lua_api.py checks that they agree); rate_limit.LeaseBook sizes leases.
+-- below (tests/integrations/test_lua_api.py checks that they agree); rate_limit.LeaseBook sizes leases.
 --
 -- KEYS
 --   1 window  the window's sorted set (member: a request id, score: when it was counted)

@@ -3,7 +3,7 @@
 -- tests run the breaker suite against both). Atomic: Redis runs a script
 -- alone, so a trip, a lease or a unit of quota is decided exactly once.
 -- Python builds the arguments and decodes the reply in lua_api.py only, by
--- the names below (tests/test_lua_api.py checks that they agree).
+-- the names below (tests/integrations/test_lua_api.py checks that they agree).
 --
 -- KEYS (one integration's, one hash tag {name}: one Redis Cluster slot)
 --   1 breaker       hash: state, counts, window, mode, policy revision

@@ -14,7 +14,7 @@ from monitoring.conf import WATCHDOG_DEFAULTS, metrics_settings, monitoring_sett
 ALL = (app_settings, dlq_settings, monitoring_settings, metrics_settings)
 pytestmark = pytest.mark.django_db  # check also runs the integrations' timeout checks
 
-REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
+REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
 
 
 def errors_naming(setting):

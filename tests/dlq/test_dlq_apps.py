@@ -39,6 +39,6 @@ def test_the_dlq_package_imports_no_model():
     code = ("import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'resilience_site.settings'); "
             "from integrations.dlq import DeadLetter, dead_letter_handler; print('ok')")
     # before django.setup(): importing a model would raise AppRegistryNotReady
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
     assert result.stdout.strip() == "ok", result.stderr

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import redis
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

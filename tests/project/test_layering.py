@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-INTEGRATIONS = Path(__file__).resolve().parent.parent / "integrations"
+INTEGRATIONS = Path(__file__).resolve().parents[2] / "integrations"
 
 
 def imported_modules(path: Path):

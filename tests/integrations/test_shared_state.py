@@ -2,7 +2,7 @@
 
 Each process builds its own engine and RedisStore, as a gunicorn worker
 would; nothing is shared but Redis (and the database). The fleet-wide checks
-(tests/fleet_support.py) run on Cluster and Sentinel too, in tests/test_redis_topologies.py.
+(tests/fleet_support.py) run on Cluster and Sentinel too, in tests/integrations/test_redis_topologies.py.
 """
 
 import shutil

@@ -32,7 +32,7 @@ from integrations.resilience import execute
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 60  # the longest any step may take before the test fails
 
 

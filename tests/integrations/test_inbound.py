@@ -36,7 +36,7 @@ from conftest import redis_url
 
 pytestmark = pytest.mark.urls("inbound_urls")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NEEDS_REDIS = "needs Redis: set REDIS_URL (the second run of .ci/run does)"
 FORK = multiprocessing.get_context("fork")
 

@@ -28,7 +28,7 @@ from fleet_support import (FORK, OwnRedis, check_a_trip_is_seen_by_another_store
                            check_half_open_admits_exactly_half_open_max_calls, check_one_trip_per_fleet, down,
                            engine_on, new_prefix)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOPOLOGIES = ROOT / ".ci" / "redis-topologies"
 CLUSTER_URL = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"
 SENTINELS = [("127.0.0.1", 26379), ("127.0.0.1", 26380), ("127.0.0.1", 26381)]

@@ -30,8 +30,8 @@ from integrations.resilience.leases import LEASE_TTL_S
 from integrations.resilience.events import SharedStateChanged
 from monitoring import metrics, metrics_scrape
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTS_DIR = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+TESTS_DIR = Path(__file__).resolve().parents[1]
 ALERT_RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"

@@ -24,7 +24,7 @@ from integrations.resilience import execute
 from monitoring import health_page
 from monitoring.models import CRITICAL, Alert, CallStats
 
-SCREENSHOT = Path(__file__).resolve().parent.parent / "artifacts" / "system-health.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "artifacts" / "system-health.png"
 
 pytestmark = pytest.mark.slow
 
