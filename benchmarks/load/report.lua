@@ -2,8 +2,9 @@
 -- Latencies are in microseconds, from wrk's own histogram of completed responses.
 -- status_errors counts responses with a status of 400 or more (wrk's own rule; the
 -- endpoints driven here answer 200 or an error, never a redirect).
+-- statuses.lua (the stress scenario) loads this file for report() and defines its own done().
 
-done = function(summary, latency, requests)
+function report(summary, latency)
   local e = summary.errors
   io.write(string.format(
     'LOADJSON {"duration_us": %d, "requests": %d, "bytes": %d, ' ..
@@ -13,4 +14,10 @@ done = function(summary, latency, requests)
     e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(95), latency:percentile(99),
     latency.max, latency.mean))
+end
+
+if done == nil then
+  done = function(summary, latency, requests)
+    report(summary, latency)
+  end
 end

@@ -1,6 +1,8 @@
 """The load benchmark, in one command: the real site under gunicorn, PostgreSQL and Redis, driven by wrk.
 
     .venv/bin/python benchmarks/load/run.py [--quick] [--repeat N] [--workers 4] [--profile]
+    .venv/bin/python benchmarks/load/run.py --scenario soak [--soak-minutes 10] [--sample-s 15]
+    .venv/bin/python benchmarks/load/run.py --scenario stress [--fail-rate 0.6] [--stress-connections ...]
 
 Steps, in order:
 
@@ -25,6 +27,24 @@ Steps, in order:
 7. Tears down: both gunicorn masters, the upstream, this run's Redis keys
    (prefix ``load`` in db 1). The PostgreSQL database ``load`` is kept, with its
    tables (the next run migrates it and resets its rows).
+
+Opt-in scenarios, each alone on one gunicorn master, into files of their own
+(soak.json and SOAK.md, stress.json and STRESS.md; results.json is left as it is):
+
+- ``--scenario soak``: steady load on /load/guarded/ (rate limits counted) for
+  --soak-minutes, as back-to-back wrk segments of --sample-s; after each, the
+  workers' RSS and open descriptors, Redis db 1's keys and the server's memory,
+  and the product tables' sizes and rows. Drift: the least-squares slope per
+  minute from the first minute on; the error rate; p95 segment by segment.
+- ``--scenario stress``: a baseline under the rate limit, then connections
+  stepped far past saturation (--stress-connections) twice, the upstream
+  degraded (upstream.py's /__fault: --degraded-fail-rate of 503s, --spike-rate
+  of --spike-ms latency spikes), then failing (--fail-rate of 503s), with a
+  real limit on /load/guarded/
+  (--stress-rate-limit per 10 s); then the faults removed and the baseline again
+  until two segments in a row are clean. wrk counts the statuses (statuses.lua).
+  It exits 1 unless only 200, 429 and the guarded view's 503 (naming a
+  category) were answered, no worker died or was replaced, and the site recovered.
 
 wrk is closed-loop: each connection sends its next request when the previous
 answer arrives, so "steady" is a fixed number of connections, and the rate is
@@ -60,8 +80,11 @@ ROOT = HERE.parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
 REPORT_LUA = HERE / "report.lua"
+STATUSES_LUA = HERE / "statuses.lua"
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"
+# The opt-in scenarios write files of their own, so they never replace the default run's figures.
+SCENARIO_FILES = {"soak": (HERE / "soak.json", HERE / "SOAK.md"), "stress": (HERE / "stress.json", HERE / "STRESS.md")}
 
 HOST = "127.0.0.1"
 PG_DATABASE = "load"
@@ -363,10 +386,11 @@ def preflight() -> str:
 # -- wrk -------------------------------------------------------------------------------------------
 
 
-def wrk_command(url: str, connections: int, duration_s: float, token: str | None = None) -> list[str]:
+def wrk_command(url: str, connections: int, duration_s: float, token: str | None = None,
+                script: Path = REPORT_LUA) -> list[str]:
     threads = min(2, connections)
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "5s",
-               "-s", str(REPORT_LUA.relative_to(ROOT))]
+               "-s", str(script.relative_to(ROOT))]
     if token:
         command += ["-H", f"Authorization: Token {token}"]
     return command + [url]
@@ -396,6 +420,7 @@ def finish_wrk(running: Running) -> dict:
     if running.proc.returncode != 0 or not match:
         raise RuntimeError(f"wrk failed ({shown(running.command)}):\n{output}")
     raw = json.loads(match.group(1))
+    counted = re.search(r"^STATUSJSON (\{.*\})$", output, re.MULTILINE)  # statuses.lua only
     duration_s = raw["duration_us"] / 1e6
     socket_errors = raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"]
     errors = raw["status_errors"] + socket_errors
@@ -415,6 +440,7 @@ def finish_wrk(running: Running) -> dict:
         "socket_errors": {"connect": raw["connect_errors"], "read": raw["read_errors"],
                           "write": raw["write_errors"], "timeout": raw["timeouts"]},
         "command": shown(running.command),
+        **(json.loads(counted.group(1)) if counted else {}),
     }
 
 
@@ -462,8 +488,9 @@ class Measure:
         return False
 
 
-def drive(stack: Stack, site: Site, path: str, connections: int, duration_s: float, token: bool = False) -> dict:
-    command = wrk_command(site.url + path, connections, duration_s, stack.token if token else None)
+def drive(stack: Stack, site: Site, path: str, connections: int, duration_s: float, token: bool = False,
+          script: Path = REPORT_LUA) -> dict:
+    command = wrk_command(site.url + path, connections, duration_s, stack.token if token else None, script)
     with Measure(stack, site) as measure:
         row = finish_wrk(start_wrk(command))
     row["cpu"] = measure.cpu
@@ -623,6 +650,341 @@ def one_run(stack: Stack, args, durations: Durations, number: int) -> dict:
     run["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     run["duration_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
     return run
+
+
+# -- soak and stress (opt-in: --scenario soak, --scenario stress) ---------------------------------
+
+# The product's tables in the database ``load`` (the apps' labels), sampled by the soak.
+PRODUCT_TABLES = r"^(integrations|dlq|monitoring)_"
+# Responses the site may give under stress: 200, the guarded view's 503 (a failed guarded call,
+# naming its category) and the rate limiter's 429. Anything else is a failure of the scenario.
+SHED_STATUSES = {"200", "429", "503"}
+# Lines of a gunicorn log that mean a worker died, hung or was replaced.
+WORKER_TROUBLE = re.compile(r"WORKER TIMEOUT|Worker exiting|Booting worker|was sent SIG|Traceback|Worker \(pid:\d+\)")
+
+
+def worker_pids(site: Site) -> list[int]:
+    return sorted(_children(site.proc.pid))
+
+
+def _status_kb(pid: int, field_name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def workers_sample(site: Site) -> dict:
+    """RSS and open file descriptors of each gunicorn worker (and their sums)."""
+    workers = {}
+    for pid in worker_pids(site):
+        try:
+            workers[pid] = {"rss_mb": round(_status_kb(pid, "VmRSS") / 1024, 2),
+                            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+        except FileNotFoundError:  # a worker that exited between the listing and the read
+            continue
+    return {"workers": workers,
+            "rss_mb": round(sum(w["rss_mb"] for w in workers.values()), 2),
+            "fds": sum(w["fds"] for w in workers.values())}
+
+
+def redis_sample() -> dict:
+    """This benchmark's keys (db 1) and their memory (MEMORY USAGE, sampled), and the whole
+    server's used memory (other engineers' runs use the server too)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(count=1000))
+        ours = sum(client.memory_usage(key) or 0 for key in keys)
+        return {"keys": len(keys), "keys_memory_mb": round(ours / 2**20, 3),
+                "used_memory_mb": round(client.info("memory")["used_memory"] / 2**20, 2)}
+    finally:
+        client.close()
+
+
+def postgres_sample() -> dict:
+    """Size on disk (with indexes and TOAST) and live rows of each product table of the database ``load``."""
+    query = ("SELECT relname, pg_total_relation_size(relid), n_live_tup FROM pg_stat_user_tables "
+             f"WHERE relname ~ '{PRODUCT_TABLES}' ORDER BY relname")
+    out = subprocess.run(["psql", "-h", HOST, "-U", "postgres", "-d", PG_DATABASE, "-tAF", "\t", "-c", query],
+                         capture_output=True, text=True, check=True).stdout
+    tables = {}
+    for line in out.strip().splitlines():
+        name, size, rows = line.split("\t")
+        tables[name] = {"bytes": int(size), "rows": int(rows)}
+    return {"tables": tables, "total_mb": round(sum(t["bytes"] for t in tables.values()) / 2**20, 3),
+            "rows": sum(t["rows"] for t in tables.values())}
+
+
+def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, value) points, per minute; None with fewer than 2 points."""
+    if len(points) < 2:
+        return None
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    if spread == 0:
+        return None
+    return 60 * sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+
+
+def _brief_load(row: dict) -> dict:
+    return {key: row[key] for key in ("connections", "duration_s", "requests", "rps", "p50_ms", "p95_ms", "p99_ms",
+                                      "max_ms", "errors", "error_rate", "non_2xx", "socket_errors",
+                                      "site_cpu_ms_per_request", "command")}
+
+
+def gunicorn_trouble(site: Site, since: int) -> list[str]:
+    """The lines of the site's gunicorn log after byte ``since`` that say a worker died or was replaced."""
+    with open(site.log_path, "rb") as log_file:
+        log_file.seek(since)
+        text = log_file.read().decode(errors="replace")
+    return [line for line in text.splitlines() if WORKER_TROUBLE.search(line)]
+
+
+def soak(stack: Stack, site: Site, args) -> dict:
+    """Steady load for --soak-minutes, as back-to-back wrk segments of --sample-s; after each, the
+    workers' RSS and descriptors, Redis and the product tables are sampled. Drift is the least-squares
+    slope per minute over the samples after the first minute (the rate-limit log's window fills in it)."""
+    connections, total_s, every_s = args.soak_connections, args.soak_minutes * 60, args.sample_s
+    drive(stack, site, GUARDED_PATH, 8, 5)  # warm-up, not recorded
+    pids_before = worker_pids(site)
+    log_offset = site.log_path.stat().st_size
+    started = time.monotonic()
+    samples = [{"t_s": 0.0, "process": workers_sample(site), "redis": redis_sample(), "postgres": postgres_sample()}]
+    while (segment_s := int(min(every_s, total_s - (time.monotonic() - started)))) >= 1:  # wrk takes whole seconds
+        row = drive(stack, site, GUARDED_PATH, connections, segment_s)
+        sample = {"t_s": round(time.monotonic() - started, 1), "load": _brief_load(row),
+                  "process": workers_sample(site), "redis": redis_sample(), "postgres": postgres_sample()}
+        samples.append(sample)
+        log(f"soak   t={sample['t_s']:5.0f}s {row['rps']:.0f} req/s p95 {row['p95_ms']:.1f} ms errors {row['errors']}; "
+            f"workers RSS {sample['process']['rss_mb']:.1f} MB fds {sample['process']['fds']}; redis keys "
+            f"{sample['redis']['keys']}; tables {sample['postgres']['total_mb']:.2f} MB")
+    loads = [sample["load"] for sample in samples[1:]]
+    requests = sum(row["requests"] for row in loads)
+    errors = sum(row["errors"] for row in loads)
+    settled = [sample for sample in samples if sample["t_s"] >= 60] or samples
+
+    def drift(value) -> float | None:
+        slope = slope_per_minute([(sample["t_s"], value(sample)) for sample in settled])
+        return None if slope is None else round(slope, 4)
+
+    third = max(1, len(loads) // 3)
+    return {
+        "connections": connections, "minutes": args.soak_minutes, "sample_s": every_s,
+        "duration_s": round(time.monotonic() - started, 1),
+        "requests": requests, "errors": errors, "error_rate": round(errors / requests, 6) if requests else 0.0,
+        "rps_mean": round(statistics.fmean(row["rps"] for row in loads), 1),
+        "p95_ms": {"first_third_median": statistics.median(row["p95_ms"] for row in loads[:third]),
+                   "last_third_median": statistics.median(row["p95_ms"] for row in loads[-third:]),
+                   "max": max(row["p95_ms"] for row in loads)},
+        "drift_per_minute": {
+            "workers_rss_mb": drift(lambda sample: sample["process"]["rss_mb"]),
+            "workers_fds": drift(lambda sample: sample["process"]["fds"]),
+            "redis_keys": drift(lambda sample: sample["redis"]["keys"]),
+            "redis_keys_memory_mb": drift(lambda sample: sample["redis"]["keys_memory_mb"]),
+            "redis_used_memory_mb": drift(lambda sample: sample["redis"]["used_memory_mb"]),
+            "product_tables_mb": drift(lambda sample: sample["postgres"]["total_mb"]),
+            "product_table_rows": drift(lambda sample: sample["postgres"]["rows"]),
+        },
+        "drift_from_s": settled[0]["t_s"],
+        "workers_replaced": pids_before != worker_pids(site),
+        "gunicorn_trouble": gunicorn_trouble(site, log_offset),
+        "samples": samples,
+    }
+
+
+def set_upstream_faults(stack: Stack, **faults: float) -> dict:
+    query = "&".join(f"{name}={value:g}" for name, value in faults.items())
+    with urllib.request.urlopen(f"http://{HOST}:{stack.upstream_port}/__fault?{query}", timeout=5) as response:
+        return json.loads(response.read())
+
+
+def stress(stack: Stack, site: Site, args) -> dict:
+    """A healthy baseline; then connections step far past saturation twice, the upstream degraded
+    (--degraded-fail-rate of 503s, under the breaker's threshold, and --spike-rate of --spike-ms
+    spikes), then failing (--fail-rate of 503s); then the faults removed and the
+    baseline load again until two segments in a row are clean (no 503: only 200 and the rate
+    limit's 429; p95 within the target or twice the baseline's). What must hold: only 200, 429 and the guarded 503 (naming its category),
+    no worker replaced or dead, and recovery."""
+    baseline_c, step_s = args.stress_baseline_connections, args.stress_step_s
+    set_upstream_faults(stack, fail_rate=0, spike_rate=0, spike_ms=0)
+    drive(stack, site, GUARDED_PATH, baseline_c, 5)  # warm-up, not recorded
+    pids_before = worker_pids(site)
+    log_offset = site.log_path.stat().st_size
+    phases = []
+
+    def phase(name: str, connections: int, duration_s: float) -> dict:
+        row = drive(stack, site, GUARDED_PATH, connections, duration_s, script=STATUSES_LUA)
+        row["phase"] = name
+        row["t_s"] = round(time.monotonic() - started, 1)
+        phases.append(row)
+        log(f"stress {name:9s} c={connections:<5d} {row['rps']:.0f} req/s p95 {row['p95_ms']:.1f} ms; statuses "
+            f"{row.get('statuses')} 503 by category {row.get('categories_503')}; socket errors {row['socket_errors']}")
+        return row
+
+    started = time.monotonic()
+    baseline = phase("baseline", baseline_c, step_s)
+    faults = {
+        # failing under the breaker's rate threshold, and slow now and then: retries and slow calls
+        "degraded": {"fail_rate": args.degraded_fail_rate, "spike_rate": args.spike_rate, "spike_ms": args.spike_ms},
+        # failing past it: the breaker opens and sheds
+        "failing": {"fail_rate": args.fail_rate, "spike_rate": 0, "spike_ms": 0},
+    }
+    fault_on_at = time.monotonic()
+    for stage, stage_faults in faults.items():
+        set_upstream_faults(stack, **stage_faults)
+        for connections in args.stress_connections:
+            phase(stage, connections, step_s)
+    set_upstream_faults(stack, fail_rate=0, spike_rate=0, spike_ms=0)
+    fault_off_at = time.monotonic()
+    p95_bound = max(P95_TARGET_MS, 2 * baseline["p95_ms"])
+    clean_in_a_row, recovered_after_s = 0, None
+    while time.monotonic() - fault_off_at < args.recovery_max_s:
+        row = phase("recovery", baseline_c, args.recovery_step_s)
+        # clean: no 503 (the guarded call succeeds again); a 429 is the inbound limit doing its job for the
+        # one client wrk is, not a failure of the site
+        answered = row.get("statuses", {})
+        clean = (set(answered) <= {"200", "429"} and answered.get("200", 0) > 0 and not row["errors"]
+                 and row["p95_ms"] < p95_bound)
+        if clean and clean_in_a_row == 0:
+            # When the first clean segment began, counted from when the faults stopped.
+            recovered_after_s = round(time.monotonic() - fault_off_at - row["duration_s"], 1)
+        clean_in_a_row = clean_in_a_row + 1 if clean else 0
+        if not clean:
+            recovered_after_s = None
+        if clean_in_a_row == 2:
+            break
+    statuses: dict[str, int] = {}
+    categories: dict[str, int] = {}
+    for row in phases:
+        for key, count in row.get("statuses", {}).items():
+            statuses[key] = statuses.get(key, 0) + count
+        for key, count in row.get("categories_503", {}).items():
+            categories[key] = categories.get(key, 0) + count
+    unexpected = {key: count for key, count in statuses.items() if key not in SHED_STATUSES}
+    socket_errors = {kind: sum(row["socket_errors"][kind] for row in phases) for kind in phases[0]["socket_errors"]}
+    trouble = gunicorn_trouble(site, log_offset)
+    checks = {
+        "only_200_429_and_guarded_503": not unexpected and not categories.get("none"),
+        "no_worker_replaced": pids_before == worker_pids(site) and not trouble,
+        "recovered": clean_in_a_row == 2,
+    }
+    return {
+        "baseline_connections": baseline_c, "stress_connections": list(args.stress_connections), "step_s": step_s,
+        "faults": faults, "rate_limit": site.rate_limits.get("load"),
+        "fault_on_s": round(fault_off_at - fault_on_at, 1),
+        "statuses": statuses, "categories_503": categories, "unexpected_statuses": unexpected,
+        "socket_errors": socket_errors, "recovered_after_s": recovered_after_s, "recovery_p95_bound_ms": p95_bound,
+        "gunicorn_trouble": trouble, "checks": checks, "passed": all(checks.values()), "phases": phases,
+    }
+
+
+def _scenario_header(scenario: str, meta: dict) -> str:
+    return (f"# {scenario.title()} results\n\nGenerated by `benchmarks/load/run.py --scenario {scenario}`; do not "
+            f"edit by hand.\n\nProduced by `{meta['command']}` on {meta['generated_at']} ({meta['cpus']} cores, "
+            f"Python {meta['python']}, {meta['wrk']}; load average at the start "
+            f"{' '.join(map(str, meta['loadavg_at_start']))}). The site: {meta['site']}. ")
+
+
+def soak_markdown(meta: dict, result: dict) -> str:
+    drift, p95 = result["drift_per_minute"], result["p95_ms"]
+
+    def per_min(value, unit):
+        return "n/a" if value is None else f"{value:+.3f} {unit}/min"
+
+    first, last = result["samples"][0], result["samples"][-1]
+    out = [
+        _scenario_header("soak", meta),
+        "Rate limits on (every request counted in Redis). "
+        f"{result['connections']} connections on `{GUARDED_PATH}` for {result['duration_s']:.0f} s, as wrk "
+        f"segments of {result['sample_s']} s back to back; after each, the workers' RSS and open descriptors "
+        "(/proc), Redis db 1's keys and the server's used memory (shared with other engineers' runs), and the "
+        f"product tables of the database `{PG_DATABASE}` (size with indexes, live rows) were sampled.\n\n",
+        "## Summary\n\n",
+        f"- {result['requests']:,} requests, {result['errors']} errors ({result['error_rate']:.3%}); "
+        f"{result['rps_mean']:.0f} req/s on average.\n",
+        f"- p95: median {p95['first_third_median']:.1f} ms in the first third, {p95['last_third_median']:.1f} ms "
+        f"in the last third; worst segment {p95['max']:.1f} ms.\n",
+        f"- Drift (least-squares slope per minute, samples from t = {result['drift_from_s']:.0f} s on): workers' "
+        f"RSS {per_min(drift['workers_rss_mb'], 'MB')} (all workers together; {first['process']['rss_mb']:.1f} MB "
+        f"at the start, {last['process']['rss_mb']:.1f} MB at the end), open descriptors "
+        f"{per_min(drift['workers_fds'], 'fds')} ({first['process']['fds']} to {last['process']['fds']}), Redis "
+        f"keys {per_min(drift['redis_keys'], 'keys')} ({first['redis']['keys']} to {last['redis']['keys']}), "
+        f"their memory {per_min(drift['redis_keys_memory_mb'], 'MB')} ({first['redis']['keys_memory_mb']:.2f} to "
+        f"{last['redis']['keys_memory_mb']:.2f} MB), the Redis server's used memory (all its users) "
+        f"{per_min(drift['redis_used_memory_mb'], 'MB')}, product tables "
+        f"{per_min(drift['product_tables_mb'], 'MB')} ({first['postgres']['total_mb']:.2f} to "
+        f"{last['postgres']['total_mb']:.2f} MB; rows {per_min(drift['product_table_rows'], 'rows')}, "
+        f"{first['postgres']['rows']} to {last['postgres']['rows']}: the call statistics add one row per "
+        "integration and minute).\n",
+        f"- Workers replaced during the soak: {'yes' if result['workers_replaced'] else 'no'}; gunicorn log lines "
+        f"about dead or replaced workers: {len(result['gunicorn_trouble'])}.\n\n",
+        "## Samples\n\n",
+        "| t (s) | req/s | p50 ms | p95 ms | p99 ms | errors | site CPU ms/req | workers RSS MB | fds | redis keys "
+        "| their MB | redis server MB | tables MB |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    ]
+    for sample in result["samples"]:
+        row = sample.get("load")
+        cells = (f"{row['rps']:.0f} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | "
+                 f"{row['errors']} | {row['site_cpu_ms_per_request']:.2f}" if row else "start | | | | |")
+        out.append(f"| {sample['t_s']:.0f} | {cells} | {sample['process']['rss_mb']:.1f} | {sample['process']['fds']} "
+                   f"| {sample['redis']['keys']} | {sample['redis']['keys_memory_mb']:.2f} "
+                   f"| {sample['redis']['used_memory_mb']:.1f} "
+                   f"| {sample['postgres']['total_mb']:.2f} |\n")
+    out.append("\n## Product tables, first and last sample\n\n| table | bytes at start | bytes at end | rows at start "
+               "| rows at end |\n| --- | --- | --- | --- | --- |\n")
+    for name, end in last["postgres"]["tables"].items():
+        begin = first["postgres"]["tables"].get(name, {"bytes": 0, "rows": 0})
+        out.append(f"| `{name}` | {begin['bytes']:,} | {end['bytes']:,} | {begin['rows']:,} | {end['rows']:,} |\n")
+    if result["samples"][1:]:
+        out.append(f"\nCommand of each segment: `{result['samples'][1]['load'].get('command', '')}`\n")
+    return "".join(out)
+
+
+def stress_markdown(meta: dict, result: dict) -> str:
+    limit, degraded, failing = result["rate_limit"], result["faults"]["degraded"], result["faults"]["failing"]
+    out = [
+        _scenario_header("stress", meta),
+        f"A real rate limit on `{GUARDED_PATH}` "
+        f"({limit['limit']} requests per {limit['window_s']:g} s for the one client wrk is). Phases: a baseline of "
+        f"{result['baseline_connections']} connections; then connections step "
+        f"{', '.join(map(str, result['stress_connections']))} ({result['step_s']} s each) twice, with the upstream "
+        f"degraded ({degraded['fail_rate']:.0%} of its answers 503, under the breaker's 50 % threshold, and "
+        f"{degraded['spike_rate']:.0%} delayed {degraded['spike_ms']:g} ms), then failing ({failing['fail_rate']:.0%} "
+        "of its answers 503); then the faults "
+        "removed and the baseline load again until two segments in a row are clean (no 503: only 200 and the "
+        "rate limit's 429, p95 under "
+        f"{result['recovery_p95_bound_ms']:.0f} ms). Statuses are counted by wrk (statuses.lua); a 503 is the "
+        "guarded view's (a failed guarded call, named by its category) or \"none\".\n\n",
+        "## Checks\n\n",
+    ]
+    for name, held in result["checks"].items():
+        out.append(f"- {name.replace('_', ' ')}: **{'yes' if held else 'NO'}**\n")
+    out.append(f"\nAll responses: {result['statuses']}; the 503s by category: {result['categories_503']}; socket "
+               f"errors: {result['socket_errors']}. Recovered "
+               + (f"{result['recovered_after_s']:.0f} s after the faults stopped" if result["recovered_after_s"] is not None
+                  else "not within the bound")
+               + f" (the breaker's reset timeout is the external_api preset's 30 s). gunicorn log lines about dead or "
+               f"replaced workers: {len(result['gunicorn_trouble'])}.\n\n")
+    out.append("## Phases\n\n| phase | t (s) | connections | req/s | p50 ms | p95 ms | p99 ms | 200 | 429 | 503 (by category) "
+               "| other statuses | socket errors | site CPU ms/req |\n"
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    for row in result["phases"]:
+        statuses = dict(row.get("statuses", {}))
+        ok, limited, shed = statuses.pop("200", 0), statuses.pop("429", 0), statuses.pop("503", 0)
+        categories = ", ".join(f"{key} {count}" for key, count in sorted(row.get("categories_503", {}).items()))
+        socket_errors = ", ".join(f"{kind} {count}" for kind, count in row["socket_errors"].items() if count) or "0"
+        per_request = row["site_cpu_ms_per_request"]
+        out.append(f"| {row['phase']} | {row['t_s']:.0f} | {row['connections']} | {row['rps']:.0f} | {row['p50_ms']:.1f} "
+                   f"| {row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {ok} | {limited} | {shed}"
+                   f"{f' ({categories})' if categories else ''} | {statuses or ''} | {socket_errors} "
+                   f"| {'' if per_request is None else f'{per_request:.2f}'} |\n")
+    out.append(f"\nCommand per phase: `{result['phases'][0]['command']}`, with -c (and -t, at most 2) set to the "
+               "phase's connections.\n")
+    return "".join(out)
 
 
 # -- profiling (--profile) -------------------------------------------------------------------------
@@ -884,6 +1246,55 @@ def serve(stack: Stack) -> None:
 # -- main ------------------------------------------------------------------------------------------
 
 
+def scenario_meta(args, argv, wrk_version: str, rate_limits: dict) -> dict:
+    return {
+        "command": " ".join([".venv/bin/python", "benchmarks/load/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "wrk": wrk_version,
+        "site": (f"gunicorn -c deploy/gunicorn.conf.py, {args.workers} {args.worker_class} workers"
+                 + (f" x {args.threads} threads" if args.worker_class == "gthread" else "")
+                 + ", DEBUG=0, settings benchmarks.load.settings"),
+        "rate_limits": rate_limits,
+        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def run_scenario(args, argv) -> int:
+    """--scenario soak or stress: one site, that scenario, its own output files (SCENARIO_FILES)."""
+    wrk_version = preflight()
+    if args.scenario == "stress":
+        rate_limits = {**RATE_LIMITS_ON, "load": {**RATE_LIMITS_ON["load"], "limit": args.stress_rate_limit,
+                                                  "window_s": 10}}
+    else:
+        rate_limits = RATE_LIMITS_ON
+    meta = scenario_meta(args, argv, wrk_version, rate_limits)
+    workdir = Path(tempfile.mkdtemp(prefix=f"resilience-{args.scenario}-"))
+    stack = Stack(args, workdir)
+    try:
+        stack.start_upstream()
+        stack.prepare_database()
+        site = stack.start_site(args.scenario, rate_limits)
+        result = soak(stack, site, args) if args.scenario == "soak" else stress(stack, site, args)
+    finally:
+        stack.close()
+        log(f"stopped gunicorn and the upstream; logs in {workdir}")
+    meta["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    json_path, md_path = SCENARIO_FILES[args.scenario]
+    if not args.no_write:
+        json_path.write_text(json.dumps({"meta": meta, args.scenario: result}, indent=2) + "\n")
+        md_path.write_text((soak_markdown if args.scenario == "soak" else stress_markdown)(meta, result))
+        log(f"wrote {json_path.relative_to(ROOT)} and {md_path.relative_to(ROOT)}")
+    if args.scenario == "soak":
+        log(f"soak: {result['requests']} requests, error rate {result['error_rate']:.3%}, p95 "
+            f"{result['p95_ms']}, drift per minute {result['drift_per_minute']}")
+        return 0
+    log(f"stress: checks {result['checks']}; statuses {result['statuses']}; recovered after "
+        f"{result['recovered_after_s']} s")
+    return 0 if result["passed"] else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke test, not figures)")
@@ -902,7 +1313,32 @@ def main(argv=None) -> int:
                         help="start the stack, print its URLs and the token, and wait for SIGINT/SIGTERM")
     parser.add_argument("--rewrite-report", action="store_true",
                         help="rewrite RESULTS.md from results.json, run nothing")
+    parser.add_argument("--scenario", choices=("default", "soak", "stress"), default="default",
+                        help="default: the scenarios above, into results.json and RESULTS.md; soak or stress: "
+                             "that scenario alone, into soak.json and SOAK.md or stress.json and STRESS.md")
+    parser.add_argument("--soak-minutes", type=float, default=10.0, help="the soak's length (default 10)")
+    parser.add_argument("--soak-connections", type=int, default=32, help="the soak's connections (default 32)")
+    parser.add_argument("--sample-s", type=float, default=15.0, help="the soak's sampling interval (default 15 s)")
+    parser.add_argument("--stress-baseline-connections", type=int, default=2,
+                        help="before and after the faults (default 2: under the rate limit)")
+    parser.add_argument("--stress-connections", type=lambda text: tuple(int(c) for c in text.split(",")),
+                        default=(64, 128, 256, 512, 1024), help="the steps under faults (default 64,128,256,512,1024)")
+    parser.add_argument("--stress-step-s", type=float, default=15.0, help="each stress phase (default 15 s)")
+    parser.add_argument("--stress-rate-limit", type=int, default=8000,
+                        help="the stress site's limit on /load/guarded/ per 10 s for the one client (default 8000)")
+    parser.add_argument("--degraded-fail-rate", type=float, default=0.2,
+                        help="the upstream's share of 503s in the degraded stage (default 0.2)")
+    parser.add_argument("--spike-rate", type=float, default=0.05,
+                        help="the upstream's share of latency spikes in the degraded stage (default 0.05)")
+    parser.add_argument("--spike-ms", type=float, default=1500.0, help="a latency spike (default 1500 ms)")
+    parser.add_argument("--fail-rate", type=float, default=0.6,
+                        help="the upstream's share of 503s in the failing stage (default 0.6)")
+    parser.add_argument("--recovery-step-s", type=float, default=5.0, help="each recovery segment (default 5 s)")
+    parser.add_argument("--recovery-max-s", type=float, default=120.0,
+                        help="how long recovery may take before the stress fails (default 120 s)")
     args = parser.parse_args(argv)
+    if args.scenario != "default":
+        return run_scenario(args, argv)
     durations = QUICK if args.quick else FULL
     if args.rewrite_report:
         results = json.loads(RESULTS_JSON.read_text())
