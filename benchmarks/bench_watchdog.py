@@ -13,9 +13,10 @@ Steps:
    every 20th has an error spike, every 25th slow calls, every 30th a traffic
    spike, every 40th is served by fallbacks, every 50th is near its hourly
    quota and every 60th has had its breaker open for 20 minutes;
-3. time ``monitoring.watchdog.run(now)``: the first run raises every alert,
-   the later ones (``--runs``, default 5) find the same conditions and count
-   occurrences (the steady state, every minute). Target: < 2 s per run;
+3. time ``monitoring.watchdog.run(now)``: the first run raises every alert
+   and sums the day's earlier hours, the later ones (``--runs``, default 5)
+   find the same conditions and count occurrences (the steady state, every
+   minute). Target: < 1 s per run, the first included;
 4. time the CallFinished subscriber (``StatsBuffer.record``) per call, for a
    success, a failure served by a fallback and a refusal (best of 5 loops of
    200,000 calls);
@@ -54,7 +55,7 @@ from monitoring.models import Alert, CallStats  # noqa: E402
 
 NOW = datetime(2026, 1, 5, 12, 30, tzinfo=timezone.utc)
 MINUTES = 24 * 60
-TARGET_S = 2.0
+TARGET_S = 1.0
 SUBSCRIBER_CALLS = 200_000
 
 

@@ -46,6 +46,11 @@ def _now(now: datetime | None) -> datetime:
     return now or timezone.now()
 
 
+def _check_severity(severity: str) -> None:
+    if severity not in SEVERITY_RANK:
+        raise ValueError(f"unknown alert severity {severity!r}; expected one of {', '.join(SEVERITY_RANK)}")
+
+
 # -- call statistics ---------------------------------------------------------------------------
 
 class CallStatsQuerySet(models.QuerySet):
@@ -236,8 +241,7 @@ class Alert(models.Model):
         same alert at once end with one alert: the constraint refuses the
         second insert, which then updates the first.
         """
-        if severity not in SEVERITY_RANK:
-            raise ValueError(f"unknown alert severity {severity!r}; expected one of {', '.join(SEVERITY_RANK)}")
+        _check_severity(severity)
         now = _now(now)
         details = details or {}
         with transaction.atomic():
@@ -256,20 +260,72 @@ class Alert(models.Model):
                 else:
                     alert._notify_after_commit(cls.NEW)
                     return alert, cls.NEW
-            change = cls.ESCALATED if SEVERITY_RANK[severity] > SEVERITY_RANK[alert.severity] else cls.REPEATED
-            alert.occurrences += 1
-            alert.last_seen = now
-            alert.message = message[:500]
-            alert.details = details
-            fields = ["occurrences", "last_seen", "message", "details"]
-            if change == cls.ESCALATED:
-                alert.severity = severity
-                alert.status = cls.OPEN  # an acknowledgement was of the milder condition
-                fields += ["severity", "status"]
-            alert.save(update_fields=fields)
+            change = alert._repeat(severity, message, details, now)
+            alert.save(update_fields=cls.REPEAT_FIELDS if change == cls.ESCALATED else cls.REPEAT_FIELDS[:4])
             if change == cls.ESCALATED:
                 alert._notify_after_commit(cls.ESCALATED)
         return alert, change
+
+    # What a repeat writes: the first four always, severity and status when it escalates.
+    REPEAT_FIELDS = ("occurrences", "last_seen", "message", "details", "severity", "status")
+
+    def _repeat(self, severity: str, message: str, details: dict, now: datetime) -> str:
+        """One more occurrence of this active alert, in memory: ESCALATED (re-opened) when worse, else REPEATED."""
+        self.occurrences += 1
+        self.last_seen = now
+        self.message = message[:500]
+        self.details = details
+        if SEVERITY_RANK[severity] <= SEVERITY_RANK[self.severity]:
+            return self.REPEATED
+        self.severity = severity
+        self.status = self.OPEN  # an acknowledgement was of the milder condition
+        return self.ESCALATED
+
+    @classmethod
+    def raise_or_update_many(cls, findings, now: datetime | None = None) -> list[tuple[Alert, str]]:
+        """``raise_or_update`` of each finding in turn, in one transaction and three statements.
+
+        Each finding has ``kind``, ``severity``, ``message``, ``integration`` and
+        ``details`` (a ``watchdog.Finding``); the answer is (alert, what happened)
+        per finding, in order. The active alerts of their kinds are read (and
+        locked) at once, the new ones inserted at once and the others updated
+        at once (in batches where the database limits a statement's size).
+        When another process raised one of the new alerts meanwhile, the
+        insert is refused and every finding goes through ``raise_or_update``.
+        """
+        findings = list(findings)
+        for finding in findings:
+            _check_severity(finding.severity)
+        now = _now(now)
+        with transaction.atomic():
+            active = {(alert.kind, alert.integration_id): alert for alert in cls.objects.select_for_update()
+                      .active().filter(kind__in={finding.kind for finding in findings})}
+            outcomes, new, repeated = [], [], {}
+            for finding in findings:
+                key = (finding.kind, finding.integration.pk if finding.integration is not None else None)
+                alert = active.get(key)
+                if alert is None:
+                    alert = active[key] = cls(kind=finding.kind, severity=finding.severity,
+                                              integration=finding.integration, message=finding.message[:500],
+                                              details=finding.details or {}, first_seen=now, last_seen=now)
+                    new.append(alert)
+                    outcomes.append((alert, cls.NEW))
+                    continue
+                outcomes.append((alert, alert._repeat(finding.severity, finding.message, finding.details or {}, now)))
+                if alert.pk is not None:  # else a repeat, in this batch, of one of the new ones
+                    repeated[alert.pk] = alert
+            try:
+                with transaction.atomic():
+                    cls.objects.bulk_create(new)
+            except IntegrityError:
+                return [cls.raise_or_update(finding.kind, finding.severity, finding.message,
+                                            integration=finding.integration, details=finding.details, now=now)
+                        for finding in findings]
+            cls.objects.bulk_update(repeated.values(), cls.REPEAT_FIELDS)
+            for alert, change in outcomes:
+                if change in (cls.NEW, cls.ESCALATED):
+                    alert._notify_after_commit(change)
+        return outcomes
 
     @classmethod
     def _active_for_update(cls, kind: str, integration: Integration | None) -> Alert | None:

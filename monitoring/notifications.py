@@ -269,11 +269,14 @@ def on_alert_event(sender, *, alert_id: int, event: str, **kwargs) -> list[Deliv
 
 def notify_all(alert_id: int, event: str) -> list[Delivery]:
     """Send an alert event to every enabled channel that takes its severity (called after commit)."""
+    channels = list(NotificationChannel.objects.filter(enabled=True).select_related("integration"))
+    if not channels:
+        return []  # a watchdog run raising many alerts reads nothing more
     alert = Alert.objects.select_related("integration").filter(pk=alert_id).first()
     if alert is None:
         return []  # deleted before its notification went out
     deliveries = []
-    for channel in NotificationChannel.objects.filter(enabled=True).select_related("integration"):
+    for channel in channels:
         delivery = notify(channel, alert, event)
         if delivery is not None:
             deliveries.append(delivery)

@@ -8,9 +8,11 @@ from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from integrations.models import Integration
 from monitoring.models import CRITICAL, WARNING, Alert, CallStats, HealthCheck, NotificationChannel
+from monitoring.watchdog import Finding
 
 pytestmark = pytest.mark.django_db
 
@@ -112,6 +114,143 @@ def test_open_counts_by_severity_list_every_severity(billing, operator):
     assert Alert.objects.open_counts_by_severity() == {WARNING: 0, CRITICAL: 0}
 
 
+def at_once(work, threads):
+    """Run ``work`` in that many threads started together, each on its own database connection."""
+    start = threading.Barrier(threads)
+
+    def worker():
+        start.wait()
+        try:
+            work()
+        finally:
+            connection.close()
+
+    running = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join(60)
+
+
+# -- many alerts at once (the watchdog's path) -----------------------------------------------------
+
+def one_by_one(findings, now):
+    return [Alert.raise_or_update(f.kind, f.severity, f.message, integration=f.integration, details=f.details,
+                                  now=now) for f in findings]
+
+
+def alert_rows():
+    return sorted((a.kind, a.integration_id, a.severity, a.status, a.message, a.details, a.occurrences,
+                   a.first_seen, a.last_seen, a.acknowledged_by_id) for a in Alert.objects.all())
+
+
+def mixed_batches(billing, search, operator):
+    """Batches that take every branch: new, repeated, escalated, escalated after an acknowledgement,
+    a milder repeat, a site-wide alert, and the same alert twice in one batch (new, then escalated)."""
+    return [
+        [Finding(Alert.ERROR_SPIKE, WARNING, "35%", billing, {"error_percent": 35}),
+         Finding(Alert.QUOTA, WARNING, "85%", billing), Finding(Alert.SLOW_CALLS, CRITICAL, "slow", search),
+         Finding(Alert.DLQ_BACKLOG, WARNING, "backlog")],
+        lambda: Alert.objects.get(kind=Alert.QUOTA).acknowledge(operator, now=NOW),
+        [Finding(Alert.ERROR_SPIKE, CRITICAL, "80%", billing, {"error_percent": 80}),
+         Finding(Alert.QUOTA, CRITICAL, "97%", billing), Finding(Alert.SLOW_CALLS, WARNING, "milder", search),
+         Finding(Alert.DLQ_BACKLOG, WARNING, "backlog 2"), Finding(Alert.TRAFFIC_SPIKE, WARNING, "x3", search),
+         Finding(Alert.TRAFFIC_SPIKE, CRITICAL, "x9", search)],
+    ]
+
+
+def test_raising_many_at_once_gives_the_alerts_changes_and_notifications_of_raising_each_in_turn(
+        billing, operator, django_capture_on_commit_callbacks):
+    from monitoring.models import alert_event
+
+    search = Integration.objects.create(name="search")
+    events = []
+
+    def receiver(sender, alert_id, event, **kwargs):
+        alert = Alert.objects.get(pk=alert_id)
+        events.append((alert.kind, alert.integration_id, event))
+
+    alert_event.connect(receiver, dispatch_uid="test-many")
+    try:
+        outcomes = {}
+        for name, raise_all in (("in turn", one_by_one), ("at once", Alert.raise_or_update_many)):
+            Alert.objects.all().delete()
+            events.clear()
+            changes = []
+            for minute, step in enumerate(mixed_batches(billing, search, operator)):
+                if callable(step):
+                    step()
+                    continue
+                with django_capture_on_commit_callbacks(execute=True):
+                    changes += [(alert.kind, alert.integration_id, change)
+                                for alert, change in raise_all(step, now=NOW + timedelta(minutes=minute))]
+            outcomes[name] = (alert_rows(), changes, list(events))
+    finally:
+        alert_event.disconnect(dispatch_uid="test-many")
+    assert outcomes["at once"] == outcomes["in turn"]
+    rows, changes, events = outcomes["at once"]
+    assert (Alert.TRAFFIC_SPIKE, search.pk, Alert.ESCALATED) in changes and len(rows) == 5
+    assert (Alert.QUOTA, billing.pk, Alert.ESCALATED) in events
+
+
+def test_raising_many_reads_once_inserts_once_and_updates_once(billing):
+    search = Integration.objects.create(name="search")
+    Alert.raise_or_update_many([Finding(Alert.QUOTA, WARNING, "85%", billing)], now=NOW)
+    findings = [Finding(Alert.QUOTA, WARNING, "86%", billing), Finding(Alert.QUOTA, WARNING, "80%", search),
+                Finding(Alert.ERROR_SPIKE, WARNING, "35%", billing), Finding(Alert.ERROR_SPIKE, WARNING, "31%", search)]
+    with CaptureQueriesContext(connection) as queries:
+        Alert.raise_or_update_many(findings, now=NOW)
+    statements = [q["sql"].split()[0] for q in queries.captured_queries
+                  if not q["sql"].startswith(("SAVEPOINT", "RELEASE", "BEGIN", "COMMIT"))]
+    assert statements == ["SELECT", "INSERT", "UPDATE"]
+
+
+def test_an_alert_another_process_raised_meanwhile_is_repeated_not_duplicated(billing, monkeypatch):
+    """The rival's alert was committed after our read of the active alerts (which did not see it) and
+    before our insert: the constraint refuses ours, and every finding goes through raise_or_update."""
+    from monitoring.models import AlertQuerySet
+
+    search = Integration.objects.create(name="search")
+    Alert.objects.create(kind=Alert.QUOTA, severity=WARNING, integration=billing, message="rival's",
+                         first_seen=NOW, last_seen=NOW)
+    active, reads = AlertQuerySet.active, []
+
+    def before_the_rival(queryset):
+        reads.append(1)
+        return queryset.none() if len(reads) == 1 else active(queryset)
+
+    monkeypatch.setattr(AlertQuerySet, "active", before_the_rival)
+    outcomes = Alert.raise_or_update_many([Finding(Alert.QUOTA, CRITICAL, "97%", billing),
+                                           Finding(Alert.QUOTA, WARNING, "81%", search)], now=NOW)
+    assert [change for _, change in outcomes] == [Alert.ESCALATED, Alert.NEW]
+    quota = Alert.objects.active().get(kind=Alert.QUOTA, integration=billing)
+    assert (quota.occurrences, quota.severity, quota.message) == (2, CRITICAL, "97%")
+    assert Alert.objects.count() == 2
+
+
+def test_raising_many_refuses_an_unknown_severity_before_writing_anything(billing):
+    with pytest.raises(ValueError, match="severity 'bad'"):
+        Alert.raise_or_update_many([Finding(Alert.QUOTA, WARNING, "ok", billing), Finding(Alert.QUOTA, "bad", "x")])
+    assert not Alert.objects.exists()
+
+
+@pytest.mark.skipif(django_settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"),
+                    reason="needs a database with concurrent writers: set DATABASE_URL to PostgreSQL")
+@pytest.mark.django_db(transaction=True)
+def test_two_watchdogs_raising_the_same_alerts_at_once_end_with_one_alert_each():
+    integrations = [Integration.objects.create(name=f"svc-{i}") for i in range(20)]
+    changes = []
+
+    def watchdog():
+        outcomes = Alert.raise_or_update_many(
+            [Finding(Alert.ERROR_SPIKE, WARNING, "35%", integration) for integration in integrations], now=NOW)
+        changes.extend(change for _, change in outcomes)
+
+    at_once(watchdog, 2)
+    assert sorted(changes) == sorted([Alert.NEW] * 20 + [Alert.REPEATED] * 20)
+    assert Alert.objects.count() == 20 and set(Alert.objects.values_list("occurrences", flat=True)) == {2}
+
+
 def test_call_statistics_sum_by_integration_with_rates_and_percentiles(billing):
     search = Integration.objects.create(name="search")
     CallStats.objects.create(integration=billing, minute=NOW, calls=10, successes=6, failures_timeout=2,
@@ -193,21 +332,12 @@ def test_a_slot_after_suppressed_ones_says_how_many_and_the_count_starts_again()
 def test_senders_at_once_never_pass_the_limit_nor_report_a_suppressed_one_twice():
     channel = NotificationChannel.objects.create(name="ops", kind=NotificationChannel.EMAIL,
                                                  emails="ops@example.com", rate_limit=3, rate_window_s=60)
-    slots, start = [], threading.Barrier(6)
+    slots = []
 
     def sender():
-        start.wait()
-        try:
-            mine = [NotificationChannel.objects.get(pk=channel.pk).take_slot(NOW) for _ in range(5)]
-            slots.extend(mine)
-        finally:
-            connection.close()
+        slots.extend([NotificationChannel.objects.get(pk=channel.pk).take_slot(NOW) for _ in range(5)])
 
-    threads = [threading.Thread(target=sender) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    at_once(sender, 6)
     assert len(slots) == 30 and sum(map(bool, slots)) == 3
     after = channel.take_slot(NOW + timedelta(seconds=60))
     assert sum(slot.suppressed_before for slot in slots) + after.suppressed_before == 27

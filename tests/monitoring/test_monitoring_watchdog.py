@@ -203,6 +203,34 @@ def test_the_hour_just_ended_is_summed_again_while_its_last_minutes_may_still_be
     assert daily_used(billing, just_after) == 15
 
 
+def test_a_daily_limit_set_during_the_hour_counts_the_earlier_hours_already_summed(billing):
+    Integration.objects.create(name="search", daily_limit=10_000)
+    traffic(billing, range(40, 700, 60), successes=1, attempts=100)  # 11 rows in earlier hours today
+    daily_used(billing, NOW)  # the earlier hours are summed for search's limit and kept; billing has none
+    Integration.objects.filter(pk=billing.pk).update(daily_limit=1_200)
+    with CaptureQueriesContext(connection) as queries:
+        assert daily_used(billing, NOW) == 1_100
+    assert not [q for q in queries.captured_queries if "attempts" in q["sql"] and "used" in q["sql"]]
+    run()
+    assert active(Alert.QUOTA, billing).details["daily_used"] == 1_100
+
+
+def test_a_window_shorter_than_the_hour_so_far_counts_only_its_own_minutes(billing, settings):
+    """At 12:30 a 20-minute window starts at 12:10, after the hour: the rows read start at 12:00 for
+    the hourly quota, and the window's sums leave out 12:00 to 12:09."""
+    settings.RESILIENCE_WATCHDOG = {"window_minutes": 20}
+    billing.hourly_limit = 1_000
+    billing.save()
+    traffic(billing, range(21, 30), failures_server_error=10, attempts=10)  # 12:01-12:09: all failed
+    traffic(billing, range(1, 21), successes=10, attempts=40)  # 12:10-12:29: all fine; 890 attempts in all
+    run()
+    assert active(Alert.ERROR_SPIKE, billing) is None
+    assert active(Alert.QUOTA, billing).details["used"] == 890
+    replace_traffic(billing, range(1, 21), successes=6, failures_server_error=4)
+    run()
+    assert active(Alert.ERROR_SPIKE, billing).details["calls"] == 200
+
+
 def test_an_integration_without_limits_has_no_quota_alert(billing):
     traffic(billing, HOUR, successes=100, attempts=100)
     run()
@@ -272,6 +300,50 @@ def test_a_dead_letter_backlog_waiting_over_10_minutes_fires_and_resolves(settin
     run()
     alert.refresh_from_db()
     assert alert.status == Alert.RESOLVED
+
+
+# -- many alerts in one run ----------------------------------------------------------------------
+
+def test_a_run_raises_escalates_repeats_and_resolves_the_alerts_raising_them_one_by_one_did(monkeypatch):
+    """The run writes its alerts in one batch (Alert.raise_or_update_many); the same runs with each alert
+    raised in turn by Alert.raise_or_update give the same alerts and the same changes."""
+    fleet = [Integration.objects.create(name=f"svc-{i}", slow_call_ms=1_000, hourly_limit=1_000) for i in range(6)]
+    spiky, slow, busy, degraded, quota, quiet = fleet
+
+    def runs():
+        CallStats.objects.all().delete()
+        traffic(spiky, HOUR, successes=6, failures_server_error=4)
+        traffic(slow, HOUR, successes=10, latency_le_2500=10)
+        traffic(busy, range(6, 61), successes=10)
+        traffic(busy, RECENT, successes=60)
+        traffic(degraded, HOUR, successes=4, rejected_open=6, fallback_value=6)
+        traffic(quota, range(0, 20), successes=1, attempts=40)
+        traffic(quiet, HOUR, successes=10)
+        yield run()
+        replace_traffic(spiky, HOUR, successes=2, failures_timeout=8)  # escalates
+        replace_traffic(quota, range(0, 25), successes=1, attempts=40)  # 1,000: escalates
+        replace_traffic(slow, HOUR, successes=10)  # resolves
+        yield run(NOW + timedelta(minutes=1))
+        yield run(NOW + timedelta(minutes=2))
+
+    def outcome():
+        changes = [{change: sorted(Alert.objects.get(pk=pk).kind for pk in pks) for change, pks in
+                    report["changes"].items()} for report in runs()]
+        alerts = sorted((a.kind, a.integration.name, a.severity, a.status, a.message, a.occurrences, a.details)
+                        for a in Alert.objects.select_related("integration"))
+        Alert.objects.all().delete()
+        return changes, alerts
+
+    at_once = outcome()
+    monkeypatch.setattr(Alert, "raise_or_update_many", classmethod(lambda cls, findings, now=None: [
+        cls.raise_or_update(f.kind, f.severity, f.message, integration=f.integration, details=f.details, now=now)
+        for f in findings]))
+    assert outcome() == at_once
+    first, second, _ = at_once[0]
+    assert first["new"] == sorted([Alert.ERROR_SPIKE, Alert.SLOW_CALLS, Alert.TRAFFIC_SPIKE, Alert.DEGRADED_SERVICE,
+                                   Alert.QUOTA])
+    assert (second["new"], second["escalated"], second["resolved"]) == (
+        [Alert.UNAVAILABLE], [Alert.ERROR_SPIKE, Alert.QUOTA], [Alert.SLOW_CALLS])  # 80 % failures: unavailable too
 
 
 # -- the report ----------------------------------------------------------------------------------
