@@ -167,6 +167,19 @@ def upstream():
     return Upstream
 
 
+def count_round_trips(monkeypatch) -> list:
+    """The commands every Redis connection sends from now on (one entry a round trip: a pipeline is one)."""
+    sent = []
+    real_send = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self, command, check_health=True):
+        sent.append(command)
+        return real_send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    return sent
+
+
 def pytest_generate_tests(metafunc):
     """A module with ``STORE_KINDS = ["local", "redis"]`` runs each engine test on each store."""
     kinds = getattr(metafunc.module, "STORE_KINDS", None)

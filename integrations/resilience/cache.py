@@ -58,6 +58,10 @@ ALL, PREFIX, KEY = "all", "prefix", "key"
 MAX_CLEARS = 200  # the record keeps this many partial clears; older ones become one clear of everything
 _FILL_MIN_S = 0.05  # the shortest a fill lock lives
 _POLL_S = 0.01  # how often a call waiting for another process's fill looks for its entry
+# How long past its filler's deadline a Flight is waited for: the filler settles it as its call ends
+# (a value, an error, or given up), which takes a few ms past the deadline it stopped at. Only a
+# filler that never settles (a bug) is waited for this long, and no waiter past its own deadline.
+_FLIGHT_GRACE_S = 1.0
 
 
 def key_material(fn, args: tuple, kwargs: dict, cache_key: Any) -> str | None:
@@ -229,9 +233,10 @@ class Lookup:
     reached the call's deadline.
     """
 
-    __slots__ = ("hit", "refresh", "fill", "waiting", "error", "policy", "material")
+    __slots__ = ("hit", "refresh", "fill", "waiting", "error", "policy", "material", "stored")
 
-    def __init__(self, policy=None, material=None, *, hit=None, refresh=False, fill=None, waiting=None, error=None):
+    def __init__(self, policy=None, material=None, *, hit=None, refresh=False, fill=None, waiting=None, error=None,
+                 stored=None):
         self.policy = policy
         self.material = material
         self.hit = hit
@@ -239,12 +244,22 @@ class Lookup:
         self.fill = fill
         self.waiting = waiting  # a Flight of this process, or a Fill whose fleet lock another process holds
         self.error = error
+        self.stored = stored  # a fill's outcome: (stored_at, payload), unpickled by each call waiting for it
+
+    def for_waiter(self) -> Lookup:
+        """This outcome of a fill as one waiting call gets it: a value of its own, as a cache hit would give."""
+        if self.stored is None:
+            return self
+        stored_at, payload = self.stored
+        return Lookup(self.policy, self.material, hit=(_loads(payload), stored_at))
 
 
 class ResponseCache:
     def __init__(self, alias: str = "default", stale_s: int = 3600, last_known_ttl_s: int = 604800,
-                 local_entries: int = 1024, view_s: float = 0.5, refresh_workers: int = 4) -> None:
+                 local_entries: int = 1024, view_s: float = 0.5, refresh_workers: int = 4,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.alias = alias
+        self.monotonic = monotonic  # how old this process's view of a record is (a test may drive it)
         self.stale_s = stale_s
         self.last_known_ttl_s = last_known_ttl_s
         self.local_entries = local_entries
@@ -277,7 +292,7 @@ class ResponseCache:
     def _view(self, name: str) -> Invalidations:
         """This process's view of the integration's invalidation record, read again after view_s."""
         seen = self._views.get(name)
-        now = time.monotonic()
+        now = self.monotonic()
         if seen is not None and now - seen[1] < self.view_s:
             return seen[0]
         found = self._get_many([record_key(name)])
@@ -290,19 +305,28 @@ class ResponseCache:
 
     def _read(self, kind: str, policy: Policy, material: str, now: float):
         """(value, stored_at) of the live entry of ``kind`` for the call, or None."""
+        entry = self._read_entry(policy, material, now, kind)
+        return None if entry is None else (_loads(entry[1]), entry[0])
+
+    def _read_entry(self, policy: Policy, material: str, now: float, kind: str = RESPONSE, shared: bool = False):
+        """(stored_at, payload) of the live entry of ``kind`` for the call, or None: from the L1 (a
+        response; not with ``shared``) while it is younger than the soft TTL (else the TTL) and this
+        process's view of the invalidation record does not hide it, else from the shared cache with
+        the record, in one round trip (an older copy: another process may have stored a newer one)."""
         key = hashed_key(kind, policy, material)
-        if kind == RESPONSE:
+        if kind == RESPONSE and not shared:
             local = self._local.get(key)
             if local is not None:
-                _, stored_at, generation, payload, expires = local
-                if now < expires and not self._view(policy.name).hides(material, generation):
-                    return _loads(payload), stored_at
+                _, stored_at, generation, payload, _ = local
+                served_for = min(policy.cache_soft_ttl_s or policy.cache_ttl_s, policy.cache_ttl_s)
+                if now - stored_at < served_for and not self._view(policy.name).hides(material, generation):
+                    return stored_at, payload
                 self._forget(key)
         found = self._get_many([key, record_key(policy.name)])
         if found is None:
             return None
         record = found.get(record_key(policy.name), NO_CLEARS)
-        self._views[policy.name] = (record, time.monotonic())
+        self._views[policy.name] = (record, self.monotonic())
         entry = found.get(key)
         if entry is None:
             return None
@@ -311,7 +335,7 @@ class ResponseCache:
             return None
         if kind == RESPONSE:
             self._keep(key, policy, stored_at, generation, payload)
-        return _loads(payload), stored_at
+        return stored_at, payload
 
     def lookup(self, kind: str, policy: Policy, material: str, now: float, max_age: float | None):
         """(value, age_s) of the entry if stored and younger than max_age, else None."""
@@ -353,7 +377,7 @@ class ResponseCache:
                 return Lookup(policy, material, hit=stale)
             return Lookup(policy, material, waiting=claimed)
         if self._lock_fleet(claimed, time_left):
-            return Lookup(policy, material, fill=claimed)
+            return self._filled_meanwhile(claimed, now) or Lookup(policy, material, fill=claimed)
         if stale is not None:  # another process fills it: the stale entry serves meanwhile
             self._abandon(claimed)
             return Lookup(policy, material, hit=stale)
@@ -367,7 +391,7 @@ class ResponseCache:
             flight = self._flights.get(key)
             if flight is not None and not flight.done.is_set() and flight.expires > now:
                 return flight
-            flight = self._flights[key] = Flight(key, now + max(time_left, 0.0))
+            flight = self._flights[key] = Flight(key, now + max(time_left, 0.0) + _FLIGHT_GRACE_S)
         return Fill(policy, material, key, flight)
 
     def _lock_fleet(self, fill: Fill, time_left: float) -> bool:
@@ -386,6 +410,17 @@ class ResponseCache:
         if taken:
             fill.token = token
         return bool(taken)
+
+    def _filled_meanwhile(self, fill: Fill, now: float, fresh_s: float | None = None) -> Lookup | None:
+        """Once the fleet's lock is taken: the entry another process stored between this call's read and
+        its lock (younger than ``fresh_s``, by default the TTL), served instead of a second upstream
+        call (the lock is released), or None: this call fills the key."""
+        entry = self._read_entry(fill.policy, fill.material, now, shared=True)
+        if entry is None or now - entry[0] >= (fill.policy.cache_ttl_s if fresh_s is None else fresh_s):
+            return None
+        outcome = Lookup(fill.policy, fill.material, stored=entry)
+        self._finish_flight(fill, outcome)
+        return outcome.for_waiter()
 
     def wait(self, lookup: Lookup, time_left: Callable[[], float], now: Callable[[], float]) -> Lookup:
         """Wait for the fill ``lookup`` is waiting on: the final Lookup (hit, error, fill, or nothing
@@ -428,32 +463,32 @@ class ResponseCache:
         waiting, policy, material = lookup.waiting, lookup.policy, lookup.material
         if isinstance(waiting, Flight):
             if waiting.done.is_set() and waiting.outcome is not None:
-                return waiting.outcome
+                return waiting.outcome.for_waiter()
             if waiting.done.is_set() or waiting.expires <= time.monotonic():
                 return self.consult(policy, material, now, left)  # the filler gave up: look again
             return lookup
-        found = self._read(RESPONSE, policy, material, now)
-        if found is not None and now - found[1] < policy.cache_ttl_s:  # the other process's fill landed
-            outcome = Lookup(policy, material, hit=found)
+        entry = self._read_entry(policy, material, now)
+        if entry is not None and now - entry[0] < policy.cache_ttl_s:  # the other process's fill landed
+            outcome = Lookup(policy, material, stored=entry)
             self._finish_flight(waiting, outcome)  # and this process's calls waiting get it too
-            return outcome
+            return outcome.for_waiter()
         if self._lock_fleet(waiting, left):  # the other filler is gone without an entry: fill it here
-            return Lookup(policy, material, fill=waiting)
+            return self._filled_meanwhile(waiting, now) or Lookup(policy, material, fill=waiting)
         return lookup
 
     # -- after the live call ---------------------------------------------------------------
 
-    def settle(self, lookup: Lookup, stored_at: float | None = None, value: Any = MISSING, error=None) -> None:
-        """The call is done with the cache step: if it filled the key, its value (stored at
-        ``stored_at``) or its error goes to the calls waiting; a wait it gave up is given up.
-        Only the first settle of a fill counts."""
+    def settle(self, lookup: Lookup, stored: tuple | None = None, error=None) -> None:
+        """The call is done with the cache step of ``lookup``: if it filled the key, what it stored
+        (``store()``'s (stored_at, payload)) or else its error goes to the calls waiting (none of
+        them: they look again); a wait it gave up is given up. Only the first settle of a fill counts."""
         fill = lookup.fill if lookup.fill is not None else lookup.waiting
         if not isinstance(fill, Fill) or fill.settled:
             return
         if lookup.fill is None:
             outcome = None
-        elif value is not MISSING:
-            outcome = Lookup(fill.policy, fill.material, hit=(value, stored_at))
+        elif stored is not None:
+            outcome = Lookup(fill.policy, fill.material, stored=stored)
         elif error is not None:
             outcome = Lookup(fill.policy, fill.material, error=error)
         else:
@@ -468,7 +503,10 @@ class ResponseCache:
         with self._lock:
             if self._flights.get(fill.key) is fill.flight:
                 del self._flights[fill.key]
-            self._refreshing.pop(fill.key, None)
+            if outcome is not None and outcome.stored is not None:
+                # a new entry: the next refresh is due at its soft TTL. A refresh that failed or was
+                # given up keeps the mark until it expires (a call's timeout): not one refresh per hit.
+                self._refreshing.pop(fill.key, None)
         fill.flight.resolve(outcome)
         if fill.token is not None:
             self._unlock_fleet(fill)
@@ -485,15 +523,17 @@ class ResponseCache:
         except Exception:  # noqa: BLE001 - an unreleased lock expires by itself at the filler's deadline
             self._warn.warn("response cache %r: the fill lock of %s not released", self.alias, fill.policy.name)
 
-    def store(self, policy: Policy, material: str, value: Any, now: float, *, response: bool, last_known: bool) -> bool:
-        """Store a live value; True when it was stored (a value that cannot be pickled is not)."""
+    def store(self, policy: Policy, material: str, value: Any, now: float, *, response: bool,
+              last_known: bool) -> tuple[float, bytes] | None:
+        """Store a live value; (stored_at, payload) when it was stored (a value that cannot be pickled
+        is not: None), what ``settle`` hands to the calls waiting for it."""
         if not (response or last_known):
-            return False
+            return None
         try:
             payload = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             logger.warning("result of %s not cached: it cannot be pickled (%s)", policy.name, exc)
-            return False
+            return None
         generation = self._view(policy.name).generation
         entry = (now, generation, payload)
         entries = {}
@@ -508,12 +548,13 @@ class ResponseCache:
             self.backend.set_many(entries, timeout)
         except Exception:  # noqa: BLE001 - a cache write that fails must not fail the call that succeeded
             self._warn.warn("response cache %r unwritable; result of %s not cached", self.alias, policy.name)
-        return True
+        return now, payload
 
     # -- background refresh ----------------------------------------------------------------
 
     def _mark_refresh(self, policy: Policy, material: str) -> bool:
-        """True once per key while its refresh runs in this process (and until the call's timeout)."""
+        """True once per key while its refresh runs in this process (until it stores a value, else
+        until the call's timeout)."""
         key = hashed_key(RESPONSE, policy, material)
         now = time.monotonic()
         with self._lock:
@@ -525,20 +566,19 @@ class ResponseCache:
     def claim_refresh(self, policy: Policy, material: str, now: float) -> Fill | None:
         """The fill of a background refresh, or None when it is not needed (refreshed elsewhere) or
         another call fills the key."""
-        key = hashed_key(RESPONSE, policy, material)
-        self._forget(key)  # read the shared entry: another process may have refreshed it already
-        found = self._read(RESPONSE, policy, material, now)
+        # the shared entry, not this process's copy: another process may have refreshed it already
+        entry = self._read_entry(policy, material, now, shared=True)
         soft = policy.cache_soft_ttl_s
-        if found is not None and soft is not None and now - found[1] < soft:
-            self._refreshing.pop(key, None)
+        if entry is not None and soft is not None and now - entry[0] < soft:
             return None
         fill = self._claim(policy, material, policy.timeout_ms / 1000)
         if isinstance(fill, Flight):
-            self._refreshing.pop(key, None)
             return None
         if not self._lock_fleet(fill, policy.timeout_ms / 1000):
-            self._abandon(fill)
+            self._abandon(fill)  # another process refreshes it; this process's mark stays until it expires
             return None
+        if soft is not None and self._filled_meanwhile(fill, now, soft) is not None:
+            return None  # refreshed by another process between the read above and the lock
         return fill
 
     def in_background(self, task: Callable[[], None]) -> None:
@@ -566,7 +606,7 @@ class ResponseCache:
         else:
             scope, text = ALL, ""
         record = self._rewrite_record(name, scope, text)
-        self._views[name] = (record, time.monotonic())
+        self._views[name] = (record, self.monotonic())
         with self._lock:
             for local_key in [k for k, v in self._local.items() if v[0] == name]:
                 del self._local[local_key]

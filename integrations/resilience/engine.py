@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import copy
 import functools
 import logging
 import random
@@ -216,8 +215,7 @@ class _Call:
                 self.engine.refresh_in_background(self)
             return True
         if found.error is not None:  # the call that filled the key failed: this one shares its failure
-            self.error = copy.copy(found.error)
-            self.error.details = {**found.error.details, "coalesced": True}
+            self.error = coalesced(found.error)
             return True
         if found.fill is None:
             self.refuse(ErrorCategory.TIMEOUT, "the deadline came while another call fetched the same cache key")
@@ -427,12 +425,12 @@ class _Call:
         live_failed = self.error is not None
         if self.material is not None and self.ok and self.source == LIVE and not self.unwanted:
             keep_last_known = policy.cache_ttl_s > 0 or any(f.kind == fb.LAST_KNOWN for f in self.fallbacks)
-            stored_at = engine.clock.time()
-            if engine.cache.store(policy, self.material, self.value, stored_at,
-                                  response=policy.cache_ttl_s > 0, last_known=keep_last_known) and self.lookup:
-                engine.cache.settle(self.lookup, stored_at, self.value)
-        if self.lookup is not None:
-            engine.cache.settle(self.lookup, error=self.error)  # what the call's fill ends with, if not a value
+            stored = engine.cache.store(policy, self.material, self.value, engine.clock.time(),
+                                        response=policy.cache_ttl_s > 0, last_known=keep_last_known)
+        else:
+            stored = None
+        if self.lookup is not None:  # what this call's fill ends with: the value stored, else its error
+            engine.cache.settle(self.lookup, stored, self.error)
         if self.error is not None and self.stopped_by is not None:
             self.error.details.setdefault("stopped_by", self.stopped_by)
         latency_ms = (engine.clock.monotonic() - self.started) * 1000
@@ -448,6 +446,16 @@ class _Call:
             ))
         return CallResult(policy.name, self.ok, self.value, self.error, self.source, self.fallback_used,
                           self.attempts, latency_ms, self.age_s)
+
+
+def coalesced(error: ResilienceError) -> ResilienceError:
+    """The failure of the call that filled a cache key, as one of the calls that waited for it gets it
+    (its own object: the caller may add to its details)."""
+    shared = ResilienceError(error.category, error.message, code=error.code, integration=error.integration,
+                             retry_after=error.retry_after, **{**error.details, "coalesced": True})
+    shared.timestamp = error.timestamp
+    shared.__cause__ = error.__cause__
+    return shared
 
 
 class Engine:

@@ -3,6 +3,7 @@
 import pytest
 import redis
 
+from conftest import count_round_trips
 from integrations.models import Integration
 from integrations.resilience import get_engine
 from integrations.resilience.breaker import CLOSED, OPEN
@@ -66,14 +67,7 @@ def test_a_page_of_statuses_costs_one_round_trip_on_redis(redis_engine, integrat
     fail("svc-3", 2)
     expected = [(redis_engine.store.snapshot(row.to_policy()).state, redis_engine.store.quota_usage(row.to_policy()))
                 for row in integrations]
-    sent = []
-    real_send = redis.connection.AbstractConnection.send_packed_command
-
-    def counting(self, command, check_health=True):
-        sent.append(command)
-        return real_send(self, command, check_health)
-
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    sent = count_round_trips(monkeypatch)
     statuses = read_statuses(integrations, figures_minutes=None)
     monkeypatch.undo()
     assert len(sent) == 1  # every breaker and quota of the page in one pipeline
