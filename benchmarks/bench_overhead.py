@@ -22,6 +22,9 @@ and reports microseconds per call:
     ours rate limited   "ours" with an outbound rate limit (rate_limit_permits=10^9 per
                         second, never reached): every attempt counted in this process's
                         sliding window (issue 15: what the rate limiter costs when on)
+    ours time window    "ours" with window_type="time", window_duration_s=60: the
+                        breaker's rates over the last 60 s, each call counted in
+                        its one-second bucket (issue 15: what the time window costs)
     ours hedged         "ours" with hedge_delay_ms=5000 (never reached): hedging runs the
                         attempt in a worker thread (N/10 calls)
     ours call_options   "ours" with call_options=CallOptions(max_retries=2): the policy
@@ -153,6 +156,7 @@ def build_rows(n: int):
     ours_rate_limited = build_engine(BENCH_POLICY.replace(rate_limit_permits=10**9, rate_limit_period_s=1.0))
     with_options = functools.partial(ours.execute, call_options=CallOptions(max_retries=2))
     ours_hedged = build_engine(BENCH_POLICY.replace(hedge_delay_ms=5_000))
+    ours_time_window = build_engine(BENCH_POLICY.replace(window_type="time", window_duration_s=60))
     ours_traced_api = build_engine(BENCH_POLICY)
     ours_traced_api.tracing = Tracing(tracer_provider=trace.NoOpTracerProvider())
     sdk = TracerProvider()
@@ -178,6 +182,7 @@ def build_rows(n: int):
         ("ours module execute", n, resilience.execute, ("bench", op)),
         ("ours rate limited", n, ours_rate_limited.execute, ("bench", op)),
         ("ours call_options", n, with_options, ("bench", op)),
+        ("ours time window", n, ours_time_window.execute, ("bench", op)),
         ("ours hedged", n // 10, ours_hedged.execute, ("bench", op)),
         ("ours thread timeout", n // 10, ours_thread.execute, ("bench", op)),
         ("ours traced (API)", n, ours_traced_api.execute, ("bench", op)),

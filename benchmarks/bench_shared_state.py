@@ -14,8 +14,11 @@ Rows (each a no-op operation, N calls, best of 5 interleaved repeats):
     ours, with quota     the same with an hourly and daily limit: the units of quota come
                          from leases taken ahead in Redis (integrations/resilience/leases.py),
                          so a busy integration's calls make a round trip only now and then
+    ours, time window    "ours, breaker" with window_type="time" (60 s): its deferred successes are
+                         sent by bucket, the first success of each second at once with them
     ours, failing        a failing call (a breaker that never trips): its outcome is recorded in
                          Redis at once, so every call is one state.lua round trip
+    ours, failing, time  the same on a time window (60 s): the script reads and writes its buckets
     pybreaker + Redis    pybreaker.CircuitBreaker with CircuitRedisStorage
 
 "round trips" counts the requests written to Redis per call (a pipeline is
@@ -84,13 +87,20 @@ def build_rows(url: str) -> dict:
     breaker_only = ours(Policy(name="breaker", timeout_enforcement="inline", max_concurrent=100))
     with_quota = ours(Policy(name="quota", timeout_enforcement="inline", max_concurrent=100,
                              hourly_limit=10**9, daily_limit=10**9))
+    time_window = ours(Policy(name="timed", timeout_enforcement="inline", max_concurrent=100, window_type="time",
+                              window_duration_s=60))
     failing = ours(Policy(name="failing", timeout_enforcement="inline", max_concurrent=100, max_retries=0,
                           failure_threshold=10**9, failure_rate_threshold=100, minimum_calls=10**9), failing_op)
+    failing_time = ours(Policy(name="failing-timed", timeout_enforcement="inline", max_concurrent=100, max_retries=0,
+                               failure_threshold=10**9, failure_rate_threshold=100, minimum_calls=10**9,
+                               window_type="time", window_duration_s=60), failing_op)
     rows = {
         "raw EVALSHA": trivial,
         "ours, breaker": breaker_only,
         "ours, with quota": with_quota,
+        "ours, time window": time_window,
         "ours, failing": failing,
+        "ours, failing, time": failing_time,
     }
     if not on_cluster:
         storage = pybreaker.CircuitRedisStorage(pybreaker.STATE_CLOSED, redis.Redis.from_url(url),

@@ -35,6 +35,11 @@ FAULT_INJECTION_OFF = ("Fault injection is off on this site: set RESILIENCE_FAUL
                        "(game days only).")
 
 
+def window_span(window: dict) -> str:
+    """An Integration.breaker_window() in words: "last 60 s" or "last 20 calls"."""
+    return f"last {window['duration_s']} s" if window["duration_s"] else f"last {window['size']} calls"
+
+
 def badge(text, colour):
     return format_html('<strong style="color:{}">{}</strong>', colour, text)
 
@@ -255,10 +260,10 @@ class IntegrationAdmin(admin.ModelAdmin):
             datetime.fromtimestamp(snapshot.changed_at, tz=dt_timezone.utc)).strftime("%Y-%m-%d %H:%M:%S"))
         held_by = {SHARED: "shared (Redis)", PROCESS: "this process"}[status.scope]
         return format_html(
-            "{}{} · {} consecutive failure(s), {} consecutive success(es) · window: {} call(s), {} failure(s){}, "
+            "{}{} · {} consecutive failure(s), {} consecutive success(es) · window ({}): {} call(s), {} failure(s){}, "
             "{} slow, {} retries · {} trial call(s) in flight · state held by {}",
             snapshot.state.replace("_", "-"), changed, snapshot.consecutive_failures, snapshot.consecutive_successes,
-            snapshot.window_calls, snapshot.window_failures, "" if rate is None else f" ({rate:.0f}%)",
+            window_span(obj.breaker_window()), snapshot.window_calls, snapshot.window_failures, "" if rate is None else f" ({rate:.0f}%)",
             snapshot.window_slow, snapshot.window_retries, snapshot.half_open_in_flight, held_by)
 
     @admin.display(description="Concurrency")

@@ -29,7 +29,7 @@ from .status import PROCESS, SHARED, IntegrationStatus, read_statuses
 from .models import BREAKER_ACTIONS, BreakerEvent, BreakerState, Integration
 from .resilience import get_engine
 from .resilience.breaker import STATES
-from .resilience.policy import KINDS, KNOB_NAMES
+from .resilience.policy import KINDS, KNOB_NAMES, WINDOW_COUNT, WINDOW_TIME
 from .resilience.quota import CRITICAL, HEALTHY, WARNING
 
 STATS_MINUTES = 60
@@ -65,9 +65,9 @@ def breaker_view(status: IntegrationStatus) -> dict:
         "consecutive_failures": snapshot.consecutive_failures,
         "consecutive_successes": snapshot.consecutive_successes,
         "half_open_in_flight": snapshot.half_open_in_flight,
-        "window": {"calls": snapshot.window_calls, "failures": snapshot.window_failures,
-                   "slow": snapshot.window_slow, "retries": snapshot.window_retries,
-                   "failure_rate": snapshot.failure_rate},
+        "window": {**integration.breaker_window(), "calls": snapshot.window_calls,
+                   "failures": snapshot.window_failures, "slow": snapshot.window_slow,
+                   "retries": snapshot.window_retries, "failure_rate": snapshot.failure_rate},
         "recorded": None if recorded is None else {
             "state": recorded.state, "changed_at": recorded.changed_at, "reason": recorded.last_reason,
             "transitions": recorded.transitions},
@@ -141,6 +141,11 @@ class CallStatsSummary(serializers.Serializer):
 
 
 class BreakerWindowSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=(WINDOW_COUNT, WINDOW_TIME),
+                                   help_text="window_type: the last size calls, or the calls of the last duration_s "
+                                             "seconds.")
+    size = serializers.IntegerField(allow_null=True, help_text="A count window's calls; null for a time window.")
+    duration_s = serializers.IntegerField(allow_null=True, help_text="A time window's seconds; null for a count window.")
     calls = serializers.IntegerField()
     failures = serializers.IntegerField()
     slow = serializers.IntegerField()

@@ -25,6 +25,7 @@ from .resilience.policy import (
     MODE_FORCED_OPEN,
     MODE_NORMAL,
     MODES,
+    WINDOW_TIME,
     Knob,
     Policy,
     knob_problems,
@@ -196,6 +197,13 @@ class Integration(models.Model):
 
     def quota_usage(self):
         return get_engine().store.quota_usage(self.to_policy())
+
+    def breaker_window(self) -> dict:
+        """What the breaker's rates are measured over: ``type`` (count or time), ``size`` (a count
+        window's calls) and ``duration_s`` (a time window's seconds), the unused one None."""
+        timed = self.window_type == WINDOW_TIME
+        return {"type": self.window_type, "size": None if timed else self.window_size,
+                "duration_s": self.window_duration_s if timed else None}
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:

@@ -72,15 +72,30 @@ def integration_families() -> list[GaugeMetricFamily]:
         "This process's bulkhead limit: max_concurrent, or where bulkhead_mode=adaptive has it now.",
         labels=["integration", "mode"],
     )
+    window_calls = GaugeMetricFamily(
+        "resilience_breaker_window_calls",
+        "Calls in the breaker's window now: the last window_size calls (window=count) or the calls of the last "
+        "window_duration_s seconds (window=time).",
+        labels=["integration", "window"],
+    )
+    window_failures = GaugeMetricFamily(
+        "resilience_breaker_window_failure_ratio",
+        "Share of the calls in the breaker's window that failed (what failure_rate_threshold is held against); "
+        "left out while the window has no calls.",
+        labels=["integration", "window"],
+    )
     for status in read_statuses(Integration.objects.all(), figures_minutes=None):  # one store round trip
-        integration, name, usage = status.integration, status.name, status.quota
+        integration, name, usage, snapshot = status.integration, status.name, status.quota, status.breaker
         state.add_metric([name, integration.mode], BREAKER_STATE_VALUES[status.state])
+        window_calls.add_metric([name, integration.window_type], snapshot.window_calls)
+        if snapshot.failure_rate is not None:
+            window_failures.add_metric([name, integration.window_type], snapshot.failure_rate / 100)
         for window, ratio in (("hourly", usage.hourly_ratio), ("daily", usage.daily_ratio)):
             if ratio is not None:
                 quota.add_metric([name, window], ratio)
         slow_call.add_metric([name], integration.slow_call_ms / 1000)
         concurrency.add_metric([name, integration.bulkhead_mode], status.concurrency_limit)
-    return [state, quota, slow_call, concurrency]
+    return [state, window_calls, window_failures, quota, slow_call, concurrency]
 
 
 def counts_family(name: str, documentation: str, label: str, counts: dict[str, int]) -> GaugeMetricFamily:

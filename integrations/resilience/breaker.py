@@ -1,8 +1,11 @@
 """Circuit breaker: the state machine of one integration.
 
 CLOSED -> OPEN after ``failure_threshold`` consecutive failures, or when the
-failure rate (or slow-call rate) over the last ``window_size`` calls reaches
-its threshold once ``minimum_calls`` were made. OPEN refuses calls until
+failure rate (or slow-call rate) over the window reaches its threshold once
+``minimum_calls`` were made in it. The window is the last ``window_size``
+calls, or with ``window_type="time"`` the calls of the last
+``window_duration_s`` seconds (resilience4j's TIME_BASED window: per-bucket
+partial counts, at most MAX_BUCKETS of them, see time_buckets). OPEN refuses calls until
 ``reset_timeout_s`` has passed, then HALF_OPEN admits at most
 ``half_open_max_calls`` trial calls at once; ``success_threshold`` consecutive
 successes close it, any failure reopens it. Metrics are reset on every
@@ -14,9 +17,10 @@ The retry budget lives here because it is measured over the breaker's window.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from .policy import MODE_FORCED_CLOSED, MODE_FORCED_OPEN, MODE_METRICS_ONLY, Policy
+from .policy import MODE_FORCED_CLOSED, MODE_FORCED_OPEN, MODE_METRICS_ONLY, WINDOW_TIME, Policy
 
 CLOSED = "closed"
 OPEN = "open"
@@ -33,6 +37,25 @@ SUCCESS = "success"
 FAILURE = "failure"
 IGNORED = "ignored"  # the caller's fault (client error, validation): counts as neither
 
+# A time window is kept in at most this many buckets: one a second up to a minute, a longer window in
+# wider ones, so what a call costs does not grow with the window (state.lua keeps the same buckets).
+MAX_BUCKETS = 60
+
+
+def time_buckets(duration_s: int) -> tuple[int, float]:
+    """A time window's (number of buckets, bucket width in seconds).
+
+    A call is counted in the bucket of when it was recorded, numbered floor(t / width), and
+    leaves the window once its bucket is that many buckets old: between duration - width and
+    duration seconds later.
+    """
+    count = min(duration_s, MAX_BUCKETS)
+    return count, duration_s / count
+
+
+def bucket_number(duration_s: int, t: float) -> int:
+    """The number of the bucket a call recorded at ``t`` counts in, in a time window of ``duration_s``."""
+    return math.floor(t / time_buckets(duration_s)[1])
 
 
 def effective_state(mode: str, own_state: str) -> str:
@@ -82,14 +105,19 @@ class BreakerCell:
         "retries_in_flight",
         "_ring",
         "_pos",
+        "_duration",
+        "_width",
+        "_head",
         "count",
         "failures",
         "slows",
         "retries",
     )
 
-    # Each ring slot packs one attempt: bit 0 failed, bit 1 slow, bit 2 retry.
-    def __init__(self, integration: str, window_size: int) -> None:
+    # A count window's ring slot packs one attempt: bit 0 failed, bit 1 slow, bit 2 retry. A time
+    # window's ring holds one bucket a slot, [calls, failures, slow, retries], bucket number _head
+    # (the newest) in slot _head % len(_ring); _duration is 0 for a count window.
+    def __init__(self, integration: str, window_size: int, window_duration_s: int = 0) -> None:
         self.integration = integration
         self.state = CLOSED
         self.opened_at: float | None = None
@@ -98,7 +126,7 @@ class BreakerCell:
         self.consecutive_successes = 0
         self.half_open_in_flight = 0
         self.retries_in_flight = 0  # admitted retries not yet recorded: they count against the budget now
-        self._reset_window(window_size)
+        self._reset_window(window_size, window_duration_s)
 
     # -- decisions -----------------------------------------------------------
 
@@ -120,7 +148,7 @@ class BreakerCell:
             return TRIAL, transition
         return ADMITTED, transition
 
-    def retry_allowed(self, policy: Policy) -> bool:
+    def retry_allowed(self, policy: Policy, now: float) -> bool:
         """Whether one more retry stays within the retry budget.
 
         Retries admitted but not yet recorded count too: retries admitted at
@@ -128,9 +156,15 @@ class BreakerCell:
         against the same count.
         """
         budget = policy.retry_budget_percent
-        if budget is None or self.count < policy.minimum_calls:
+        if budget is None:
             return True
-        calls = min(self.count + self.retries_in_flight + 1, len(self._ring))
+        if self._fit_window(policy):
+            self._advance(now)
+        if self.count < policy.minimum_calls:
+            return True
+        calls = self.count + self.retries_in_flight + 1
+        if not self._duration:  # a count window holds no more than its size
+            calls = min(calls, len(self._ring))
         return (self.retries + self.retries_in_flight + 1) * 100 <= budget * calls
 
     def record(
@@ -140,12 +174,15 @@ class BreakerCell:
             self.half_open_in_flight -= 1
         if is_retry and self.retries_in_flight > 0:
             self.retries_in_flight -= 1
-        if len(self._ring) != policy.window_size:
-            self._reset_window(policy.window_size)
+        timed = self._fit_window(policy)
         if outcome == IGNORED:
             return None
         failed = outcome == FAILURE
-        self._push(failed, slow, is_retry)
+        if timed:
+            self._advance(now)
+            self._count_in_bucket(failed, slow, is_retry)
+        else:
+            self._push(failed, slow, is_retry)
         if failed:
             self.consecutive_failures += 1
             self.consecutive_successes = 0
@@ -173,15 +210,19 @@ class BreakerCell:
             return None
         rate = policy.failure_rate_threshold
         if rate and self.failures * 100 >= rate * self.count:
-            return self._trip(
-                f"failure rate {100 * self.failures / self.count:.0f}% >= {rate:g}% over {self.count} calls", now
-            )
+            return self._trip(f"failure rate {100 * self.failures / self.count:.0f}% >= {rate:g}% over "
+                              f"{self._calls_text()}", now)
         slow_rate = policy.slow_call_rate_threshold
         if slow_rate and self.slows * 100 >= slow_rate * self.count:
-            return self._trip(
-                f"slow call rate {100 * self.slows / self.count:.0f}% >= {slow_rate:g}% over {self.count} calls", now
-            )
+            return self._trip(f"slow call rate {100 * self.slows / self.count:.0f}% >= {slow_rate:g}% over "
+                              f"{self._calls_text()}", now)
         return None
+
+    def _calls_text(self) -> str:
+        """The window a rate was measured over, for a transition's reason (state.lua says the same)."""
+        if self._duration:
+            return f"{self.count} calls in the last {self._duration} s"
+        return f"{self.count} calls"
 
     # -- operator actions ----------------------------------------------------
 
@@ -190,11 +231,14 @@ class BreakerCell:
         transition = self._move(CLOSED, reason, now, by)
         return transition if transition.from_state != CLOSED else None
 
-    def snapshot(self, mode: str) -> BreakerSnapshot:
+    def snapshot(self, policy: Policy, now: float) -> BreakerSnapshot:
+        """The state and the window's counts as of ``now`` (a time window's old buckets aged out)."""
+        if self._fit_window(policy):
+            self._advance(now)
         return BreakerSnapshot(
             integration=self.integration,
             state=self.state,
-            mode=mode,
+            mode=policy.mode,
             opened_at=self.opened_at,
             changed_at=self.changed_at,
             consecutive_failures=self.consecutive_failures,
@@ -221,16 +265,67 @@ class BreakerCell:
         self.retries_in_flight = 0
         if to_state != OPEN:
             self.opened_at = self.opened_at if to_state == HALF_OPEN else None
-        self._reset_window(len(self._ring))
+        self._reset_window(len(self._ring), self._duration)
         return transition
 
-    def _reset_window(self, size: int) -> None:
-        self._ring = [0] * max(size, 1)
+    def _fit_window(self, policy: Policy) -> bool:
+        """Make the window the policy's (a saved policy may change it: the counts start again);
+        True for a time window."""
+        if policy.window_type == WINDOW_TIME:
+            if self._duration != policy.window_duration_s:
+                self._reset_window(policy.window_size, policy.window_duration_s)
+            return True
+        if self._duration or len(self._ring) != policy.window_size:
+            self._reset_window(policy.window_size)
+        return False
+
+    def _reset_window(self, size: int, duration: int = 0) -> None:
+        self._duration = duration
+        if duration:
+            buckets, self._width = time_buckets(duration)
+            self._ring = [[0, 0, 0, 0] for _ in range(buckets)]
+        else:
+            self._width = 0.0
+            self._ring = [0] * max(size, 1)
+        self._head = None  # a time window's newest bucket number: none yet
         self._pos = 0
         self.count = 0
         self.failures = 0
         self.slows = 0
         self.retries = 0
+
+    def _advance(self, now: float) -> None:
+        """Move a time window on to ``now``'s bucket: the buckets it passes are emptied, their
+        calls leave the counts. A clock that stepped back counts in the newest bucket."""
+        number = math.floor(now / self._width)
+        head = self._head
+        if head is None:
+            self._head = number
+            return
+        if number <= head:
+            return
+        ring = self._ring
+        size = len(ring)
+        for passed in range(max(head + 1, number - size + 1), number + 1):
+            bucket = ring[passed % size]
+            if bucket[0]:
+                self.count -= bucket[0]
+                self.failures -= bucket[1]
+                self.slows -= bucket[2]
+                self.retries -= bucket[3]
+                bucket[:] = (0, 0, 0, 0)
+        self._head = number
+
+    def _count_in_bucket(self, failed: bool, slow: bool, is_retry: bool) -> None:
+        bucket = self._ring[self._head % len(self._ring)]
+        bucket[0] += 1
+        bucket[1] += failed
+        bucket[2] += slow
+        bucket[3] += is_retry
+        self.count += 1
+        self.failures += failed
+        self.slows += slow
+        self.retries += is_retry
 
     def _push(self, failed: bool, slow: bool, is_retry: bool) -> None:
         ring = self._ring

@@ -75,7 +75,7 @@ OPS = ("acquire", "record", "flush", "snapshot", "reset", "publish")
 ACQUIRE, RECORD, FLUSH, SNAPSHOT, RESET, PUBLISH = OPS
 
 STATE_KEYS = (
-    "breaker",       # hash: the breaker's state, counts, window, mode and policy revision
+    "breaker",       # hash: the breaker's state, counts, window (a ring or time buckets), mode and policy revision
     "probe_leases",  # sorted set: half-open probe leases, scored by expiry
     "hourly_quota",  # counter of this hour's window
     "daily_quota",   # counter of this day's window
@@ -88,7 +88,8 @@ STATE_ARGV = (
     "failure_threshold",
     "failure_rate_threshold",    # %, 0: off
     "slow_call_rate_threshold",  # %, 0: off
-    "window_size",
+    "window_size",               # a count window's calls
+    "window_duration_s",         # a time window's seconds; 0: a count window
     "minimum_calls",
     "reset_timeout_s",
     "half_open_max_calls",
@@ -103,6 +104,7 @@ STATE_ARGV = (
     "is_retry",                  # '1' | '0'
     "deferred_successes",        # fast successes of first attempts, recorded before the op
     "deferred_retry_successes",  # the same for retries
+    "deferred_at",               # when the first of them was recorded: a time window counts them in its bucket
     "outcome",                   # record: 'success' | 'failure' | 'ignored'
     "slow",                      # record: '1' | '0'
     "trial",                     # record: '1' | '0', the attempt held a probe lease
@@ -143,10 +145,11 @@ def state_keys(prefix: str, integration: str, now: float) -> list[str]:
             f"{base}:quota:d:{window_start(now, DAY)}"]
 
 
-def state_argv(op: str, policy: Policy, now: float, *, is_retry: bool = False, deferred: tuple[int, int] = (0, 0),
-               outcome: str = "", slow: bool = False, trial: bool = False, lease: str = "", by: str = "",
-               reason: str = "") -> list:
-    """state.lua's ARGV for ``op`` on ``policy``'s breaker; ``deferred`` is (successes, retry successes)."""
+def state_argv(op: str, policy: Policy, now: float, *, is_retry: bool = False,
+               deferred: tuple[int, int, float] = (0, 0, 0.0), outcome: str = "", slow: bool = False,
+               trial: bool = False, lease: str = "", by: str = "", reason: str = "") -> list:
+    """state.lua's ARGV for ``op`` on ``policy``'s breaker; ``deferred`` is (successes, retry successes,
+    when the first of them was recorded)."""
     return argv(STATE_ARGV, {
         "op": op,
         "now": repr(now),
@@ -155,6 +158,7 @@ def state_argv(op: str, policy: Policy, now: float, *, is_retry: bool = False, d
         "failure_rate_threshold": f"{policy.failure_rate_threshold:g}",
         "slow_call_rate_threshold": f"{policy.slow_call_rate_threshold:g}",
         "window_size": policy.window_size,
+        "window_duration_s": policy.time_window_s,
         "minimum_calls": policy.minimum_calls,
         "reset_timeout_s": repr(float(policy.reset_timeout_s)),
         "half_open_max_calls": policy.half_open_max_calls,
@@ -169,6 +173,7 @@ def state_argv(op: str, policy: Policy, now: float, *, is_retry: bool = False, d
         "is_retry": int(is_retry),
         "deferred_successes": deferred[0],
         "deferred_retry_successes": deferred[1],
+        "deferred_at": repr(deferred[2]),
         "outcome": outcome,
         "slow": int(slow),
         "trial": int(trial),

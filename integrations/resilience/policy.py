@@ -39,6 +39,11 @@ TIMEOUT_ENFORCEMENTS = (TIMEOUT_THREAD, TIMEOUT_INLINE)
 BULKHEAD_FIXED = "fixed"
 BULKHEAD_ADAPTIVE = "adaptive"
 
+# What the breaker's failure and slow-call rates are measured over: the last window_size calls, or the calls of
+# the last window_duration_s seconds (resilience4j's COUNT_BASED and TIME_BASED sliding windows).
+WINDOW_COUNT = "count"
+WINDOW_TIME = "time"
+
 KINDS = ("database", "ai_service", "market_data", "cache", "external_api")
 
 
@@ -157,7 +162,14 @@ class Policy:
     slow_call_rate_threshold: float = knob(100.0, BREAKER, **_PERCENT,
                                            help="Slow-call rate (%) over the window that opens it; 0: off.")
     slow_call_ms: int = knob(5_000, BREAKER, minimum=1, help="A call slower than this is slow.")
-    window_size: int = knob(20, BREAKER, minimum=1, help="Calls the rates are measured over.")
+    window_type: str = knob(WINDOW_COUNT, BREAKER, choices=(
+        (WINDOW_COUNT, "count: the last window size calls"),
+        (WINDOW_TIME, "time: the calls of the last window duration seconds")),
+        help="What the rates are measured over; time: a low-traffic integration is not judged by old calls.")
+    window_size: int = knob(20, BREAKER, minimum=1, help="Calls the rates are measured over (count window).")
+    window_duration_s: int | None = knob(None, BREAKER, minimum=1, maximum=86_400,
+                                         help="Seconds the rates are measured over with a time window "
+                                              "(required there; a count window leaves it unused).")
     minimum_calls: int = knob(10, BREAKER, minimum=1, help="Calls needed in the window before the rates count.")
     reset_timeout_s: float = knob(30.0, BREAKER, above=0, help="Seconds open before half-open.")
     half_open_max_calls: int = knob(1, BREAKER, minimum=1, help="Trial calls let through at once when half-open.")
@@ -232,12 +244,20 @@ class Policy:
         errors = {knob.name: problem for knob in KNOBS if (problem := knob.problem(getattr(self, knob.name)))}
         if self.kind not in KINDS:
             errors["kind"] = f"Unknown kind {self.kind!r}; expected one of {', '.join(KINDS)}."
+        if "window_type" not in errors and "window_duration_s" not in errors and \
+                (problem := window_duration_problem(self.window_type, self.window_duration_s)):
+            errors["window_duration_s"] = problem  # a time window without a duration cannot run
         if errors:
             raise InvalidPolicy(self.name, errors)
 
     @property
     def attempts(self) -> int:
         return 1 + self.max_retries
+
+    @property
+    def time_window_s(self) -> int:
+        """The breaker's time window in seconds; 0 for a count window."""
+        return self.window_duration_s if self.window_type == WINDOW_TIME else 0
 
     def retries(self, category: ErrorCategory) -> bool:
         """Whether a failure of ``category`` is retried (``retry_on``)."""
@@ -279,7 +299,8 @@ def knob_problems(values: dict) -> dict[str, str]:
 
     The model's clean() reports them to forms, the API and the import command. A Policy built
     in code with such values still runs (each rule only caps or idles a knob), so Policy()
-    itself does not refuse them.
+    itself does not refuse them; but a time window without a duration cannot run at all, so
+    Policy() refuses that one too (window_duration_problem).
     """
     errors = {}
     base, most = values.get("base_delay_ms"), values.get("max_delay_ms")
@@ -294,8 +315,10 @@ def knob_problems(values: dict) -> dict[str, str]:
         if value is not None and attempt is not None and value > attempt:
             errors[phase] = (f"{phase.split('_')[0].capitalize()} timeout ({value} ms) must not exceed the attempt "
                              f"timeout ({attempt} ms), which ends the attempt first.")
+    if problem := window_duration_problem(values.get("window_type"), values.get("window_duration_s")):
+        errors["window_duration_s"] = problem
     minimum, window = values.get("minimum_calls"), values.get("window_size")
-    if minimum is not None and window is not None and minimum > window:
+    if minimum is not None and window is not None and minimum > window and values.get("window_type") != WINDOW_TIME:
         errors["minimum_calls"] = (f"Minimum calls ({minimum}) must not exceed the window size ({window}): the "
                                    f"rates would never be evaluated.")
     soft, ttl = values.get("cache_soft_ttl_s"), values.get("cache_ttl_s")
@@ -305,6 +328,15 @@ def knob_problems(values: dict) -> dict[str, str]:
                                       f"Cache soft TTL ({soft} s) needs a cache TTL: responses are not cached "
                                       f"(cache TTL 0).")
     return errors
+
+
+def window_duration_problem(window_type, duration) -> str | None:
+    """Why a breaker window of ``window_type`` cannot have ``duration`` seconds, or None."""
+    if window_type == WINDOW_TIME and duration is None:
+        return ("A time window needs its duration: the seconds the rates are measured over (or choose the "
+                "count window).")
+    return None
+
 
 _BASE = {knob.name: Policy.__dataclass_fields__[knob.name].default for knob in KNOBS}
 

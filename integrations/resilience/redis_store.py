@@ -13,7 +13,9 @@ that takes a unit atomically. Otherwise (a stale view, a retry, whose budget
 is counted in Redis, a half-open or open breaker) ``acquire`` runs the full
 state script. A fast success in the closed state is not sent on its own but
 carried by the process's next state round trip (or by a flusher thread within
-``flush_interval_s``). Failures, slow calls and half-open outcomes are
+``flush_interval_s``); with a time window, the successes carried together
+are of one of its buckets (the first success of a later bucket is sent at
+once, with them). Failures, slow calls and half-open outcomes are
 recorded at once, since they can move the breaker: a trip is decided in
 Redis, exactly once.
 
@@ -72,16 +74,30 @@ def _from_quota_lease(lease: Lease) -> Permit:
     return _SHARED_ADMITTED
 
 
+_NOTHING_DEFERRED = (0, 0, 0.0)
+
+
 class _Pending:
-    """Fast successes of one integration not yet sent: they ride on the next round trip."""
+    """Fast successes of one integration not yet sent: they ride on the next round trip.
 
-    __slots__ = ("policy", "ok", "ok_retry", "since")
+    With a time window they are all of one of its buckets (``bucket``; ``at``, the wall time of
+    the first), so Redis counts them in the bucket they belong to.
+    """
 
-    def __init__(self, policy: Policy, since: float) -> None:
+    __slots__ = ("policy", "ok", "ok_retry", "since", "at", "bucket")
+
+    def __init__(self, policy: Policy, since: float, at: float, bucket: int) -> None:
         self.policy = policy
         self.ok = 0
         self.ok_retry = 0
         self.since = since
+        self.at = at
+        self.bucket = bucket
+
+    @property
+    def deferred(self) -> tuple[int, int, float]:
+        """state.lua's deferred arguments (lua_api.state_argv's ``deferred``)."""
+        return (self.ok, self.ok_retry, self.at)
 
 
 class RedisStore(StateStore):
@@ -144,24 +160,36 @@ class RedisStore(StateStore):
 
     # -- deferred successes -----------------------------------------------------------
 
-    def _defer(self, policy: Policy, is_retry: bool) -> None:
+    def _defer(self, policy: Policy, is_retry: bool) -> bool:
+        """Keep a fast success for a later round trip; False when it must be sent now instead.
+
+        That is when a time window's successes of an earlier bucket are waiting: they go with it
+        (at most one round trip a bucket, per process and integration), so none is counted in a
+        bucket it does not belong to.
+        """
+        duration = policy.time_window_s
+        at = self.clock.time() if duration else 0.0
+        bucket = br.bucket_number(duration, at) if duration else 0
         with self._pending_lock:
             pending = self._pending.get(policy.name)
             if pending is None:
-                pending = self._pending[policy.name] = _Pending(policy, time.monotonic())
+                pending = self._pending[policy.name] = _Pending(policy, time.monotonic(), at, bucket)
+            elif pending.bucket != bucket:
+                return False
             pending.policy = policy
             if is_retry:
                 pending.ok_retry += 1
             else:
                 pending.ok += 1
         self.link.ensure_flusher()
+        return True
 
-    def _take_pending(self, name: str) -> tuple[int, int]:
+    def _take_pending(self, name: str) -> tuple[int, int, float]:
         if not self._pending:
-            return (0, 0)
+            return _NOTHING_DEFERRED
         with self._pending_lock:
             pending = self._pending.pop(name, None)
-        return (0, 0) if pending is None else (pending.ok, pending.ok_retry)
+        return _NOTHING_DEFERRED if pending is None else pending.deferred
 
     def _flush_due(self) -> None:
         """What the link's flusher thread does: send the successes deferred at least one interval."""
@@ -175,7 +203,7 @@ class RedisStore(StateStore):
             for pending in due:
                 del self._pending[pending.policy.name]
         for pending in due:
-            reply = self._run(FLUSH, pending.policy, deferred=(pending.ok, pending.ok_retry))
+            reply = self._run(FLUSH, pending.policy, deferred=pending.deferred)
             if reply is not None:
                 self._publish(reply.transitions)
 
@@ -293,8 +321,7 @@ class RedisStore(StateStore):
         if not permit.shared:
             return self.local.record(policy, permit, outcome, slow, is_retry)
         if outcome == br.SUCCESS and not slow and not permit.trial and \
-                self._seen_state.get(policy.name) == br.CLOSED:
-            self._defer(policy, is_retry)
+                self._seen_state.get(policy.name) == br.CLOSED and self._defer(policy, is_retry):
             return ()
         if outcome == br.IGNORED and not permit.trial and not is_retry:
             return ()  # counts as neither, holds no lease nor budget: nothing to tell Redis

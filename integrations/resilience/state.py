@@ -106,7 +106,7 @@ class _Cell:
 
     def __init__(self, policy: Policy) -> None:
         self.lock = threading.Lock()
-        self.breaker = BreakerCell(policy.name, policy.window_size)
+        self.breaker = BreakerCell(policy.name, policy.window_size, policy.time_window_s)
         self.quota = QuotaCell()
 
 
@@ -144,7 +144,7 @@ class LocalStore(StateStore):
         now = self.clock.time()
         with cell.lock:
             breaker = cell.breaker
-            if is_retry and not breaker.retry_allowed(policy):
+            if is_retry and not breaker.retry_allowed(policy, now):
                 return Permit(False, reason=RETRY_BUDGET)
             decision, transition = breaker.admit(policy, now)
             transitions = () if transition is None else (transition,)
@@ -173,8 +173,9 @@ class LocalStore(StateStore):
 
     def snapshot(self, policy: Policy) -> BreakerSnapshot:
         cell = self._cell(policy)
+        now = self.clock.time()
         with cell.lock:
-            return cell.breaker.snapshot(policy.mode)
+            return cell.breaker.snapshot(policy, now)
 
     def quota_usage(self, policy: Policy) -> QuotaUsage:
         cell = self._cell(policy)

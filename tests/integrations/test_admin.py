@@ -57,3 +57,26 @@ def test_seed_integrations_creates_one_per_kind_and_is_idempotent():
     call_command("seed_integrations")
     assert sorted(Integration.objects.values_list("kind", flat=True)) == sorted(
         ["external_api", "database", "ai_service", "market_data", "cache"])
+
+
+def test_a_time_window_without_its_duration_is_refused_naming_the_duration(admin_client):
+    row = Integration(name="billing")
+    form_data = {knob: "" if getattr(row, knob) is None else getattr(row, knob) for knob in KNOB_NAMES}
+    form_data.update(name="billing", kind="external_api", description="", window_type="time", window_duration_s="")
+    response = admin_client.post("/admin/integrations/integration/add/", form_data)
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert list(errors) == ["window_duration_s"]
+    assert "A time window needs its duration" in errors["window_duration_s"][0]
+    assert not Integration.objects.exists()
+
+
+def test_the_live_breaker_says_what_its_window_is(admin_client):
+    timed = Integration.objects.create(name="timed", window_type="time", window_duration_s=90,
+                                       timeout_enforcement="inline")
+    counted = Integration.objects.create(name="counted", window_size=25, timeout_enforcement="inline")
+    execute("timed", lambda: 1)
+    page = admin_client.get(f"/admin/integrations/integration/{timed.pk}/change/").content.decode()
+    assert "window (last 90 s): 1 call(s), 0 failure(s)" in page
+    page = admin_client.get(f"/admin/integrations/integration/{counted.pk}/change/").content.decode()
+    assert "window (last 25 calls): 0 call(s)" in page

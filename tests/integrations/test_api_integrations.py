@@ -284,3 +284,17 @@ def test_token_authentication_works_for_reads_and_actions(billing):
     assert (response.status_code, response.json()["event"]["by"]) == (200, "robot")
     assert error_of(APIClient(HTTP_AUTHORIZATION="Token wrong").get("/api/integrations/"), 401)["code"] == (
         "authentication_failed")
+
+
+def test_the_breaker_window_says_what_its_rates_are_measured_over(viewer):
+    Integration.objects.create(name="timed", window_type="time", window_duration_s=120, failure_threshold=100,
+                               max_retries=0, timeout_enforcement="inline")
+    Integration.objects.create(name="counted", window_size=30, timeout_enforcement="inline")
+    execute("timed", fail)
+    execute("timed", lambda: 1)
+    timed = viewer.get("/api/integrations/timed/").json()
+    assert timed["breaker"]["window"] == {"type": "time", "size": None, "duration_s": 120, "calls": 2,
+                                          "failures": 1, "slow": 0, "retries": 0, "failure_rate": 50.0}
+    assert (timed["policy"]["window_type"], timed["policy"]["window_duration_s"]) == ("time", 120)
+    counted = viewer.get("/api/integrations/counted/").json()["breaker"]["window"]
+    assert (counted["type"], counted["size"], counted["duration_s"]) == ("count", 30, None)

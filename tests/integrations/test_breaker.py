@@ -1,5 +1,6 @@
 """The circuit breaker, through the engine and on its own state machine."""
 
+import math
 import threading
 
 import pytest
@@ -257,3 +258,136 @@ def test_the_window_counts_stay_consistent_as_it_slides(window):
         assert cell.failures == sum(f for f, _, _ in last)
         assert cell.slows == sum(s for _, s, _ in last)
         assert cell.retries == sum(r for _, _, r in last)
+
+
+# -- the time window (window_type="time"): the calls of the last window_duration_s seconds --------------
+
+TIMED = dict(window_type="time", window_duration_s=60, failure_threshold=100, failure_rate_threshold=50,
+             minimum_calls=4, max_retries=0)
+
+
+def test_a_time_window_forgets_calls_older_than_its_duration(make_engine, clock):
+    engine = make_engine(**TIMED)
+    make_engine(name="counted", **{**TIMED, "window_type": "count", "window_size": 20})
+    for name in ("svc", "counted"):
+        for _ in range(3):  # under minimum_calls: no verdict yet
+            execute(name, fail)
+    clock.advance(61)
+    assert engine.breaker("svc").window_calls == 0
+    assert engine.breaker("counted").window_calls == 3
+    for name in ("svc", "counted"):
+        for op in (ok, ok, ok, fail):
+            execute(name, op)
+    assert state(engine) == br.CLOSED  # 1 failure of 4 in the last minute
+    assert state(engine, "counted") == br.OPEN  # the hour-old failures still count: 4 of 7
+
+
+def test_a_burst_of_failures_within_the_time_window_trips_it(make_engine, clock, bus):
+    engine = make_engine(**TIMED)
+    transitions = []
+    bus.subscribe(StateTransition, lambda event: transitions.append(event.transition))
+    for op in (ok, fail, ok, ok, fail):
+        execute("svc", op)
+        clock.advance(5)
+    assert state(engine) == br.CLOSED  # 2 of 5
+    execute("svc", fail)  # 3 of 6, all within 25 s
+    assert state(engine) == br.OPEN
+    assert transitions[-1].reason == "failure rate 50% >= 50% over 6 calls in the last 60 s"
+
+
+def test_the_same_failures_spread_over_longer_than_the_time_window_do_not_trip_it(make_engine, clock):
+    engine = make_engine(**TIMED)
+    make_engine(name="counted", **{**TIMED, "window_type": "count", "window_size": 20})
+    for op in (ok, fail, ok, ok, fail, fail, fail, fail):
+        for name in ("svc", "counted"):
+            execute(name, op)
+        assert state(engine) == br.CLOSED
+        assert engine.breaker("svc").window_calls <= 2  # one call every 30 s: two at most in a minute
+        clock.advance(30)
+    assert state(engine, "counted") == br.OPEN  # a count window judges the same calls as one burst
+
+
+def test_minimum_calls_counts_only_the_calls_within_the_time_window(make_engine, clock):
+    engine = make_engine(**TIMED)
+    for _ in range(3):
+        execute("svc", fail)
+    clock.advance(59.5)
+    execute("svc", fail)  # 4 failures in 59.5 s
+    assert state(engine) == br.OPEN
+    engine.reset_breaker(engine.registry.get("svc"))
+    for _ in range(3):
+        execute("svc", fail)
+    clock.advance(60)
+    execute("svc", fail)  # 4 failures in 60 s: the first three have left the window
+    snapshot = engine.breaker("svc")
+    assert (snapshot.state, snapshot.window_calls, snapshot.window_failures) == (br.CLOSED, 1, 1)
+
+
+def test_the_slow_call_rate_is_measured_over_the_time_window(make_engine, clock):
+    engine = make_engine(**{**TIMED, "failure_rate_threshold": 0, "slow_call_rate_threshold": 50,
+                            "slow_call_ms": 100, "attempt_timeout_ms": 10_000})
+
+    def slow():
+        clock.advance(0.2)
+        return "late but fine"
+
+    for op in (slow, ok, slow):
+        execute("svc", op)
+    clock.advance(60)
+    for op in (ok, ok, slow):
+        execute("svc", op)
+    assert state(engine) == br.CLOSED  # 1 slow of 3 in the window: the old ones left it
+    execute("svc", slow)
+    assert state(engine) == br.OPEN  # 2 of 4
+
+
+def test_a_policy_saved_with_another_window_starts_counting_again(make_engine):
+    engine = make_engine(**TIMED)
+    for _ in range(3):
+        execute("svc", fail)
+    engine.registry.put(engine.registry.get("svc").replace(window_type="count", window_size=10))
+    execute("svc", ok)
+    assert (engine.breaker("svc").window_calls, engine.breaker("svc").window_failures) == (1, 0)
+
+
+@pytest.mark.parametrize("duration", [1, 7, 60, 90, 3600])
+def test_the_time_window_counts_what_a_brute_force_count_of_its_buckets_gives(duration):
+    policy = Policy(name="cell", window_type="time", window_duration_s=duration, failure_threshold=10**6,
+                    failure_rate_threshold=0, slow_call_rate_threshold=0)
+    buckets, width = br.time_buckets(duration)
+    cell = BreakerCell("cell", 20, duration)
+    history = []
+    now = 1_700_000_000.0
+    for i in range(400):
+        now += (i * 7919 % 13) * duration / 40  # steps of 0 to 0.3 windows
+        failed, slow, retry = i % 3 == 0, i % 4 == 0, i % 5 == 0
+        cell.record(policy, now, br.FAILURE if failed else br.SUCCESS, slow, False, retry)
+        history.append((now, failed, slow, retry))
+        now += i % 3 * width / 2  # read a little later (time only moves on)
+        shown = cell.snapshot(policy, now)
+        newest = math.floor(now / width)
+        kept = [call for call in history if math.floor(call[0] / width) > newest - buckets]
+        assert (shown.window_calls, shown.window_failures, shown.window_slow, shown.window_retries) == (
+            len(kept), sum(c[1] for c in kept), sum(c[2] for c in kept), sum(c[3] for c in kept))
+
+
+def test_a_time_window_has_at_most_max_buckets_each_of_duration_over_their_number():
+    assert br.time_buckets(1) == (1, 1.0)
+    assert br.time_buckets(60) == (60, 1.0)
+    assert br.time_buckets(90) == (br.MAX_BUCKETS, 1.5)
+    assert br.time_buckets(3600) == (br.MAX_BUCKETS, 60.0)
+
+
+def test_the_retry_budget_of_a_time_window_counts_every_call_in_it():
+    policy = Policy(name="cell", window_type="time", window_duration_s=60, window_size=1, minimum_calls=1,
+                    retry_budget_percent=20)
+    cell = BreakerCell("cell", 1, 60)
+    for _ in range(9):
+        cell.record(policy, 0.0, br.SUCCESS, False, False, False)
+    assert cell.retry_allowed(policy, 1.0)  # 1 retry for 10 calls: a count window of 1 would say 1 of 1
+    cell.record(policy, 1.0, br.SUCCESS, False, False, True)
+    assert cell.retry_allowed(policy, 2.0)  # 2 of 11
+    cell.record(policy, 2.0, br.SUCCESS, False, False, True)
+    assert not cell.retry_allowed(policy, 3.0)  # 3 of 12 is over 20 %
+    assert not cell.retry_allowed(policy, 60.0)  # the nine first calls left the window: 3 of 3
+    assert cell.retry_allowed(policy, 62.0)  # every call left it: fewer than minimum_calls, no budget applies

@@ -154,6 +154,13 @@ BAD_ENTRIES = [
      "database, ai_service, market_data, cache, external_api."),
     ("integrations:\n  - name: billing\n    base_delay_ms: 5000\n    max_delay_ms: 100\n",
      'bad.yaml: integration "billing": base_delay_ms: Base delay (5000 ms) must not exceed max delay (100 ms).'),
+    ("integrations:\n  - name: billing\n    window_type: time\n",
+     'bad.yaml: integration "billing": window_duration_s: A time window needs its duration: the seconds the rates '
+     'are measured over (or choose the count window).'),
+    ("integrations:\n  - name: billing\n    window_type: sliding\n",
+     "bad.yaml: integration \"billing\": window_type: Value 'sliding' is not a valid choice."),
+    ("integrations:\n  - name: billing\n    window_type: time\n    window_duration_s: 0\n",
+     'bad.yaml: integration "billing": window_duration_s: Must be between 1 and 86400.'),
     ("integrations:\n  - name: billing\n    mode: sideways\n",
      "bad.yaml: integration \"billing\": mode: Value 'sideways' is not a valid choice."),
     ("integrations:\n  - [name, billing]\n",

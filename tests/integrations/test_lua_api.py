@@ -16,6 +16,7 @@ from redis.crc import key_slot
 from integrations.resilience import Engine, Policy
 from integrations.resilience import lua_api
 from integrations.resilience.breaker import CLOSED, FAILURE, HALF_OPEN, OPEN, BreakerSnapshot
+from integrations.resilience.clock import FakeClock
 from integrations.resilience.events import EventBus
 from integrations.resilience.leases import NO_SETTLEMENT
 from integrations.resilience.redis_store import RedisStore
@@ -139,7 +140,7 @@ def test_the_state_scripts_replies_decode_into_named_fields(redis_client):
     assert (trial.decision, [(t.from_state, t.to_state) for t in trial.transitions]) == \
         (lua_api.TRIAL, [(OPEN, HALF_OPEN)])
 
-    snapshot = state_call(client, prefix, lua_api.SNAPSHOT, policy, now + 41, deferred=(0, 0))
+    snapshot = state_call(client, prefix, lua_api.SNAPSHOT, policy, now + 41, deferred=(0, 0, now + 41))
     assert snapshot.counts == {"changed_at": now + 40, "consecutive_failures": 0, "consecutive_successes": 0,
                                "half_open_in_flight": 1, "window_calls": 0, "window_failures": 0, "window_slow": 0,
                                "window_retries": 0}
@@ -149,7 +150,7 @@ def test_the_state_scripts_replies_decode_into_named_fields(redis_client):
     published = state_call(client, prefix, lua_api.PUBLISH, Policy(name="svc", mode="forced_open", revision=7.0),
                            now + 43)
     assert (published.mode, published.revision) == ("forced_open", 7.0)
-    deferred = state_call(client, prefix, lua_api.FLUSH, policy, now + 44, deferred=(2, 1))
+    deferred = state_call(client, prefix, lua_api.FLUSH, policy, now + 44, deferred=(2, 1, now + 44))
     assert deferred.mode == "forced_open"  # the published mode wins over the caller's
     counted = state_call(client, prefix, lua_api.SNAPSHOT, policy, now + 45)
     assert (counted.counts["window_calls"], counted.counts["window_retries"]) == (3, 1)
@@ -159,10 +160,10 @@ def test_the_state_script_refuses_an_unknown_op_or_a_wrong_argument_count_before
     client, prefix = redis_client
     policy = Policy(name="svc")
     keys = lua_api.state_keys(prefix, "svc", 1.0)
-    args = lua_api.state_argv(lua_api.FLUSH, policy, 1.0, deferred=(5, 0))
+    args = lua_api.state_argv(lua_api.FLUSH, policy, 1.0, deferred=(5, 0, 1.0))
     with pytest.raises(redis.exceptions.ResponseError, match="state.lua has no op trip"):
         lua_api.load(client, "state")(keys=keys, args=["trip", *args[1:]])
-    with pytest.raises(redis.exceptions.ResponseError, match="state.lua takes 26 arguments, got 25"):
+    with pytest.raises(redis.exceptions.ResponseError, match="state.lua takes 28 arguments, got 27"):
         lua_api.load(client, "state")(keys=keys, args=args[:-1])
     assert client.exists(*keys) == 0
 
@@ -188,6 +189,22 @@ def test_the_quota_and_rate_limit_scripts_replies_decode_into_named_fields(redis
 # -- the hot path: one round trip --------------------------------------------------------------
 
 
+def commands_sent_by_this_thread(monkeypatch) -> list[bytes]:
+    """The Redis commands this thread sends from now on (not the flusher thread's, which sends the
+    deferred successes), until ``monkeypatch.undo()``."""
+    sent = []
+    real_send = redis.connection.AbstractConnection.send_packed_command
+    caller = threading.get_ident()
+
+    def counting(self, command, check_health=True):
+        if threading.get_ident() == caller:
+            sent.append(b"".join(command if isinstance(command, list) else [command]))
+        return real_send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    return sent
+
+
 @NEEDS_REDIS
 def test_busy_guarded_calls_on_a_shared_breaker_with_a_quota_take_it_from_leases_in_few_evalshas(monkeypatch):
     registry = PolicyRegistry()
@@ -197,16 +214,7 @@ def test_busy_guarded_calls_on_a_shared_breaker_with_a_quota_take_it_from_leases
     engine = Engine(registry=registry, store=store, bus=bus)
     # the first call sees the breaker (the full state script), the second loads the quota script
     assert engine.execute("metered", lambda: 1).ok and engine.execute("metered", lambda: 1).ok
-    sent = []
-    real_send = redis.connection.AbstractConnection.send_packed_command
-    caller = threading.get_ident()  # not the flusher thread, which sends the deferred successes
-
-    def counting(self, command, check_health=True):
-        if threading.get_ident() == caller:
-            sent.append(b"".join(command if isinstance(command, list) else [command]))
-        return real_send(self, command, check_health)
-
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    sent = commands_sent_by_this_thread(monkeypatch)
     calls = 200
     assert all(engine.execute("metered", lambda: 1).ok for _ in range(calls))
     monkeypatch.undo()
@@ -214,6 +222,33 @@ def test_busy_guarded_calls_on_a_shared_breaker_with_a_quota_take_it_from_leases
         assert 0 < len(sent) <= calls * 0.05 and all(b"EVALSHA" in command for command in sent)
         store.settle_quota_leases(everything=True)  # the unspent units go back: the count is what was spent
         assert store.quota_usage(registry.get("metered")).hourly_used == calls + 2
+    finally:
+        keys = list(store.client.scan_iter(f"{store.prefix}:*"))
+        if keys:
+            store.client.delete(*keys)
+
+
+@NEEDS_REDIS
+def test_busy_calls_on_a_shared_time_window_send_their_successes_once_a_bucket(monkeypatch):
+    clock = FakeClock()
+    registry = PolicyRegistry()
+    policy = Policy(name="timed", timeout_enforcement="inline", window_type="time", window_duration_s=60)
+    registry.put(policy)
+    bus = EventBus()
+    store = RedisStore(redis_url(), prefix=f"test-lua-{uuid.uuid4().hex[:12]}", bus=bus, clock=clock)
+    engine = Engine(registry=registry, store=store, bus=bus)
+    assert engine.execute("timed", lambda: 1).ok  # the first call sees the breaker
+    sent = commands_sent_by_this_thread(monkeypatch)
+    calls = 1000
+    for _ in range(calls):  # 10 s of the store's clock: 10 one-second buckets
+        clock.advance(0.01)
+        assert engine.execute("timed", lambda: 1).ok
+    monkeypatch.undo()
+    try:
+        # the first success of each new bucket goes at once with the last bucket's; the rest ride along
+        assert 9 <= len(sent) <= calls * 0.05 and all(b"EVALSHA" in command for command in sent)
+        store.flush()
+        assert store.snapshot(policy).window_calls == calls + 1  # every success counted, once
     finally:
         keys = list(store.client.scan_iter(f"{store.prefix}:*"))
         if keys:

@@ -18,7 +18,7 @@ OUT_OF_RANGE = [
     ("max_concurrent", 0), ("bulkhead_wait_ms", -5), ("hourly_limit", 0), ("daily_limit", 0), ("cache_ttl_s", -1),
     ("retry_on", "timeout,circuit_open"), ("retry_on", " , "),
     ("rate_limit_permits", 0), ("rate_limit_period_s", 0), ("rate_limit_period_s", 100_000),
-    ("rate_limit_wait_ms", -1),
+    ("rate_limit_wait_ms", -1), ("window_duration_s", 0), ("window_duration_s", 86_401),
 ]
 
 
@@ -50,6 +50,7 @@ def test_the_model_tells_an_out_of_range_knob_what_the_policy_tells_it(field, va
     ("mode", "sometimes", "Unknown value 'sometimes'; expected one of normal, metrics_only, forced_open, "
                           "forced_closed."),
     ("timeout_enforcement", "process", "Unknown value 'process'; expected one of thread, inline."),
+    ("window_type", "sliding", "Unknown value 'sliding'; expected one of count, time."),
     ("retry_on", "timeout,bogus", "Unknown value 'bogus'; expected some of timeout, rate_limit, network, "
                                   "server_error, client_error, unknown."),
     ("retry_on", "", "Name at least one category; to retry nothing, set max retries to 0."),
@@ -59,6 +60,30 @@ def test_a_policy_refuses_a_knob_of_the_wrong_type_or_choice(field, value, expec
     with pytest.raises(InvalidPolicy) as caught:
         Policy("billing", **{field: value})
     assert caught.value.errors == {field: expected}
+
+
+TIME_WITHOUT_DURATION = ("A time window needs its duration: the seconds the rates are measured over (or choose "
+                         "the count window).")
+
+
+def test_a_time_window_without_its_duration_is_refused_naming_the_duration():
+    with pytest.raises(InvalidPolicy) as caught:
+        Policy("billing", window_type="time")
+    assert caught.value.errors == {"window_duration_s": TIME_WITHOUT_DURATION}
+    assert Policy("billing", window_type="time", window_duration_s=30).time_window_s == 30
+    assert Policy("billing", window_duration_s=30).time_window_s == 0  # a count window leaves it unused
+
+
+@pytest.mark.django_db
+def test_the_model_names_the_duration_a_time_window_lacks_and_lets_minimum_calls_pass_window_size():
+    with pytest.raises(ValidationError) as caught:
+        Integration(name="billing", window_type="time", window_duration_s=None).full_clean()
+    assert caught.value.message_dict == {"window_duration_s": [TIME_WITHOUT_DURATION]}
+    # a time window's calls are not capped by window_size: more of them may be required
+    Integration(name="billing", window_type="time", window_duration_s=60, window_size=20, minimum_calls=50).full_clean()
+    with pytest.raises(ValidationError) as caught:
+        Integration(name="billing", window_size=20, minimum_calls=50).full_clean()
+    assert list(caught.value.message_dict) == ["minimum_calls"]
 
 
 def test_a_policy_names_every_bad_knob_at_once_and_an_unknown_kind():

@@ -15,6 +15,7 @@ from django.db import connection, connections
 from integrations.errors import ErrorCategory
 from integrations.models import BreakerEvent, Integration
 from integrations.resilience import Engine, Policy, execute
+from integrations.resilience.clock import FakeClock
 from integrations.resilience.events import EventBus, SharedStateChanged
 from integrations.resilience.leases import LEASE_MAX
 from integrations.resilience.registry import PolicyRegistry
@@ -72,6 +73,46 @@ def test_a_busy_process_leases_quota_and_a_refusal_elsewhere_comes_early_by_at_m
     assert spent + spent_elsewhere == 400  # every unit given back was spent: the limit, exactly
     usage = other.store.quota_usage(policy)
     assert (usage.hourly_used, usage.daily_used) == (400, 400)
+
+
+# -- a time window is one window for the fleet ---------------------------------------------
+
+TIME_WINDOW = Policy(name="timed", window_type="time", window_duration_s=60, failure_threshold=100,
+                     failure_rate_threshold=50, minimum_calls=4, max_retries=0, timeout_enforcement="inline")
+
+
+@pytest.fixture
+def two_processes_on_one_clock():
+    """Two engines with their own stores and clients on one Redis, whose stores read one FakeClock."""
+    prefix, clock = f"test-{uuid.uuid4().hex[:12]}", FakeClock()
+    return clock, [engine_on(redis_url(), prefix, TIME_WINDOW, clock=clock) for _ in range(2)]
+
+
+def test_a_time_window_sums_every_process_calls_of_the_last_seconds_only(two_processes_on_one_clock):
+    clock, (first, second) = two_processes_on_one_clock
+    for _ in range(2):
+        first.execute("timed", down)
+        assert second.execute("timed", lambda: 1).ok  # fast successes: deferred by this process
+    clock.advance(61)
+    second.execute("timed", down)  # carries the successes of a minute ago: counted then, gone now
+    first.execute("timed", down)
+    first.execute("timed", down)
+    snapshot = second.store.snapshot(TIME_WINDOW)
+    assert (snapshot.state, snapshot.window_calls, snapshot.window_failures) == ("closed", 3, 3)
+    first.execute("timed", down)  # 4 of 4 in the last minute, from two processes
+    assert first.store.snapshot(TIME_WINDOW).state == "open"
+    result = seen_within_one_second(lambda: second.execute("timed", lambda: 1), lambda r: not r.ok)
+    assert result.error.category is ErrorCategory.CIRCUIT_OPEN
+
+
+def test_deferred_successes_are_counted_in_the_second_they_happened(two_processes_on_one_clock):
+    clock, (first, second) = two_processes_on_one_clock
+    assert first.execute("timed", lambda: 1).ok  # deferred
+    clock.advance(1)
+    assert first.execute("timed", lambda: 1).ok  # a later second: sent at once, with the first
+    assert second.store.snapshot(TIME_WINDOW).window_calls == 2  # without waiting for a flush
+    clock.advance(59.5)
+    assert second.store.snapshot(TIME_WINDOW).window_calls == 1  # the first left the window, not the second
 
 
 # -- changes made by one process are seen by the others within 1 s -------------------------

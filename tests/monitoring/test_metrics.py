@@ -213,6 +213,22 @@ def test_a_scrape_reports_calls_breaker_state_and_quota_of_integration_rows(clie
 
 
 @pytest.mark.django_db
+def test_a_scrape_reports_the_calls_and_failure_ratio_of_each_breakers_window(client, upstream):
+    timed = probe_integration(window_type="time", window_duration_s=30, failure_threshold=100)
+    idle = probe_integration()
+    execute(timed.name, upstream(ConnectionError()))
+    for _ in range(3):
+        execute(timed.name, upstream("ok"))
+
+    samples = scrape(client)
+
+    assert value(samples, "resilience_breaker_window_calls", integration=timed.name, window="time") == 4
+    assert value(samples, "resilience_breaker_window_failure_ratio", integration=timed.name, window="time") == 0.25
+    assert value(samples, "resilience_breaker_window_calls", integration=idle.name, window="count") == 0
+    assert value(samples, "resilience_breaker_window_failure_ratio", integration=idle.name, window="count") is None
+
+
+@pytest.mark.django_db
 def test_windows_without_a_limit_report_no_quota_ratio(client):
     row = probe_integration(hourly_limit=None, daily_limit=50)
 

@@ -6,7 +6,8 @@
 -- the names below (tests/integrations/test_lua_api.py checks that they agree).
 --
 -- KEYS (one integration's, one hash tag {name}: one Redis Cluster slot)
---   1 breaker       hash: state, counts, window, mode, policy revision
+--   1 breaker       hash: state, counts, window (a count window's ring or a time window's buckets), mode,
+--                   policy revision
 --   2 probe_leases  sorted set of half-open probe leases, scored by expiry
 --   3 hourly_quota  counter of this hour's window
 --   4 daily_quota   counter of this day's window
@@ -17,26 +18,28 @@
 --   4 failure_threshold
 --   5 failure_rate_threshold    %, 0: off
 --   6 slow_call_rate_threshold  %, 0: off
---   7 window_size
---   8 minimum_calls
---   9 reset_timeout_s
---  10 half_open_max_calls
---  11 success_threshold
---  12 retry_budget_percent      -1: none
---  13 hourly_limit              -1: none
---  14 daily_limit               -1: none
---  15 revision                  the policy's (publish writes it)
---  16 lease                     this attempt's probe lease id (acquire takes it, record releases it)
---  17 lease_ttl_s               a probe lease lapses after this
---  18 key_ttl_s                 state idle this long is forgotten
---  19 is_retry                  1 | 0
---  20 deferred_successes        fast successes of first attempts, recorded before the op
---  21 deferred_retry_successes  the same for retries
---  22 outcome                   record: success | failure | ignored
---  23 slow                      record: 1 | 0
---  24 trial                     record: 1 | 0, the attempt held a probe lease
---  25 by                        reset: the operator ('' for none)
---  26 reason                    reset: why
+--   7 window_size               a count window's calls
+--   8 window_duration_s         a time window's seconds; 0: a count window
+--   9 minimum_calls
+--  10 reset_timeout_s
+--  11 half_open_max_calls
+--  12 success_threshold
+--  13 retry_budget_percent      -1: none
+--  14 hourly_limit              -1: none
+--  15 daily_limit               -1: none
+--  16 revision                  the policy's (publish writes it)
+--  17 lease                     this attempt's probe lease id (acquire takes it, record releases it)
+--  18 lease_ttl_s               a probe lease lapses after this
+--  19 key_ttl_s                 state idle this long is forgotten
+--  20 is_retry                  1 | 0
+--  21 deferred_successes        fast successes of first attempts, recorded before the op
+--  22 deferred_retry_successes  the same for retries
+--  23 deferred_at               when the first of them was recorded: a time window counts them in its bucket
+--  24 outcome                   record: success | failure | ignored
+--  25 slow                      record: 1 | 0
+--  26 trial                     record: 1 | 0, the attempt held a probe lease
+--  27 by                        reset: the operator ('' for none)
+--  28 reason                    reset: why
 -- Ops: acquire (may an attempt go? takes a probe lease in half-open and a unit
 -- of quota), record (an outcome; releases its lease), flush (nothing but the
 -- deferred successes, which every op records first), snapshot (the counts),
@@ -54,10 +57,10 @@
 --                  window_retries}; {} otherwise
 
 local ARG_NAMES = {'op', 'now', 'mode', 'failure_threshold', 'failure_rate_threshold', 'slow_call_rate_threshold',
-                   'window_size', 'minimum_calls', 'reset_timeout_s', 'half_open_max_calls', 'success_threshold',
-                   'retry_budget_percent', 'hourly_limit', 'daily_limit', 'revision', 'lease', 'lease_ttl_s',
-                   'key_ttl_s', 'is_retry', 'deferred_successes', 'deferred_retry_successes', 'outcome', 'slow',
-                   'trial', 'by', 'reason'}
+                   'window_size', 'window_duration_s', 'minimum_calls', 'reset_timeout_s', 'half_open_max_calls',
+                   'success_threshold', 'retry_budget_percent', 'hourly_limit', 'daily_limit', 'revision', 'lease',
+                   'lease_ttl_s', 'key_ttl_s', 'is_retry', 'deferred_successes', 'deferred_retry_successes',
+                   'deferred_at', 'outcome', 'slow', 'trial', 'by', 'reason'}
 if #ARGV ~= #ARG_NAMES then
   return redis.error_reply('state.lua takes ' .. #ARG_NAMES .. ' arguments, got ' .. #ARGV)
 end
@@ -72,6 +75,8 @@ local now = tonumber(arg.now)
 local fthr, frate, srate = tonumber(arg.failure_threshold), tonumber(arg.failure_rate_threshold),
                            tonumber(arg.slow_call_rate_threshold)
 local wsize, minc, rto = tonumber(arg.window_size), tonumber(arg.minimum_calls), tonumber(arg.reset_timeout_s)
+local wdur = tonumber(arg.window_duration_s)
+local timed = wdur > 0
 local homax, sthr = tonumber(arg.half_open_max_calls), tonumber(arg.success_threshold)
 local budget = tonumber(arg.retry_budget_percent)
 local hlim, dlim = tonumber(arg.hourly_limit), tonumber(arg.daily_limit)
@@ -79,7 +84,7 @@ local lease, lease_ttl, key_ttl = arg.lease, tonumber(arg.lease_ttl_s), tonumber
 local is_retry = arg.is_retry == '1'
 
 local f = redis.call('HMGET', bk, 'st', 'oa', 'ca', 'cf', 'cs', 'ring', 'pos', 'cnt', 'nf', 'ns', 'nr', 'mode', 'rev',
-                    'rif')
+                    'rif', 'wd', 'tw')
 local st = f[1] or 'closed'
 local oa, ca = f[2] or '', f[3] or ''
 local cf, cs = tonumber(f[4]) or 0, tonumber(f[5]) or 0
@@ -88,16 +93,43 @@ local nf, ns, nr = tonumber(f[9]) or 0, tonumber(f[10]) or 0, tonumber(f[11]) or
 local mode = f[12] or arg.mode
 local rev = f[13] or '0'
 local rif = tonumber(f[14]) or 0  -- retries admitted, not yet recorded: they count against the budget now
+local wd = tonumber(f[15]) or 0  -- the stored window's duration (0: a count window, kept in ring)
 local changed = false
 local out = {}  -- the transitions
 
+-- A time window: breaker.py's buckets (time_buckets: at most MAX_BUCKETS, each width s, numbered
+-- floor(t / width)), its non-empty ones kept in 'tw' as "number:calls:failures:slow:retries ...".
+local nbuckets = math.min(wdur, 60)
+local width = timed and wdur / nbuckets or 1
+local buckets = {}
+local current = math.floor(now / width)
+
 local function reset_window()
-  ring = string.rep('0', wsize)
+  ring = timed and '' or string.rep('0', wsize)
+  buckets, wd = {}, wdur
   pos, cnt, nf, ns, nr = 0, 0, 0, 0, 0
   changed = true
 end
 
-if string.len(ring) ~= wsize then reset_window() end
+-- the buckets still in the window as of now, and the window's counts from them
+local function age()
+  cnt, nf, ns, nr = 0, 0, 0, 0
+  for number, c, fl, sl, rt in string.gmatch(f[16] or '', '(%-?%d+):(%d+):(%d+):(%d+):(%d+)') do
+    number, c, fl, sl, rt = tonumber(number), tonumber(c), tonumber(fl), tonumber(sl), tonumber(rt)
+    if number > current - nbuckets then
+      buckets[#buckets + 1] = {number, c, fl, sl, rt}
+      cnt, nf, ns, nr = cnt + c, nf + fl, ns + sl, nr + rt
+    else
+      changed = true
+    end
+  end
+end
+
+if wd ~= wdur or (not timed and string.len(ring) ~= wsize) then
+  reset_window()
+elseif timed then
+  age()
+end
 
 local function move(to, reason, by)
   out[#out + 1] = {st, to, reason, arg.now, by or ''}
@@ -125,16 +157,40 @@ local function push(failed, slow, retry)
   changed = true
 end
 
+-- a time window's call recorded at t (deferred successes: earlier), unless its bucket already left the window
+local function count_in_bucket(t, failed, slow, retry)
+  local number = math.floor(t / width)
+  if number <= current - nbuckets then return end
+  local bucket
+  for _, b in ipairs(buckets) do
+    if b[1] == number then bucket = b end
+  end
+  if not bucket then
+    bucket = {number, 0, 0, 0, 0}
+    buckets[#buckets + 1] = bucket
+  end
+  local fl, sl, rt = failed and 1 or 0, slow and 1 or 0, retry and 1 or 0
+  bucket[2], bucket[3], bucket[4], bucket[5] = bucket[2] + 1, bucket[3] + fl, bucket[4] + sl, bucket[5] + rt
+  cnt, nf, ns, nr = cnt + 1, nf + fl, ns + sl, nr + rt
+  changed = true
+end
+
 local function pct(n) return string.format('%.0f', 100 * n / cnt) end
 
-local function record(outcome, slow, trial, retry)
+-- the window a rate was measured over, for a transition's reason (breaker.py says the same)
+local function calls_text()
+  if timed then return cnt .. ' calls in the last ' .. arg.window_duration_s .. ' s' end
+  return cnt .. ' calls'
+end
+
+local function record(outcome, slow, trial, retry, t)
   if retry and rif > 0 then
     rif = rif - 1
     changed = true
   end
   if outcome == 'ignored' then return end
   local failed = outcome == 'failure'
-  push(failed, slow, retry)
+  if timed then count_in_bucket(t, failed, slow, retry) else push(failed, slow, retry) end
   if failed then cf, cs = cf + 1, 0 else cf, cs = 0, cs + 1 end
   if mode == 'forced_open' or mode == 'forced_closed' then return end
   if st == 'half_open' then
@@ -149,25 +205,25 @@ local function record(outcome, slow, trial, retry)
       move('open', cf .. ' consecutive failures')
     elseif cnt >= minc then
       if frate > 0 and nf * 100 >= frate * cnt then
-        move('open', 'failure rate ' .. pct(nf) .. '% >= ' .. arg.failure_rate_threshold .. '% over ' .. cnt ..
-             ' calls')
+        move('open', 'failure rate ' .. pct(nf) .. '% >= ' .. arg.failure_rate_threshold .. '% over ' .. calls_text())
       elseif srate > 0 and ns * 100 >= srate * cnt then
-        move('open', 'slow call rate ' .. pct(ns) .. '% >= ' .. arg.slow_call_rate_threshold .. '% over ' .. cnt ..
-             ' calls')
+        move('open', 'slow call rate ' .. pct(ns) .. '% >= ' .. arg.slow_call_rate_threshold .. '% over ' ..
+             calls_text())
       end
     end
   end
 end
 
 -- successes this process deferred ride on this round trip, before anything else
-for _ = 1, tonumber(arg.deferred_successes) do record('success', false, false, false) end
-for _ = 1, tonumber(arg.deferred_retry_successes) do record('success', false, false, true) end
+local deferred_at = tonumber(arg.deferred_at)
+for _ = 1, tonumber(arg.deferred_successes) do record('success', false, false, false, deferred_at) end
+for _ = 1, tonumber(arg.deferred_retry_successes) do record('success', false, false, true, deferred_at) end
 
 local decision, reason = 'admit', ''
 
 if op == 'acquire' then
   if is_retry and budget >= 0 and cnt >= minc and
-      (nr + rif + 1) * 100 > budget * math.min(cnt + rif + 1, wsize) then
+      (nr + rif + 1) * 100 > budget * (timed and cnt + rif + 1 or math.min(cnt + rif + 1, wsize)) then
     decision, reason = 'refuse', 'budget'
   elseif mode == 'forced_open' then
     decision, reason = 'refuse', 'forced'
@@ -209,7 +265,7 @@ if op == 'acquire' then
 elseif op == 'record' then
   local trial = arg.trial == '1'
   if trial then redis.call('ZREM', lk, lease) end
-  record(arg.outcome, arg.slow == '1', trial, is_retry)
+  record(arg.outcome, arg.slow == '1', trial, is_retry, now)
 elseif op == 'reset' then
   if st ~= 'closed' then
     move('closed', arg.reason, arg.by)
@@ -224,8 +280,10 @@ elseif op == 'publish' then
 end
 
 if changed then
+  local kept = {}
+  for i, b in ipairs(buckets) do kept[i] = string.format('%d:%d:%d:%d:%d', b[1], b[2], b[3], b[4], b[5]) end
   redis.call('HSET', bk, 'st', st, 'oa', oa, 'ca', ca, 'cf', cf, 'cs', cs, 'ring', ring, 'pos', pos,
-             'cnt', cnt, 'nf', nf, 'ns', ns, 'nr', nr, 'rev', rev, 'rif', rif)
+             'cnt', cnt, 'nf', nf, 'ns', ns, 'nr', nr, 'rev', rev, 'rif', rif, 'wd', wd, 'tw', table.concat(kept, ' '))
   if f[12] or op == 'publish' then redis.call('HSET', bk, 'mode', mode) end
   redis.call('EXPIRE', bk, key_ttl)
 end
