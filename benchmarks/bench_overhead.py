@@ -29,6 +29,10 @@ and reports microseconds per call:
                         attempt in a worker thread (N/10 calls)
     ours call_options   "ours" with call_options=CallOptions(max_retries=2): the policy
                         overridden for the call (a replaced, validated Policy per call)
+    ours adaptive       "ours" with bulkhead_mode="adaptive": the bulkhead's limit follows
+                        the observed latency (each call measured and fed to the limit)
+    ours retry on result "ours" with call_options=CallOptions(retry_if_result=...), a
+                        predicate that never asks for a retry: the value checked per attempt
     ours thread timeout the same policy with timeout_enforcement="thread": each
                         attempt is handed to a worker thread (N/10 calls)
     ours traced (API)   "ours" with RESILIENCE_TRACING on and only opentelemetry-api
@@ -156,6 +160,8 @@ def build_rows(n: int):
     ours_rate_limited = build_engine(BENCH_POLICY.replace(rate_limit_permits=10**9, rate_limit_period_s=1.0))
     with_options = functools.partial(ours.execute, call_options=CallOptions(max_retries=2))
     ours_hedged = build_engine(BENCH_POLICY.replace(hedge_delay_ms=5_000))
+    ours_adaptive = build_engine(BENCH_POLICY.replace(bulkhead_mode="adaptive"))
+    on_result = functools.partial(ours.execute, call_options=CallOptions(retry_if_result=lambda value: value is None))
     ours_time_window = build_engine(BENCH_POLICY.replace(window_type="time", window_duration_s=60))
     ours_traced_api = build_engine(BENCH_POLICY)
     ours_traced_api.tracing = Tracing(tracer_provider=trace.NoOpTracerProvider())
@@ -183,6 +189,8 @@ def build_rows(n: int):
         ("ours rate limited", n, ours_rate_limited.execute, ("bench", op)),
         ("ours call_options", n, with_options, ("bench", op)),
         ("ours time window", n, ours_time_window.execute, ("bench", op)),
+        ("ours adaptive", n, ours_adaptive.execute, ("bench", op)),
+        ("ours retry on result", n, on_result, ("bench", op)),
         ("ours hedged", n // 10, ours_hedged.execute, ("bench", op)),
         ("ours thread timeout", n // 10, ours_thread.execute, ("bench", op)),
         ("ours traced (API)", n, ours_traced_api.execute, ("bench", op)),
