@@ -140,7 +140,7 @@ class _Call:
                  "lookup",
                  "cache_state", "started", "deadline", "attempts", "durations", "error", "value", "ok", "source",
                  "fallback_used", "age_s", "stopped_by", "trace", "enforces_deadline", "options", "budgeted", "unwanted",
-                 "rate_wait_until")
+                 "rate_wait_until", "span", "attempt_started", "timeout_s")
 
     def __init__(self, engine: Engine, policy: Policy, fn, args, kwargs, fallbacks, dead_letter, cache_key,
                  trace=None, options: CallOptions | None = None) -> None:
@@ -149,6 +149,9 @@ class _Call:
         self.unwanted = False  # the value is one the call's retry_if_result asked to retry
         self.rate_wait_until = None  # while an attempt waits for a rate-limit permit: until when it may
         self.trace = trace  # the call's span (tracing.CallSpan) when tracing is on
+        self.span = None  # the attempt's span while one runs with tracing on
+        self.attempt_started = 0.0  # when the attempt running began (monotonic)
+        self.timeout_s = 0.0  # the attempt's own timeout
         self.enforces_deadline = False  # the operation ends by its attempt's deadline itself: run it inline
         self.policy = policy
         self.local = engine._local(policy)
@@ -258,7 +261,7 @@ class _Call:
     def rate_limit_wait(self) -> float | None:
         """An outbound rate-limit permit for the next attempt: 0.0 when taken, else how long to wait
         before asking again, or None when none comes within rate_limit_wait_ms and the deadline
-        (the call is refused with RATE_LIMIT, or a retry stopped)."""
+        (the call is refused with RATE_LIMIT, or a retry stopped; the bulkhead slot is released)."""
         policy, engine = self.policy, self.engine
         verdict = engine.store.rate_limiter.hit(f"integration.{policy.name}", policy.rate_limit_permits,
                                                 policy.rate_limit_period_s)
@@ -271,6 +274,7 @@ class _Call:
         if now + wait <= self.rate_wait_until:
             return wait
         self.rate_wait_until = None
+        self.local.bulkhead.release()
         if self.attempts:
             self.stopped_by = ErrorCategory.RATE_LIMIT.value
         else:
@@ -312,11 +316,33 @@ class _Call:
         self._record(permit, br.FAILURE if error.category.counts_as_failure else br.IGNORED, duration,
                      timed_out=error.category is ErrorCategory.TIMEOUT)
 
-    def attempt_timeout(self, left: float) -> float:
-        return min(self.policy.attempt_timeout_ms / 1000, left)
+    def next_attempt(self, rate_limited: float | None):
+        """Once the attempt holds its bulkhead slot, given the outbound rate limit's last answer
+        (rate_limit_wait(): 0.0 a permit, None refused; 0.0 without a rate limit): the store's
+        permit, with the attempt's timeout, span and start set; None means stop (the slot is released)."""
+        if rate_limited is None:
+            return None  # rate_limit_wait() recorded why and released the slot
+        engine = self.engine
+        left = self.deadline - engine.clock.monotonic()  # the waits for a slot and a permit came out of it
+        permit = self.permit(left)
+        if permit is None:
+            self.local.bulkhead.release()
+            return None
+        self.timeout_s = min(self.policy.attempt_timeout_ms / 1000, left)
+        if self.trace is not None:
+            self.span = engine.tracing.start_attempt(self.trace, self.policy.name, self.attempts + 1, permit.trial)
+        self.attempt_started = engine.clock.monotonic()
+        return permit
 
-    def succeeded(self, permit, value, duration: float) -> float | None:
+    def _end_span(self, exc: BaseException | None) -> None:
+        span, self.span = self.span, None
+        self.engine.tracing.end_attempt(span, exc, self.policy.name)
+
+    def succeeded(self, permit, value) -> float | None:
         """Record a successful attempt; returns the delay before a retry its value asks for, or None."""
+        if self.span is not None:
+            self._end_span(None)
+        duration = self.engine.clock.monotonic() - self.attempt_started
         self.attempts += 1
         self.durations.append(duration * 1000)
         options = self.options
@@ -331,8 +357,11 @@ class _Call:
             return None
         return self._delay_before_retry(None)
 
-    def failed(self, permit, exc: BaseException, duration: float) -> float | None:
+    def failed(self, permit, exc: BaseException) -> float | None:
         """Record a failed attempt; returns the delay before a retry, or None to stop."""
+        if self.span is not None:
+            self._end_span(exc)
+        duration = self.engine.clock.monotonic() - self.attempt_started
         self.attempts += 1
         self.durations.append(duration * 1000)
         error = classify(exc, self.policy.name)
@@ -354,8 +383,10 @@ class _Call:
             return None
         return delay
 
-    def abandoned(self, permit) -> None:
+    def abandoned(self, permit, exc: BaseException) -> None:
         """The caller went away mid-attempt (KeyboardInterrupt, cancellation): free the permit."""
+        if self.span is not None:
+            self._end_span(exc)
         self.engine.store.record(self.policy, permit, br.IGNORED, False, self.attempts > 0)
         if self.lookup is not None:
             self.engine.cache.settle(self.lookup)  # those waiting for this call's fill look again
@@ -558,8 +589,7 @@ class Engine:
         except BaseException as exc:
             self.tracing.abandon_call(trace, exc)
             raise
-        self.tracing.end_call(trace, result)
-        return result
+        return self.tracing.end_call(trace, result)
 
     def _call(self, policy: Policy, fn: Callable, args: tuple, kwargs: dict | None, cache_key, fallbacks, dead_letter,
               trace=None, enforces_deadline: bool = False, options: CallOptions | None = None) -> CallResult:
@@ -599,50 +629,30 @@ class Engine:
             if not bulkhead.acquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
-            if policy.rate_limit_permits is not None:
+            wait = 0.0 if policy.rate_limit_permits is None else call.rate_limit_wait()
+            while wait:
+                clock.sleep(wait)
                 wait = call.rate_limit_wait()
-                while wait:
-                    clock.sleep(wait)
-                    wait = call.rate_limit_wait()
-                if wait is None:
-                    bulkhead.release()
-                    return
-            left = call.deadline - clock.monotonic()  # the waits for a slot and a permit came out of the deadline
-            permit = call.permit(left)
+            permit = call.next_attempt(wait)
             if permit is None:
-                bulkhead.release()
                 return
-            timeout = call.attempt_timeout(left)
-            span = None if call.trace is None else self.tracing.start_attempt(
-                call.trace, policy.name, call.attempts + 1, permit.trial)
-            started = clock.monotonic()
             owner = [permit]  # the permit whose attempt's outcome is the one recorded below
             try:
                 if hedging:
-                    value = self._hedged(call, owner, timeout)
+                    value = self._hedged(call, owner, call.timeout_s)
                 elif inline:
-                    value = run_inline(call.fn, call.args, call.kwargs, timeout, bulkhead.release, clock.monotonic)
+                    value = run_inline(call.fn, call.args, call.kwargs, call.timeout_s, bulkhead.release,
+                                       clock.monotonic)
                 else:
-                    value = run_in_thread(local.executor(policy), call.fn, call.args, call.kwargs, timeout,
+                    value = run_in_thread(local.executor(policy), call.fn, call.args, call.kwargs, call.timeout_s,
                                           bulkhead.release)
-            except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on below
-                permit = owner[0]
-                if span is not None:
-                    self.tracing.end_attempt(span, exc, policy.name)
-                delay = call.failed(permit, exc, clock.monotonic() - started)
-                if delay is None:
-                    return
-                clock.sleep(delay)
-                continue
+            except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on in failed()
+                delay = call.failed(owner[0], exc)
             except BaseException as exc:
-                if span is not None:
-                    self.tracing.end_attempt(span, exc, policy.name)
-                call.abandoned(owner[0])
+                call.abandoned(owner[0], exc)
                 raise
-            permit = owner[0]
-            if span is not None:
-                self.tracing.end_attempt(span, None, policy.name)
-            delay = call.succeeded(permit, value, clock.monotonic() - started)
+            else:
+                delay = call.succeeded(owner[0], value)
             if delay is None:
                 return
             clock.sleep(delay)
@@ -717,8 +727,7 @@ class Engine:
         except BaseException as exc:
             self.tracing.abandon_call(trace, exc)
             raise
-        self.tracing.end_call(trace, result)
-        return result
+        return self.tracing.end_call(trace, result)
 
     async def _acall(self, policy: Policy, fn: Callable, args: tuple, kwargs: dict, cache_key, fallbacks, dead_letter,
                      trace=None, options: CallOptions | None = None) -> CallResult:
@@ -756,42 +765,23 @@ class Engine:
             if not await bulkhead.aacquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
-            if policy.rate_limit_permits is not None:
+            wait = 0.0 if policy.rate_limit_permits is None else call.rate_limit_wait()
+            while wait:
+                await clock.asleep(wait)
                 wait = call.rate_limit_wait()
-                while wait:
-                    await clock.asleep(wait)
-                    wait = call.rate_limit_wait()
-                if wait is None:
-                    bulkhead.release()
-                    return
-            left = call.deadline - clock.monotonic()  # the waits for a slot and a permit came out of the deadline
-            permit = call.permit(left)
+            permit = call.next_attempt(wait)
             if permit is None:
-                bulkhead.release()
                 return
-            timeout = call.attempt_timeout(left)
-            span = None if call.trace is None else self.tracing.start_attempt(
-                call.trace, policy.name, call.attempts + 1, permit.trial)
-            started = clock.monotonic()
             try:
-                value = await run_async(local.executor(policy), call.fn, call.args, call.kwargs, timeout,
+                value = await run_async(local.executor(policy), call.fn, call.args, call.kwargs, call.timeout_s,
                                         bulkhead.release, is_coroutine)
-            except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on below
-                if span is not None:
-                    self.tracing.end_attempt(span, exc, policy.name)
-                delay = call.failed(permit, exc, clock.monotonic() - started)
-                if delay is None:
-                    return
-                await clock.asleep(delay)
-                continue
+            except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on in failed()
+                delay = call.failed(permit, exc)
             except BaseException as exc:
-                if span is not None:
-                    self.tracing.end_attempt(span, exc, policy.name)
-                call.abandoned(permit)
+                call.abandoned(permit, exc)
                 raise
-            if span is not None:
-                self.tracing.end_attempt(span, None, policy.name)
-            delay = call.succeeded(permit, value, clock.monotonic() - started)
+            else:
+                delay = call.succeeded(permit, value)
             if delay is None:
                 return
             await clock.asleep(delay)

@@ -63,7 +63,8 @@ class Tracing:
                                       attributes={"resilience.integration": integration})
         return CallSpan(span, otel_context.attach(trace.set_span_in_context(span)))
 
-    def end_call(self, handle: CallSpan, result) -> None:
+    def end_call(self, handle: CallSpan, result):
+        """End the call's span with its CallResult; returns the result."""
         span = handle.span
         otel_context.detach(handle.token)
         error = result.error
@@ -83,6 +84,7 @@ class Tracing:
         if not result.ok:
             span.set_status(Status(StatusCode.ERROR, str(error)))
         span.end()
+        return result
 
     def abandon_call(self, handle: CallSpan, exc: BaseException) -> None:
         """The caller went away (cancellation, KeyboardInterrupt) or the engine raised: end the span with it."""
