@@ -14,6 +14,8 @@ import threading
 from django.conf import settings
 from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler, get_internal_wsgi_application
 
+from .serving import bind, serve_in_thread, shut_down
+
 DEFAULT_ADDRESS = "127.0.0.1"
 
 
@@ -43,21 +45,14 @@ class SiteServer:
             from django.contrib.staticfiles.handlers import StaticFilesHandler
 
             handler = StaticFilesHandler(handler)
-        try:
-            self._server = ThreadedWSGIServer((self.address, self.port), WSGIRequestHandler)
-        except OSError as exc:
-            raise OSError(exc.errno, f"the site cannot listen on {self.address}:{self.port}: {exc.strerror}") from exc
+        self._server = bind(ThreadedWSGIServer, WSGIRequestHandler, self.address, self.port, "the site")
         self.port = self._server.server_address[1]  # the port chosen when 0 was asked for
         self._server.set_app(handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"demo-site-{self.port}", daemon=True)
-        self._thread.start()
+        self._thread = serve_in_thread(self._server, f"demo-site-{self.port}", poll_interval=0.2)
         return self
 
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        self._thread.join()
-        server.server_close()
+        shut_down(server, self._thread)

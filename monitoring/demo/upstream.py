@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from .serving import bind, serve_in_thread, shut_down
+
 HOST = "127.0.0.1"
 DROPPED = "dropped"  # the key counting connections closed without an answer
 
@@ -150,19 +152,13 @@ class SimulatedUpstream:
     def start(self) -> SimulatedUpstream:
         if self._server is not None:
             raise RuntimeError("the upstream is already running")
-        try:
-            server = _Server((HOST, self.port), _Handler)
-        except OSError as exc:
-            raise OSError(exc.errno, f"the simulated upstream cannot listen on {HOST}:{self.port}: "
-                                     f"{exc.strerror}") from exc
+        server = bind(_Server, _Handler, HOST, self.port, "the simulated upstream")
         server.upstream = self
         self._server = server
         self.port = server.server_address[1]
         self._stopping.clear()
         self.started_at = self.clock()
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"demo-upstream-{self.port}", daemon=True)
-        self._thread.start()
+        self._thread = serve_in_thread(server, f"demo-upstream-{self.port}", poll_interval=0.1)
         return self
 
     def stop(self) -> None:
@@ -171,9 +167,7 @@ class SimulatedUpstream:
         if server is None:
             return
         self._stopping.set()
-        server.shutdown()  # ends serve_forever
-        self._thread.join()
-        server.server_close()  # joins the request threads (block_on_close) and closes the socket
+        shut_down(server, self._thread)  # the request threads joined too (block_on_close)
 
     def __enter__(self) -> SimulatedUpstream:
         return self.start()
