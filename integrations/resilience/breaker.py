@@ -236,19 +236,12 @@ class BreakerCell:
         if self._fit_window(policy):
             self._advance(now)
         return BreakerSnapshot(
-            integration=self.integration,
-            state=self.state,
-            mode=policy.mode,
-            opened_at=self.opened_at,
-            changed_at=self.changed_at,
-            consecutive_failures=self.consecutive_failures,
-            consecutive_successes=self.consecutive_successes,
+            integration=self.integration, state=self.state, mode=policy.mode,
+            opened_at=self.opened_at, changed_at=self.changed_at,
+            consecutive_failures=self.consecutive_failures, consecutive_successes=self.consecutive_successes,
             half_open_in_flight=self.half_open_in_flight,
-            window_calls=self.count,
-            window_failures=self.failures,
-            window_slow=self.slows,
-            window_retries=self.retries,
-        )
+            window_calls=self.count, window_failures=self.failures, window_slow=self.slows,
+            window_retries=self.retries)
 
     # -- internals -----------------------------------------------------------
 

@@ -166,16 +166,11 @@ class _Call:
         self.budgeted = budget is not None and budget < policy.timeout_ms / 1000
         if self.budgeted:
             self.deadline = self.started + budget
-        self.attempts = 0
-        self.durations: list[float] = []
+        self.attempts, self.ok, self.source = 0, False, LIVE
+        self.durations: list[float] = []  # each attempt's, ms
         self.error: ResilienceError | None = None
-        self.value = None
-        self.ok = False
-        self.source = LIVE
-        self.fallback_used = None
-        self.age_s = None
-        self.stopped_by = None
-        self.cache_state = None
+        # set as the call goes: its value, the fallback that served it, a cached value's age, what stopped it
+        self.value = self.fallback_used = self.age_s = self.stopped_by = self.cache_state = None
         self.lookup = None  # what the cache step found (cache.Lookup): a hit, this call's fill, a wait
         self.material = None
         if policy.cache_ttl_s > 0 or (fallbacks and any(f.kind in (fb.CACHE, fb.LAST_KNOWN) for f in fallbacks)):

@@ -102,12 +102,6 @@ class QuotaCell:
 
     def usage(self, policy: Policy, now: float) -> QuotaUsage:
         self._roll(now)
-        return QuotaUsage(
-            integration=policy.name,
-            hourly_used=self.hour_used,
-            hourly_limit=policy.hourly_limit,
-            daily_used=self.day_used,
-            daily_limit=policy.daily_limit,
-            hour_resets_at=self.hour + HOUR,
-            day_resets_at=self.day + DAY,
-        )
+        return QuotaUsage(integration=policy.name,
+                          hourly_used=self.hour_used, hourly_limit=policy.hourly_limit, hour_resets_at=self.hour + HOUR,
+                          daily_used=self.day_used, daily_limit=policy.daily_limit, day_resets_at=self.day + DAY)
