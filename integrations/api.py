@@ -251,6 +251,8 @@ class CacheCountsSerializer(serializers.Serializer):
     hits = serializers.IntegerField()
     misses = serializers.IntegerField()
     hit_ratio = serializers.FloatField(allow_null=True)
+    entries = serializers.IntegerField(help_text="Responses this process keeps in its L1 (in-process) cache.")
+    average_age_s = serializers.FloatField(allow_null=True, help_text="Their average age; null without entries.")
 
 
 class CacheStatsSerializer(serializers.Serializer):
@@ -263,7 +265,25 @@ class CacheStatsSerializer(serializers.Serializer):
 
 class CacheClearedSerializer(serializers.Serializer):
     integration = serializers.CharField()
-    version = serializers.IntegerField(help_text="The new cache version.")
+    version = serializers.IntegerField(help_text="The cache version (bumped when everything is cleared).")
+    scope = serializers.ChoiceField(choices=("all", "key", "prefix"), help_text="What was cleared.")
+    generation = serializers.IntegerField(help_text="The invalidation record's new generation: every process's "
+                                                    "L1 stops serving the cleared entries within 1 s.")
+
+
+class CacheClearQuery(serializers.Serializer):
+    key = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False,
+                                help_text="Clear only the entries of this string cache key.")
+    prefix = serializers.CharField(required=False, allow_blank=False, trim_whitespace=False,
+                                   help_text="Clear only the entries whose string cache key starts with this.")
+
+    def validate(self, data):
+        if "prefix" in self.initial_data and not data.get("prefix"):
+            # a query string's empty value reads as absent, which would clear everything
+            raise serializers.ValidationError({"prefix": "An empty prefix would clear everything; leave it out."})
+        if "key" in data and "prefix" in data:
+            raise serializers.ValidationError({"prefix": "Give key or prefix, not both."})
+        return data
 
 
 class IntegrationQuery(serializers.Serializer):
@@ -371,12 +391,16 @@ class CacheStatsView(IntegrationAPIView):
 
 class CacheClearView(IntegrationAPIView):
     @api_operation(summary="Clear an integration's cached responses and last known values",
-                   description="Needs integrations.change_integration: the cache's version is bumped, so "
-                               "every entry becomes unreachable in every process at once.",
-                   parameters=[NAME_PARAMETER],
-                   responses={200: CacheClearedSerializer, **error_responses(404)})
+                   description="Needs integrations.change_integration. Without a parameter every entry goes "
+                               "(the cache's version is bumped); ?key= clears one string cache key, ?prefix= the "
+                               "string keys starting with it. Every process's L1 stops serving them within 1 s.",
+                   parameters=[NAME_PARAMETER, CacheClearQuery],
+                   responses={200: CacheClearedSerializer, **error_responses(400, 404)})
     def delete(self, request, name):
         integration = self.get_integration()
-        integration.clear_cache()
-        return Response(CacheClearedSerializer({"integration": integration.name,
-                                                "version": integration.cache_version}).data)
+        query = validated(CacheClearQuery, request.query_params)
+        generation = integration.clear_cache(**query)
+        scope = "key" if "key" in query else "prefix" if "prefix" in query else "all"
+        return Response(CacheClearedSerializer({"integration": integration.name, "scope": scope,
+                                                "version": integration.cache_version,
+                                                "generation": generation}).data)

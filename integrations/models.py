@@ -307,15 +307,27 @@ class Integration(models.Model):
     def fault_active(self) -> bool:
         return self.fault_until is not None and self.fault_until > timezone.now()
 
-    def clear_cache(self) -> None:
-        """Every cached response and last known value of this integration becomes unreachable.
+    def clear_cache(self, *, key: str | None = None, prefix: str | None = None) -> int:
+        """Every cached response and last known value of this integration (or those of the string
+        cache ``key``, or of the string keys starting with ``prefix``) becomes unreachable in every
+        process: the cache's invalidation record reaches every process's L1 within a second
+        (integrations/resilience/cache.py). The record's new generation.
 
-        The version is bumped in the database, not from this instance, so two
+        Clearing everything also bumps the version in the database, not from this instance, so two
         operators clearing at once (or a stale instance) still move it on.
         """
+        if key is not None and prefix is not None:
+            raise ValueError("clear a key or a prefix, not both")
+        cache = get_engine().cache
+        if key is not None:
+            return cache.clear(self.name, key=key, policy=self.to_policy())
+        if prefix is not None:
+            return cache.clear(self.name, prefix=prefix)
         Integration.objects.filter(pk=self.pk).update(cache_version=F("cache_version") + 1, updated_at=Now())
         self.refresh_from_db(fields=["cache_version", "updated_at"])
+        generation = cache.clear(self.name)
         policy_changed.send(sender=Integration, instance=self)
+        return generation
 
 
 for _knob in KNOBS:

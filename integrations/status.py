@@ -69,7 +69,10 @@ class IntegrationStatus:
             hits, misses, source = self.figures["cache_hits"], self.figures["cache_misses"], "figures"
         else:
             hits, misses, source = self.process_cache["hits"], self.process_cache["misses"], PROCESS
-        return {"hits": hits, "misses": misses, "hit_ratio": ratio(hits, hits + misses), "source": source}
+        return {"hits": hits, "misses": misses, "hit_ratio": ratio(hits, hits + misses), "source": source,
+                # this process's L1 (in-process) entries and their average age
+                "entries": self.process_cache.get("entries", 0),
+                "average_age_s": self.process_cache.get("average_age_s")}
 
     def to_dict(self) -> dict:
         """The status as a JSON-ready document (times in ISO 8601, UTC)."""

@@ -115,7 +115,8 @@ def test_status_json_has_the_same_figures_under_stable_keys(billing):
     assert row["changed_at"] is not None and row["opened_at"] is not None
     # the two recorded calls, plus the two that opened the breaker (flushed by nobody yet: not counted)
     assert (row["figures"]["calls"], row["figures"]["success_rate"]) == (2, 0.5)
-    assert row["cache"] == {"hits": 1, "misses": 1, "hit_ratio": 0.5, "source": "figures"}
+    assert row["cache"] == {"hits": 1, "misses": 1, "hit_ratio": 0.5, "source": "figures", "entries": 0,
+                            "average_age_s": None}  # the command's own L1 is empty
     assert row["in_flight"] == 0 and document["figures_minutes"] == 60
 
 
@@ -199,5 +200,5 @@ def test_the_operator_is_named_by_uid_when_the_os_has_no_name_for_it(monkeypatch
 
 
 def test_the_subcommands_are_required_and_listed():
-    with pytest.raises(CommandError, match=r"\{status,breaker,schedules,backup,restore\}"):
+    with pytest.raises(CommandError, match=r"\{status,breaker,schedules,backup,restore,cache\}"):
         call_command("resilience")

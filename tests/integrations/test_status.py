@@ -101,7 +101,8 @@ def test_a_process_that_makes_no_calls_reads_the_recorded_state_without_redis(in
     assert statuses["svc-1"].state == OPEN and statuses["svc-0"].state == CLOSED
     assert statuses["svc-1"].breaker.opened_at == opened.timestamp()
     assert (statuses["svc-1"].quota.hourly_used, statuses["svc-1"].quota.level) == (7, "healthy")
-    assert statuses["svc-1"].cache == {"hits": 1, "misses": 3, "hit_ratio": 0.25, "source": "figures"}
+    assert statuses["svc-1"].cache == {"hits": 1, "misses": 3, "hit_ratio": 0.25, "source": "figures", "entries": 0,
+                                       "average_age_s": None}  # none in this process's L1
     document = statuses["svc-1"].to_dict()
     assert document["opened_at"] == opened.isoformat() and document["scope"] == RECORDED
     # this process's own engine, which saw none of it, says closed: the calling process's reading

@@ -26,11 +26,20 @@ Subcommands:
   only when included). Prints the rows per section on stderr.
 - ``restore FILE``: restores such a file all or nothing (the steps are integrations/backup.py's);
   a bad file is refused naming what is wrong, and nothing is restored.
+- ``cache warm NAME --keys-from FILE --function dotted.path``: fills the cache for each key of
+  FILE (one JSON value a line; blank lines and lines starting with # skipped): ``function(key)``
+  is called through the guarded pipeline (``Engine.refresh``, no cache lookup) and its value
+  stored under ``cache_key=key``. Everything is checked before the first call (the integration,
+  its ``cache_ttl_s``, the file, every line, the function); a key whose call fails is reported
+  and the others are warmed.
+- ``cache clear NAME [--key K | --prefix P]``: clears everything, one string cache key, or the
+  string keys starting with P (``Integration.clear_cache``): every process's L1 within 1 s.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import getpass
 import json
 import os
@@ -141,11 +150,53 @@ def find_integration(name: str) -> Integration:
     raise CommandError(f'Unknown integration "{name}".{hint}')
 
 
+def read_keys(path: str) -> list:
+    """The cache keys of a --keys-from file: one JSON value a line, all read before any is used."""
+    try:
+        if path == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(path, encoding="utf-8") as stream:
+                lines = stream.read().splitlines()
+    except OSError as error:
+        raise CommandError(f"--keys-from: cannot read {path}: {error.strerror}.") from None
+    except UnicodeDecodeError as error:
+        raise CommandError(f"--keys-from: {path} is not UTF-8 text ({error.reason}).") from None
+    keys = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            keys.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise CommandError(f"--keys-from: {path}, line {number}: not a JSON value ({error.msg}); "
+                               f"a string key is written in quotes, e.g. \"EUR\". Nothing was warmed.") from None
+    if not keys:
+        raise CommandError(f"--keys-from: {path} has no keys.")
+    return keys
+
+
+def import_function(path: str):
+    """The callable named by --function (module.attribute)."""
+    module_name, _, attribute = path.rpartition(".")
+    if not module_name:
+        raise CommandError(f"--function: {path!r} is not a dotted path (module.function).")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CommandError(f"--function: cannot import {module_name}: {error}.") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise CommandError(f"--function: {module_name} has no function {attribute!r}.")
+    return function
+
+
 class Command(BaseCommand):
-    help = "Operate the resilience layer: status, breaker {reset,open,close} NAME, schedules, backup, restore."
+    help = ("Operate the resilience layer: status, breaker {reset,open,close} NAME, schedules, backup, restore, "
+            "cache {warm,clear} NAME.")
 
     def add_arguments(self, parser):
-        sub = parser.add_subparsers(dest="subcommand", required=True, metavar="{status,breaker,schedules,backup,restore}")
+        sub = parser.add_subparsers(dest="subcommand", required=True, metavar="{status,breaker,schedules,backup,restore,cache}")
         status = sub.add_parser("status", help="Every integration's breaker, quota, success rate, p95 and cache.")
         status.add_argument("--json", action="store_true", help="Print the status as a JSON document.")
         breaker = sub.add_parser("breaker", help="Reset, force open or force close one integration's breaker.")
@@ -160,6 +211,19 @@ class Command(BaseCommand):
                                 section.name for section in registered_sections() if section.optional) + ".")
         restore = sub.add_parser("restore", help="Restore a backup, all or nothing (idempotent).")
         restore.add_argument("file", metavar="FILE", help="A file written by `resilience backup` (- for stdin).")
+        cache = sub.add_parser("cache", help="Warm or clear an integration's response cache.")
+        cache_sub = cache.add_subparsers(dest="cache_action", required=True, metavar="{warm,clear}")
+        warm = cache_sub.add_parser("warm", help="Fill the cache for each key of a file, through the pipeline.")
+        warm.add_argument("name", metavar="NAME", help="The integration's name.")
+        warm.add_argument("--keys-from", required=True, metavar="FILE",
+                          help="One JSON value a line (e.g. \"EUR\"): the cache keys (- for stdin).")
+        warm.add_argument("--function", required=True, metavar="DOTTED.PATH",
+                          help="What fetches a key's value: called as function(key).")
+        clear = cache_sub.add_parser("clear", help="Clear cached responses in every process (within 1 s).")
+        clear.add_argument("name", metavar="NAME", help="The integration's name.")
+        scope = clear.add_mutually_exclusive_group()
+        scope.add_argument("--key", metavar="K", help="Only this string cache key.")
+        scope.add_argument("--prefix", metavar="P", help="Only the string cache keys starting with P.")
 
     def handle(self, *args, subcommand, **options):
         return getattr(self, f"handle_{subcommand}")(**options)
@@ -221,6 +285,34 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from None
         self.stderr.write("backed up " + ", ".join(f"{name}: {count}" for name, count in counts.items())
                           + ("" if output == "-" else f" to {output}"))
+
+    def handle_cache(self, cache_action, name, **options):
+        integration = find_integration(name)
+        if cache_action == "clear":
+            if options["prefix"] == "":
+                raise CommandError("--prefix: an empty prefix would clear everything; leave it out for that.")
+            generation = integration.clear_cache(key=options["key"], prefix=options["prefix"])
+            what = (f"key {options['key']!r}" if options["key"] is not None
+                    else f"keys starting with {options['prefix']!r}" if options["prefix"] is not None
+                    else f"everything (cache version {integration.cache_version})")
+            self.stdout.write(f"{integration.name}: cleared {what}, generation {generation}; every process's "
+                              f"L1 stops serving it within 1 s.")
+            return
+        if integration.cache_ttl_s <= 0:
+            raise CommandError(f"{name}: cache_ttl_s is {integration.cache_ttl_s}: responses are not cached, "
+                               f"nothing to warm.")
+        keys = read_keys(options["keys_from"])
+        function = import_function(options["function"])
+        engine, failed = get_engine(), []
+        for key in keys:
+            result = engine.refresh(integration.name, function, key, cache_key=key)
+            if not result.ok:
+                failed.append((key, result.error))
+        self.stdout.write(f"{integration.name}: warmed {len(keys) - len(failed)} of {len(keys)} keys.")
+        if failed:
+            shown = "; ".join(f"{json.dumps(key)}: {error.category.value} {error.message}" for key, error in failed[:5])
+            more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+            raise CommandError(f"{len(failed)} keys not warmed: {shown}{more}")
 
     def handle_restore(self, file, **options):
         try:
