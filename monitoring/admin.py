@@ -10,6 +10,7 @@ from integrations.admin import LEVEL_COLOURS, badge
 
 from . import health_page
 from .models import Alert, CallStats, Delivery, HealthCheck, HealthCheckResult, NotificationChannel, SystemHealth
+from .rules import KIND_PREFIX as RULE_KIND_PREFIX
 
 SEVERITY_COLOURS = {"warning": LEVEL_COLOURS["warning"], "critical": LEVEL_COLOURS["critical"]}
 STATUS_COLOURS = {Alert.OPEN: LEVEL_COLOURS["critical"], Alert.ACKNOWLEDGED: LEVEL_COLOURS["warning"],
@@ -90,11 +91,26 @@ class ActiveAlertFilter(admin.SimpleListFilter):
         return queryset
 
 
+class AlertKindFilter(admin.SimpleListFilter):
+    """The built-in kinds and the user-defined rules' kinds (``rule:<name>``) that have alerts."""
+
+    title = "kind"
+    parameter_name = "kind__exact"  # the URL of the field's own filter, which listed the built-in kinds only
+
+    def lookups(self, request, model_admin):
+        rule_kinds = (Alert.objects.filter(kind__startswith=RULE_KIND_PREFIX).order_by("kind")
+                      .values_list("kind", flat=True).distinct())
+        return [*Alert.KIND_CHOICES, *((kind, kind) for kind in rule_kinds)]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(kind=self.value()) if self.value() else queryset
+
+
 @admin.register(Alert)
 class AlertAdmin(admin.ModelAdmin):
     list_display = ("kind", "severity_badge", "integration", "message", "status_badge", "occurrences", "first_seen",
                     "last_seen", "acknowledged_by")
-    list_filter = (ActiveAlertFilter, "severity", "status", "kind", "integration")
+    list_filter = (ActiveAlertFilter, "severity", "status", AlertKindFilter, "integration")
     search_fields = ("message", "integration__name")
     list_select_related = ("integration", "acknowledged_by")
     date_hierarchy = "last_seen"

@@ -26,6 +26,7 @@ from integrations.api_common import (APIDefaults, api_operation, Conflict, IsoDa
                                      validated)
 from integrations.models import Integration
 
+from . import rules as user_rules
 from . import watchdog
 from .counters import FAILURE_COLUMNS, REJECTION_COLUMNS
 from .models import SEVERITY_CHOICES, Alert, CallStats, describe
@@ -63,9 +64,20 @@ def integration_stats(integration_ids: list[int], minutes: int) -> dict[int, dic
 
 # -- serializers: the documented shapes (responses are rendered through them) -----------------
 
+KIND_HELP = ("A built-in kind (" + ", ".join(kind for kind, _ in Alert.KIND_CHOICES) + ") or, for a user-defined "
+             "watchdog rule, 'rule:' and its name.")
+
+
+def alert_kind(value: str) -> str:
+    if value in dict(Alert.KIND_CHOICES) or (value.startswith(user_rules.KIND_PREFIX)
+                                             and len(value) > len(user_rules.KIND_PREFIX)):
+        return value
+    raise serializers.ValidationError(f"{value!r} is not a kind: {KIND_HELP}")
+
+
 class AlertSerializer(serializers.Serializer):
     id = serializers.IntegerField()
-    kind = serializers.ChoiceField(choices=Alert.KIND_CHOICES)
+    kind = serializers.CharField(help_text=KIND_HELP)
     severity = serializers.ChoiceField(choices=SEVERITY_CHOICES)
     integration = serializers.CharField(allow_null=True, help_text="Null for alerts about the whole site.")
     message = serializers.CharField()
@@ -85,7 +97,7 @@ class AlertQuery(serializers.Serializer):
                                       help_text="1: open or acknowledged; 0: resolved.")
     severity = serializers.ChoiceField(choices=SEVERITY_CHOICES, required=False)
     status = serializers.ChoiceField(choices=Alert.STATUS_CHOICES, required=False)
-    kind = serializers.ChoiceField(choices=Alert.KIND_CHOICES, required=False)
+    kind = serializers.CharField(required=False, max_length=80, validators=[alert_kind], help_text=KIND_HELP)
     integration = serializers.CharField(required=False, max_length=100, help_text="An integration's name.")
 
 
@@ -100,11 +112,36 @@ class ChangesSerializer(serializers.Serializer):
     resolved = serializers.ListField(child=serializers.IntegerField())
 
 
+class RuleValueSerializer(serializers.Serializer):
+    integration = serializers.CharField(allow_null=True, help_text="Null: the value is the whole site's.")
+    value = serializers.FloatField(allow_null=True, help_text="Null: the metric has no data now.")
+    samples = serializers.IntegerField(allow_null=True, help_text="Null unless the metric gave Measure(value, samples).")
+    severity = serializers.ChoiceField(choices=SEVERITY_CHOICES, allow_null=True)
+
+
+class RuleSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    kind = serializers.CharField(help_text="Its alerts' kind: 'rule:' and its name.")
+    metric = serializers.CharField()
+    description = serializers.CharField(allow_blank=True)
+    unit = serializers.CharField(allow_blank=True)
+    warning = serializers.FloatField(allow_null=True)
+    critical = serializers.FloatField(allow_null=True)
+    direction = serializers.ChoiceField(choices=user_rules.DIRECTIONS)
+    min_samples = serializers.IntegerField()
+    state = serializers.ChoiceField(choices=(user_rules.HEALTHY, user_rules.WARNING_STATE, user_rules.CRITICAL_STATE,
+                                             user_rules.NO_DATA, user_rules.ERROR))
+    error = serializers.CharField(allow_null=True, help_text="Why the metric failed, when the state is error.")
+    values = RuleValueSerializer(many=True)
+
+
 class ReportSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=(watchdog.HEALTHY, *(severity for severity, _ in SEVERITY_CHOICES)))
     generated_at = IsoDateTimeField()
     critical = AlertSerializer(many=True)
     warnings = AlertSerializer(many=True)
+    rules = RuleSerializer(many=True, help_text="The user-defined watchdog rules (monitoring/rules.py), their "
+                                                "current values and state.")
 
 
 class RunSerializer(ReportSerializer):

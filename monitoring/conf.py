@@ -7,6 +7,8 @@ from pathlib import Path
 
 from integrations.conf import AppSettings, Setting, integer, string
 
+from .rules import settings_rules
+
 WATCHDOG_DEFAULTS = {
     "window_minutes": 60,
     "recent_minutes": 5,
@@ -51,6 +53,10 @@ monitoring_settings = AppSettings("monitoring", {
     "STATS_FLUSH_S": Setting(10, integer(0), "How often each process writes its call statistics; 0: no writer."),
     "STATS_RETENTION_DAYS": Setting(7, integer(1), "Call statistics and health check results are kept this long."),
     "WATCHDOG": Setting({}, watchdog, "Watchdog thresholds, e.g. {'min_calls': 50}; the rest keep their defaults."),
+    "WATCHDOG_RULES": Setting([], settings_rules,
+                              "User-defined watchdog rules: a list of {'name', 'metric' (dotted path or registered "
+                              "metric), 'warning', 'critical', 'direction' ('above'|'below'), 'min_samples', "
+                              "'description', 'unit'}."),
     "METRICS_TOKEN": Setting("", string(one_line=True), "Bearer token required on the metrics view; empty: open."),
 })
 

@@ -5,11 +5,13 @@ watchdog's overall status and active alerts, a card per integration (live
 breaker state and quota from the state store, the last hour's calls, success
 rate, p50/p95/p99, cache hit ratio and calls per minute from the call
 statistics, dead letters waiting, a fault injection in force), the cache hit
-ratio of all calls, the dead letter counts and the fault injections in force.
+ratio of all calls, the dead letter counts, the fault injections in force and the
+user-defined watchdog rules (monitoring/rules.py) with their metrics' current values.
 The view renders it once into the page (``json_script``) and serves it as
 JSON at ``?format=json``; ``static/monitoring/health.js`` draws the page from
 it and fetches it again every REFRESH_SECONDS. The whole document takes a
-fixed number of queries, whatever the number of integrations.
+fixed number of queries, whatever the number of integrations (plus what the
+user's metric functions run, and one query per rule whose metric names integrations).
 
 Staff with the view permission on integrations see it; there is nothing to
 act on here (the actions are on the Integration list).
@@ -172,6 +174,7 @@ def system_health(now: datetime | None = None) -> dict:
         "status": alerts["status"],
         "critical": [alert_dict(alert) for alert in alerts["critical"]],
         "warnings": [alert_dict(alert) for alert in alerts["warnings"]],
+        "rules": alerts["rules"],
         "integrations": [
             integration_card(status, stats[status.integration.pk],
                              series.get(status.integration.pk, [0] * WINDOW_MINUTES),

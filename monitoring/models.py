@@ -196,7 +196,8 @@ class Alert(models.Model):
     REPEATED = "repeated"
     RESOLVED_EVENT = "resolved"
 
-    kind = models.CharField(max_length=30, choices=KIND_CHOICES)
+    # A user-defined rule's alerts are of kind "rule:<its name>" (monitoring/rules.py), not among the choices.
+    kind = models.CharField(max_length=80, choices=KIND_CHOICES)
     severity = models.CharField(max_length=10, choices=SEVERITY_CHOICES)
     integration = models.ForeignKey(Integration, null=True, blank=True, on_delete=models.CASCADE,
                                     related_name="alerts", help_text="Blank for alerts about the whole site.")

@@ -7,7 +7,9 @@ One run (``run``), every minute from django-q and by ``manage.py watchdog``:
    (the last hour) and the recent window (the last 5 minutes), its usage of
    the current quota windows, the breakers open too long and the dead
    letter backlog;
-3. apply each rule; a rule returns at most one finding per integration;
+3. apply each rule; a rule returns at most one finding per integration; then the
+   user-defined rules on business metrics (monitoring/rules.py), whose metric
+   functions are called here (one that raises makes its rule erroring, nothing more);
 4. raise or update an alert per finding, all in one transaction (repeats
    count occurrences, severity escalates), and resolve every watchdog alert
    whose condition is gone;
@@ -24,9 +26,13 @@ so it is the fleet's whatever the state store.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
@@ -35,10 +41,13 @@ from integrations.models import BreakerState, Integration
 from .counters import COUNTER_COLUMNS, ERROR_COLUMNS, LATENCY_SUM_COLUMN, REJECTION_COLUMNS
 from .histogram import share_above
 from .models import CRITICAL, WARNING, Alert, CallStats, describe
+from . import rules as user_rules
 from .notifications import dlq_installed
 from .stats import flush_quietly
 from .stats import buffer as stats_buffer
 from .conf import monitoring_settings
+
+logger = logging.getLogger(__name__)
 
 WATCHDOG_KINDS = (Alert.ERROR_SPIKE, Alert.SLOW_CALLS, Alert.UNAVAILABLE, Alert.QUOTA, Alert.DLQ_BACKLOG,
                   Alert.TRAFFIC_SPIKE, Alert.DEGRADED_SERVICE)
@@ -277,9 +286,12 @@ def _attempts_before_this_hour(day_start: datetime, hour_start: datetime, now: d
 
 
 def evaluate(now: datetime | None = None, t: dict | None = None) -> list[Finding]:
-    """Every finding of every rule, without touching alerts."""
-    now = now or timezone.now()
-    t = t or thresholds()
+    """Every finding of every rule (the built-in ones and the user's), without touching alerts."""
+    return _evaluate(now or timezone.now(), t or thresholds())[0]
+
+
+def _evaluate(now: datetime, t: dict) -> tuple[list[Finding], list[dict]]:
+    """The findings, and the user-defined rules' results (monitoring/rules.py) for the report."""
     findings = []
     for seen in observe(now, t):
         for rule in INTEGRATION_RULES:
@@ -289,30 +301,121 @@ def evaluate(now: datetime | None = None, t: dict | None = None) -> list[Finding
     backlog = dlq_backlog(t, now)
     if backlog is not None:
         findings.append(backlog)
-    return findings
+    rule_findings, rule_results = evaluate_rules(now)
+    return findings + rule_findings, rule_results
+
+
+# -- the user-defined rules (monitoring/rules.py) ----------------------------------------------
+
+def all_rules() -> list[user_rules.Rule]:
+    """The registered rules, then those of RESILIENCE_WATCHDOG_RULES (a name may not be in both)."""
+    declared = monitoring_settings.WATCHDOG_RULES
+    registered = {rule.name: rule for rule in user_rules.registered_rules()}
+    twice = sorted(rule.name for rule in declared if rule.name in registered)
+    if twice:
+        raise ImproperlyConfigured(f"RESILIENCE_WATCHDOG_RULES declares {twice[0]!r}, which is also registered "
+                                   f"with register_rule().")
+    return [*registered.values(), *declared]
+
+
+def _number(value, samples, rule: user_rules.Rule, who: str) -> tuple[float | None, int | None]:
+    if isinstance(value, user_rules.Measure):
+        value, samples = value
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"the metric gave {who} a sample count that is not a whole number: {samples!r}")
+    if value is None:
+        return None, samples
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"the metric gave {who} a value that is not a finite number: {value!r}")
+    if rule.min_samples and samples is None:
+        raise ValueError(f"the rule needs min_samples={rule.min_samples}: the metric must give Measure(value, "
+                         f"samples), not a plain number ({who})")
+    return value, samples
+
+
+def evaluate_rules(now: datetime, rules: list[user_rules.Rule] | None = None) -> tuple[list[Finding], list[dict]]:
+    """Every user-defined rule's findings and its result for the report; a failing metric makes its rule erroring."""
+    rules = all_rules() if rules is None else rules
+    findings, results = [], []
+    for rule in rules:
+        result = {**rule.as_dict(), "kind": rule.kind, "state": user_rules.NO_DATA, "error": None, "values": []}
+        results.append(result)
+        try:
+            with transaction.atomic():  # a database error in the metric rolls back to here, not the run
+                raw = rule.metric.fn(now)
+            by_name = raw if isinstance(raw, dict) else {None: raw}
+            names = [name for name in by_name if name is not None]
+            for name in names:
+                if not isinstance(name, str):
+                    raise ValueError(f"the metric's keys must be integration names or None; got {name!r}")
+            integrations = {i.name: i for i in Integration.objects.filter(name__in=names)} if names else {}
+            unknown = sorted(set(names) - set(integrations))
+            if unknown:
+                raise ValueError(f"the metric gave a value for {unknown[0]!r}, which is no integration")
+            values, rule_findings, counted = [], [], False
+            for name, raw_value in by_name.items():
+                who = f"integration {name!r}" if name is not None else "the site"
+                value, samples = _number(raw_value, None, rule, who)
+                entry = {"integration": name, "value": value, "samples": samples, "severity": None}
+                values.append(entry)
+                if value is None or (rule.min_samples and samples < rule.min_samples):
+                    continue  # no data, or too few samples: no finding, so its alert clears
+                counted = True
+                severity = entry["severity"] = rule.severity(value)
+                if severity is not None:
+                    rule_findings.append(Finding(rule.kind, severity, _message(rule, value, severity),
+                                                 integrations.get(name) if name is not None else None,
+                                                 {"rule": rule.name, "metric": rule.metric.name, "value": value,
+                                                  "samples": samples, "warning": rule.warning,
+                                                  "critical": rule.critical, "direction": rule.direction,
+                                                  "unit": rule.metric.unit}))
+        except Exception as exc:  # a user's metric: reported as erroring, the watchdog goes on
+            logger.exception("watchdog rule %r: its metric %r failed", rule.name, rule.metric.name)
+            result.update(state=user_rules.ERROR, error=f"{type(exc).__name__}: {exc}"[:500])
+            continue
+        findings.extend(rule_findings)
+        result["values"] = values
+        severities = {entry["severity"] for entry in values}
+        result["state"] = (user_rules.CRITICAL_STATE if CRITICAL in severities
+                           else user_rules.WARNING_STATE if WARNING in severities
+                           else user_rules.HEALTHY if counted else user_rules.NO_DATA)
+    return findings, results
+
+
+def _message(rule: user_rules.Rule, value: float, severity: str) -> str:
+    level = rule.critical if severity == CRITICAL else rule.warning
+    unit = rule.metric.unit
+    return f"{rule.name}: {value:g}{unit} {rule.direction} the {severity} level of {level:g}{unit}"
 
 
 def run(now: datetime | None = None, t: dict | None = None) -> dict:
     """One watchdog run (the steps are in the module docstring); returns the report."""
     now = now or timezone.now()
     flush_quietly(stats_buffer)
-    findings = evaluate(now, t)
+    findings, rule_results = _evaluate(now, t or thresholds())
     changes = {Alert.NEW: [], Alert.ESCALATED: [], Alert.REPEATED: [], Alert.RESOLVED_EVENT: []}
     for alert, change in Alert.raise_or_update_many(findings, now=now):
         changes[change].append(alert.pk)
     current = {finding.key for finding in findings}
-    for alert in Alert.objects.active().filter(kind__in=WATCHDOG_KINDS):
+    # An erroring rule says nothing about its condition: its alerts stay as they are.
+    erroring = {result["kind"] for result in rule_results if result["state"] == user_rules.ERROR}
+    watched = Q(kind__in=WATCHDOG_KINDS) | Q(kind__startswith=user_rules.KIND_PREFIX)
+    for alert in Alert.objects.active().filter(watched).exclude(kind__in=erroring):
         if (alert.kind, alert.integration_id) not in current and alert.resolve("condition cleared", now=now):
             changes[Alert.RESOLVED_EVENT].append(alert.pk)
-    return {**report(now), "changes": changes}
+    return {**report(now, rules=rule_results), "changes": changes}
 
 
-def report(now: datetime | None = None) -> dict:
-    """The state of every active alert: warnings, critical alerts, overall status and when."""
+def report(now: datetime | None = None, rules: list[dict] | None = None) -> dict:
+    """The state of every active alert: warnings, critical alerts, overall status and when; and the
+    user-defined rules with their current values (``rules``: a run's results, else evaluated now)."""
+    now = now or timezone.now()
+    if rules is None:
+        rules = evaluate_rules(now)[1]
     alerts = list(Alert.objects.active().select_related("integration", "acknowledged_by")
                   .order_by("kind", "integration__name"))
     critical = [alert.as_dict() for alert in alerts if alert.severity == CRITICAL]
     warnings = [alert.as_dict() for alert in alerts if alert.severity == WARNING]
     status = CRITICAL if critical else WARNING if warnings else HEALTHY
-    return {"status": status, "generated_at": (now or timezone.now()).isoformat(),
-            "critical": critical, "warnings": warnings}
+    return {"status": status, "generated_at": now.isoformat(),
+            "critical": critical, "warnings": warnings, "rules": rules}

@@ -130,3 +130,25 @@ def test_the_system_health_page_draws_itself_and_shows_an_operators_action_after
     SCREENSHOT.parent.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_the_system_health_page_shows_the_user_defined_rules(browser, live_server, django_user_model, monkeypatch):
+    """Each rule's name, current value, levels and state, drawn by health.js; an erroring rule shows its error."""
+    import rules_support
+    from monitoring import rules
+
+    monkeypatch.setattr(rules, "_metrics", {})
+    monkeypatch.setattr(rules, "_rules", {})
+    monkeypatch.setitem(rules_support.VALUES, "site", 62.5)
+    django_user_model.objects.create_superuser("operator", "operator@example.com", PASSWORD)
+    rules.register_metric("fraud_rate", rules_support.site_value, unit="%")
+    rules.register_rule("fraud_rate_high", metric="fraud_rate", warning=50, critical=70)
+    rules.register_rule("payments_broken", metric=rules_support.broken, warning=1)
+    log_in(browser, live_server.url, "/admin/monitoring/systemhealth/")
+    wait = WebDriverWait(browser, 15)
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, '#health-rules [data-rule="payments_broken"]')))
+    rows = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#health-rules tbody tr'))"
+        ".map((row) => Array.from(row.cells).map((cell) => cell.textContent));")
+    assert rows == [["fraud_rate_high", "62.5%", "above warning 50%, critical 70%", "warning"],
+                    ["payments_broken", "ZeroDivisionError: no payments table yet", "above warning 1", "error"]]

@@ -220,6 +220,28 @@
       table(["Severity", "Integration", "Message", "Status", "Seen", "Last seen"], rows, "No active alert."));
   }
 
+  function ruleValue(rule, entry) {
+    const where = entry.integration === null ? "" : entry.integration + ": ";
+    const value = entry.value === null ? "no data" : entry.value + (rule.unit || "");
+    const samples = entry.samples === null ? "" : " (" + entry.samples + " samples)";
+    return where + value + samples;
+  }
+
+  function rules(doc) {
+    const levels = (rule) => rule.direction + " " + [
+      rule.warning === null ? null : "warning " + rule.warning + (rule.unit || ""),
+      rule.critical === null ? null : "critical " + rule.critical + (rule.unit || "")].filter(Boolean).join(", ");
+    const stateLevel = (state) => state === "error" ? "critical" : state === "no_data" ? null : state;
+    const rows = (doc.rules || []).map((rule) => [
+      el("span", {title: rule.description || rule.metric, "data-rule": rule.name}, rule.name),
+      rule.state === "error" ? el("span", {class: "health-rule-error"}, rule.error) :
+        rule.values.length ? rule.values.map((entry) => ruleValue(rule, entry)).join("; ") : "no data",
+      levels(rule),
+      level(stateLevel(rule.state), rule.state.replace("_", " "))]);
+    document.getElementById("health-rules").replaceChildren(
+      table(["Rule", "Current value", "Levels", "State"], rows, "No user-defined rule."));
+  }
+
   function faults(doc) {
     const rows = doc.faults.map((fault) => [
       link(fault.url, fault.integration), fault.error_percent + "%", fault.latency_ms + " ms",
@@ -234,6 +256,7 @@
     toolbar(doc);
     summary(doc);
     document.getElementById("health-cards").replaceChildren(...doc.integrations.map((i) => card(i, doc)));
+    rules(doc);
     alerts(doc);
     faults(doc);
     root.dataset.generatedAt = doc.generated_at;
