@@ -309,6 +309,11 @@ def test_the_report_api_and_the_command_show_the_rules(fraud_rate, admin_client,
     assert refused.status_code == 400 and "kind" in refused.content.decode()
     call_command("watchdog", "--json")
     assert '"fraud_rate_high"' in capsys.readouterr().out
+    rules.register_rule("broken_rule", metric=rules_support.broken, warning=1)
+    call_command("watchdog")
+    out = capsys.readouterr().out
+    assert "rules: 2" in out and "fraud_rate_high   critical site: 90%" in out
+    assert "broken_rule       error    ZeroDivisionError: no payments table yet" in out
 
 
 def test_the_health_page_document_has_each_rule_with_its_value_levels_and_state(fraud_rate, admin_client):
