@@ -291,12 +291,19 @@ class _Call:
             return sorted(samples)[int(len(samples) * 0.95) - 1]
         return self.policy.hedge_delay_ms / 1000
 
-    def hedge_permit(self):
-        """The store's permit for a hedge, counted as a retry (the retry budget); None when refused."""
+    def take_hedge(self, deadline: float):
+        """A free bulkhead slot, at once, and the store's permit for a hedge, counted as a retry (the
+        retry budget); None without either (the first attempt runs on alone)."""
+        bulkhead = self.local.bulkhead
+        if time.monotonic() >= deadline or not bulkhead.try_acquire():
+            return None
         permit = self.engine.store.acquire(self.policy, True)
         for transition in permit.transitions:
             self.engine.publish_transition(transition)
-        return permit if permit.allowed else None
+        if permit.allowed:
+            return permit
+        bulkhead.release()
+        return None
 
     def hedge_dropped(self, permit) -> None:
         """An attempt that lost the race (still running, abandoned): it was made, it decides nothing."""
@@ -665,11 +672,7 @@ class Engine:
         deadline = time.monotonic() + timeout
         first = submit(executor, call.fn, call.args, call.kwargs, deadline, release)
         done, _ = futures_wait([first], timeout=min(call.hedge_delay_s(), timeout))
-        hedge = None
-        if not done and time.monotonic() < deadline and local.bulkhead.try_acquire():
-            hedge = call.hedge_permit()
-            if hedge is None:
-                release()
+        hedge = None if done else call.take_hedge(deadline)
         if hedge is None:
             try:
                 return first.result(max(deadline - time.monotonic(), 0))
@@ -754,6 +757,7 @@ class Engine:
     async def _aattempts(self, call: _Call) -> None:
         policy, local, clock = call.policy, call.local, self.clock
         is_coroutine = fb.is_async_callable(call.fn)
+        hedging = call.hedging()
         bulkhead = local.bulkhead
         while True:
             left = call.deadline - clock.monotonic()
@@ -767,19 +771,64 @@ class Engine:
             permit = call.next_attempt(wait)
             if permit is None:
                 return
+            owner = [permit]  # the permit whose attempt's outcome is the one recorded below
             try:
-                value = await run_async(local.executor(policy), call.fn, call.args, call.kwargs, call.timeout_s,
-                                        bulkhead.release, is_coroutine)
+                if hedging:
+                    value = await self._ahedged(call, owner, call.timeout_s, is_coroutine)
+                else:
+                    value = await run_async(local.executor(policy), call.fn, call.args, call.kwargs, call.timeout_s,
+                                            bulkhead.release, is_coroutine)
             except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on in failed()
-                delay = call.failed(permit, exc)
+                delay = call.failed(owner[0], exc)
             except BaseException as exc:
-                call.abandoned(permit, exc)
+                call.abandoned(owner[0], exc)
                 raise
             else:
-                delay = call.succeeded(permit, value)
+                delay = call.succeeded(owner[0], value)
             if delay is None:
                 return
             await clock.asleep(delay)
+
+    async def _ahedged(self, call: _Call, owner: list, timeout: float, is_coroutine: bool):
+        """``_hedged`` for aexecute: the attempts are tasks (a sync operation's in worker threads), each
+        ending by the same deadline; the first success wins and the other task is cancelled."""
+        local = call.local
+        release, executor = local.bulkhead.release, local.executor(call.policy)
+        deadline = time.monotonic() + timeout
+
+        def start() -> asyncio.Task:
+            return asyncio.ensure_future(run_async(executor, call.fn, call.args, call.kwargs,
+                                                   max(deadline - time.monotonic(), 0), release, is_coroutine))
+
+        first = start()
+        done, _ = await asyncio.wait({first}, timeout=min(call.hedge_delay_s(), timeout))
+        hedge = None if done else call.take_hedge(deadline)
+        if hedge is None:
+            return await first
+        second = start()
+        started = {first: deadline - timeout, second: time.monotonic()}
+        pending = {first: owner[0], second: hedge}
+        try:
+            while True:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in (t for t in (first, second) if t in done):  # the earlier attempt first
+                    permit = pending.pop(task)
+                    error = task.exception()
+                    if isinstance(error, AttemptTimeout):  # the deadline came: the other ends now too, unheard
+                        owner[0] = permit
+                        for other_permit in pending.values():
+                            call.hedge_dropped(other_permit)
+                        raise error
+                    if error is not None and pending:  # the other may still succeed
+                        call.hedge_failed(permit, error, time.monotonic() - started[task])
+                        continue
+                    owner[0] = permit
+                    for other_permit in pending.values():
+                        call.hedge_dropped(other_permit)
+                    return task.result()
+        finally:
+            for task in pending:  # the loser, or both when the caller is cancelled: each gives its slot back
+                task.cancel()
 
     # -- operator views and actions -------------------------------------------
 

@@ -96,6 +96,9 @@ async def run_async(
         except TimeoutError:
             abandon(future, release)
             raise AttemptTimeout(timeout_s) from None
+        except asyncio.CancelledError:  # the awaiting task was cancelled (a lost hedge, the caller): let go
+            abandon(future, release)
+            raise
     token = _attempt_deadline.set(deadline)
     try:
         return await asyncio.wait_for(fn(*args, **kwargs), timeout_s)

@@ -3,6 +3,7 @@
 is abandoned; hedges count against the retry budget. Attempts run in worker threads, on real time.
 """
 
+import asyncio
 import threading
 import time
 
@@ -10,8 +11,8 @@ import pytest
 
 from http_support import http_server, integration, upstream  # noqa: F401 - fixtures
 from integrations.errors import ErrorCategory
-from integrations.http import Client
-from integrations.resilience import CallOptions, execute
+from integrations.http import AsyncClient, Client
+from integrations.resilience import CallOptions, aexecute, execute, get_engine
 
 
 class Racing:
@@ -153,4 +154,118 @@ def test_the_http_client_hedges_a_get_but_never_a_post(upstream):
     with Client("upstream", base_url=upstream.url) as http:
         assert http.get("/slow-first").json() == {"hits": 2}  # the hedge answered first
         assert http.post("/slow-first", json={}).json() == {"hits": 3}  # waited for: no second copy
+    assert upstream.hits("/slow-first") == 3
+
+
+# -- aexecute: the attempts are tasks; the loser is cancelled ---------------------------------
+
+
+class AsyncRacing:
+    """The first call waits until released (or cancelled); later ones answer at once."""
+
+    def __init__(self, later=None):
+        self.calls = 0
+        self.cancelled = 0
+        self.release = None
+        self.later = later
+
+    async def __call__(self):
+        self.calls += 1
+        n = self.calls
+        if n == 1:
+            self.release = asyncio.Event()
+            try:
+                await asyncio.wait_for(self.release.wait(), 10)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            return "slow 1"
+        if self.later is not None:
+            return await self.later(self, n)
+        return f"fast {n}"
+
+
+def test_aexecute_hedges_a_slow_coroutine_and_cancels_the_loser(hedged):
+    engine = hedged()
+    upstream = AsyncRacing()
+
+    async def main():
+        result = await aexecute("svc", upstream)
+        await asyncio.sleep(0.05)  # the cancelled loser runs its except clause
+        return result
+
+    result = asyncio.run(main())
+    assert (result.ok, result.value, result.attempts, upstream.calls, upstream.cancelled) == (True, "fast 2", 2, 2, 1)
+    assert engine._local(engine.registry.get("svc")).bulkhead.in_flight == 0  # both slots given back
+
+
+def test_aexecute_lets_the_first_attempt_win_when_the_hedge_fails(hedged):
+    hedged()
+
+    async def hedge_fails(upstream, n):
+        upstream.release.set()
+        raise ConnectionError("replica down")
+
+    result = asyncio.run(aexecute("svc", AsyncRacing(later=hedge_fails)))
+    assert (result.ok, result.value, result.attempts) == (True, "slow 1", 2)
+
+
+def test_aexecute_does_not_hedge_a_fast_coroutine(hedged):
+    hedged(hedge_delay_ms=2_000)
+    calls = []
+
+    async def quick():
+        calls.append(1)
+        return "quick"
+
+    result = asyncio.run(aexecute("svc", quick))
+    assert (result.value, result.attempts, len(calls)) == ("quick", 1, 1)
+
+
+def test_aexecute_ends_by_the_attempt_timeout_when_both_hang(hedged):
+    engine = hedged(attempt_timeout_ms=300, timeout_ms=300)
+
+    async def hangs():
+        await asyncio.sleep(10)
+
+    result = asyncio.run(aexecute("svc", hangs))
+    assert (result.error.category, result.attempts) == (ErrorCategory.TIMEOUT, 2), result.error
+    snapshot = engine.store.snapshot(engine.registry.get("svc"))
+    assert snapshot.window_failures == 1  # one timeout judged; the other attempt decides nothing
+
+
+def test_aexecute_hedges_a_sync_operation_in_worker_threads(hedged):
+    hedged()
+    upstream = Racing()
+    try:
+        result = asyncio.run(aexecute("svc", upstream))
+    finally:
+        upstream.release.set()
+    assert (result.ok, result.value, result.attempts, upstream.calls) == (True, "fast 2", 2, 2)
+
+
+def test_aexecute_can_turn_hedging_off(hedged):
+    hedged()
+    upstream = AsyncRacing()
+
+    async def main():
+        asyncio.get_running_loop().call_later(0.3, lambda: upstream.release.set())
+        return await aexecute("svc", upstream, call_options=CallOptions(hedge=False))
+
+    result = asyncio.run(main())
+    assert (result.value, upstream.calls) == ("slow 1", 1)
+
+
+@pytest.mark.django_db
+def test_the_async_http_client_hedges_a_get_but_never_a_post(upstream):
+    integration(hedge_delay_ms=50, max_retries=0, retry_budget_percent=None)
+    get_engine().registry.get("upstream")
+
+    async def main():
+        async with AsyncClient("upstream", base_url=upstream.url) as http:
+            hedged_get = (await http.get("/slow-first")).json()
+            waited_post = (await http.post("/slow-first", json={})).json()
+            return hedged_get, waited_post
+
+    assert asyncio.run(main()) == ({"hits": 2}, {"hits": 3})
     assert upstream.hits("/slow-first") == 3
