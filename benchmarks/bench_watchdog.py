@@ -1,6 +1,6 @@
 """One watchdog run over 1,000 integrations with a day of call statistics; and the stats subscriber's cost.
 
-    .venv/bin/python benchmarks/bench_watchdog.py [--integrations N] [--runs N] [--json FILE]
+    .venv/bin/python benchmarks/bench_watchdog.py [--integrations N] [--runs N] [--json FILE] [--user-rules N]
     DATABASE_URL=postgres://... .venv/bin/python benchmarks/bench_watchdog.py
 
 Steps:
@@ -21,6 +21,9 @@ Steps:
    success, a failure served by a fallback and a refusal (best of 5 loops of
    200,000 calls);
 5. destroy the test database.
+
+``--user-rules N`` also registers N user-defined rules (monitoring/rules.py) whose metrics give every
+integration a value, one in ten past a level: the rules' own cost at this scale.
 """
 
 from __future__ import annotations
@@ -114,6 +117,17 @@ def populate(count: int) -> None:
           f"in {time.perf_counter() - started:.0f} s")
 
 
+def register_user_rules(count: int, integrations: int) -> None:
+    """N rules whose metrics give each integration a value (its number modulo 100): the cost of the
+    rules' own machinery (names to integrations, findings, their alerts), not of a user's query."""
+    from monitoring.rules import register_metric, register_rule
+
+    values = {f"svc-{i:04d}": i % 100 for i in range(integrations)}
+    for n in range(count):
+        register_metric(f"bench_metric_{n}", lambda now: values, unit="%")
+        register_rule(f"bench_rule_{n}", metric=f"bench_metric_{n}", warning=89.5, critical=94.5)
+
+
 def time_runs(runs: int) -> list[float]:
     durations = []
     for n in range(1 + runs):
@@ -158,7 +172,12 @@ def main() -> None:
     parser.add_argument("--integrations", type=int, default=1_000)
     parser.add_argument("--runs", type=int, default=5, help="steady-state runs after the first")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    parser.add_argument("--user-rules", type=int, default=0, metavar="N",
+                        help="also register N user-defined rules (monitoring/rules.py), each on a metric giving "
+                             "every integration a value; one integration in ten past a level")
     options = parser.parse_args()
+    if options.user_rules:
+        register_user_rules(options.user_rules, options.integrations)
 
     with tempfile.TemporaryDirectory() as scratch:
         if connection.vendor == "sqlite":
@@ -182,6 +201,7 @@ def main() -> None:
             "machine": {"python": platform.python_version(), "platform": platform.platform(),
                         "cpu_count": os.cpu_count()},
             "database": connection.vendor, "integrations": options.integrations, "minutes": MINUTES,
+            "user_rules": options.user_rules,
             "run_seconds": durations, "first_s": first, "steady_median_s": median, "active_alerts": active,
             "subscriber_us_per_call": subscriber, "target_s": TARGET_S,
         }, indent=2))
