@@ -24,6 +24,7 @@ from django.utils.html import format_html, format_html_join
 
 from .levels import latency_level, success_level
 from .models import BreakerEvent, BreakerState, FaultInjection, Integration
+from .resilience.cache import CacheUnavailable
 from .resilience.policy import CACHE, KIND_PRESETS, KINDS, KNOBS_BY_GROUP, MODE_NORMAL
 from .conf import app_settings
 from .status import FIGURES_MINUTES, PROCESS, SHARED, IntegrationStatus, read_statuses
@@ -325,7 +326,10 @@ class IntegrationAdmin(admin.ModelAdmin):
 
     @admin.action(description="Clear cache", permissions=["change"])
     def clear_caches(self, request, queryset):
-        self._act(request, queryset, "Cache cleared", Integration.clear_cache)
+        try:
+            self._act(request, queryset, "Cache cleared", Integration.clear_cache)
+        except CacheUnavailable as exc:  # those before it were cleared and logged; this one and the rest not
+            self.message_user(request, f"Cache not cleared: {exc}.", messages.ERROR)
 
     @admin.action(description="Inject fault…", permissions=["change"])
     def inject_fault(self, request, queryset):

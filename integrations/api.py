@@ -28,6 +28,7 @@ from .api_common import APIDefaults, IsoDateTimeField, api_operation, error_resp
 from .status import PROCESS, SHARED, IntegrationStatus, read_statuses
 from .models import BREAKER_ACTIONS, BreakerEvent, BreakerState, Integration
 from .resilience import get_engine
+from .resilience.cache import CacheUnavailable
 from .resilience.breaker import STATES
 from .resilience.policy import KINDS, KNOB_NAMES, WINDOW_COUNT, WINDOW_TIME
 from .resilience.quota import CRITICAL, HEALTHY, WARNING
@@ -389,17 +390,26 @@ class CacheStatsView(IntegrationAPIView):
         return self.get_paginated_response(CacheStatsSerializer(rows, many=True).data)
 
 
+class CacheDown(exceptions.APIException):
+    status_code = 503
+    default_detail = "The shared cache is unavailable."
+    default_code = "cache_unavailable"
+
+
 class CacheClearView(IntegrationAPIView):
     @api_operation(summary="Clear an integration's cached responses and last known values",
                    description="Needs integrations.change_integration. Without a parameter every entry goes "
                                "(the cache's version is bumped); ?key= clears one string cache key, ?prefix= the "
                                "string keys starting with it. Every process's L1 stops serving them within 1 s.",
                    parameters=[NAME_PARAMETER, CacheClearQuery],
-                   responses={200: CacheClearedSerializer, **error_responses(400, 404)})
+                   responses={200: CacheClearedSerializer, **error_responses(400, 404, 503)})
     def delete(self, request, name):
         integration = self.get_integration()
         query = validated(CacheClearQuery, request.query_params)
-        generation = integration.clear_cache(**query)
+        try:
+            generation = integration.clear_cache(**query)
+        except CacheUnavailable as exc:
+            raise CacheDown(f"{exc}. Nothing was cleared; try again once the cache is back.") from exc
         scope = "key" if "key" in query else "prefix" if "prefix" in query else "all"
         return Response(CacheClearedSerializer({"integration": integration.name, "scope": scope,
                                                 "version": integration.cache_version,

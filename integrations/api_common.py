@@ -216,6 +216,7 @@ ERROR_MEANINGS = {
     404: "No such object.",
     409: "The object's state does not allow this now.",
     429: "Rate limited: see Retry-After.",
+    503: "A service the request needs (the shared cache) is unavailable; nothing was changed.",
 }
 # Every endpoint under /api/ but the health check answers these.
 AUTH_ERRORS = (401, 403, 429)

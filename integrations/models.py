@@ -311,7 +311,8 @@ class Integration(models.Model):
         """Every cached response and last known value of this integration (or those of the string
         cache ``key``, or of the string keys starting with ``prefix``) becomes unreachable in every
         process: the cache's invalidation record reaches every process's L1 within a second
-        (integrations/resilience/cache.py). The record's new generation.
+        (integrations/resilience/cache.py). The record's new generation; CacheUnavailable when the
+        shared cache cannot record it (nothing is cleared).
 
         Clearing everything also bumps the version in the database, not from this instance, so two
         operators clearing at once (or a stale instance) still move it on.
@@ -323,9 +324,9 @@ class Integration(models.Model):
             return cache.clear(self.name, key=key, policy=self.to_policy())
         if prefix is not None:
             return cache.clear(self.name, prefix=prefix)
+        generation = cache.clear(self.name)  # first: a cache that fails (CacheUnavailable) changes nothing
         Integration.objects.filter(pk=self.pk).update(cache_version=F("cache_version") + 1, updated_at=Now())
         self.refresh_from_db(fields=["cache_version", "updated_at"])
-        generation = cache.clear(self.name)
         policy_changed.send(sender=Integration, instance=self)
         return generation
 

@@ -108,6 +108,10 @@ def fill_key(policy: Policy, material: str) -> str:
     return f"resilience:fill:{{{policy.name}}}:{_digest(policy, material)}"
 
 
+class CacheUnavailable(RuntimeError):
+    """A clear could not be recorded: the shared cache failed (nothing was cleared)."""
+
+
 @dataclass(frozen=True)
 class Clear:
     """One clear in an integration's invalidation record: entries older than ``generation`` it matches are gone."""
@@ -605,7 +609,13 @@ class ResponseCache:
             scope, text = PREFIX, prefix_material(prefix)
         else:
             scope, text = ALL, ""
-        record = self._rewrite_record(name, scope, text)
+        try:
+            record = self._rewrite_record(name, scope, text)
+        except CacheUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any backend failure: the operator is told, nothing is cleared
+            raise CacheUnavailable(f"the response cache {self.alias!r} could not record the clear of {name}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
         self._views[name] = (record, self.monotonic())
         with self._lock:
             for local_key in [k for k, v in self._local.items() if v[0] == name]:
@@ -623,7 +633,7 @@ class ResponseCache:
         token, give_up = unique_id(), time.monotonic() + 10
         while not backend.add(lock, token, 5):
             if time.monotonic() > give_up:
-                raise TimeoutError(f"the cache record of {name} stayed locked for 10 s")
+                raise CacheUnavailable(f"the cache record of {name} stayed locked for 10 s; nothing was cleared")
             time.sleep(0.01)
         try:
             record = backend.get(record_key(name), NO_CLEARS)

@@ -217,3 +217,30 @@ def test_warming_an_unreadable_file_an_unknown_integration_or_an_uncached_one_is
         run("warm", "ledger", "--keys-from", path, "--function", FUNCTION)
     with pytest.raises(CommandError, match="the following arguments are required: --keys-from"):
         run("warm", "prices", "--function", FUNCTION)
+
+
+# -- a shared cache that is down -------------------------------------------------------------------
+
+@pytest.fixture
+def cache_down(settings, monkeypatch):
+    """The engine's response cache on a Redis address nothing listens on (a real client, no server)."""
+    from integrations.resilience import get_engine
+
+    settings.CACHES = {**settings.CACHES, "down": {
+        "BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:1/0",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.2}}}
+    monkeypatch.setattr(get_engine().cache, "alias", "down")
+
+
+def test_a_clear_the_cache_cannot_record_is_an_error_everywhere_and_changes_nothing(prices, operator, admin_client,
+                                                                                     cache_down):
+    error = error_of(operator.delete("/api/cache/prices/"), 503)
+    assert error["code"] == "cache_unavailable"
+    assert "could not record the clear of prices" in error["message"] and "Nothing was cleared" in error["message"]
+    with pytest.raises(CommandError, match="could not record the clear of prices.*Nothing was cleared"):
+        run("clear", "prices", "--prefix", "quotes/")
+    response = admin_client.post("/admin/integrations/integration/",
+                                 {"action": "clear_caches", "_selected_action": [prices.pk]}, follow=True)
+    assert "Cache not cleared: the response cache &#x27;down&#x27; could not record" in response.content.decode()
+    prices.refresh_from_db()
+    assert prices.cache_version == 0  # the version did not move either

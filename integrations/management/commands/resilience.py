@@ -52,6 +52,7 @@ from integrations.backup import InvalidBackup, registered_sections, restore_back
 from integrations.models import BREAKER_ACTIONS, Integration
 from integrations.resilience import get_engine
 from integrations.resilience.breaker import CLOSED, OPEN
+from integrations.resilience.cache import CacheUnavailable
 from integrations.resilience.policy import MODE_NORMAL
 from integrations.schedules import install_schedules
 from integrations.status import FIGURES_MINUTES, PROCESS, RECORDED, SHARED, read_statuses
@@ -291,7 +292,10 @@ class Command(BaseCommand):
         if cache_action == "clear":
             if options["prefix"] == "":
                 raise CommandError("--prefix: an empty prefix would clear everything; leave it out for that.")
-            generation = integration.clear_cache(key=options["key"], prefix=options["prefix"])
+            try:
+                generation = integration.clear_cache(key=options["key"], prefix=options["prefix"])
+            except CacheUnavailable as exc:
+                raise CommandError(f"{exc}. Nothing was cleared.") from exc
             what = (f"key {options['key']!r}" if options["key"] is not None
                     else f"keys starting with {options['prefix']!r}" if options["prefix"] is not None
                     else f"everything (cache version {integration.cache_version})")
