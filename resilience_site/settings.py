@@ -357,10 +357,11 @@ RESILIENCE_REDIS_URL = env_str("RESILIENCE_REDIS_URL", REDIS_URL)
 RESILIENCE_DLQ_SPOOL_DIR = env_str("RESILIENCE_DLQ_SPOOL_DIR", str(BASE_DIR / "var" / "dlq-spool"))
 
 # RESILIENCE_WATCHDOG_<NAME>: one watchdog threshold each, e.g. RESILIENCE_WATCHDOG_MIN_CALLS=50.
+# (RESILIENCE_WATCHDOG_RULES, user-defined rules, is a list of dicts: settings only, never read here.)
 RESILIENCE_WATCHDOG = {
     _key[len("RESILIENCE_WATCHDOG_"):].lower(): env_int(_key)
     for _key in sorted(os.environ)
-    if _key.startswith("RESILIENCE_WATCHDOG_") and env_str(_key)
+    if _key.startswith("RESILIENCE_WATCHDOG_") and _key != "RESILIENCE_WATCHDOG_RULES" and env_str(_key)
 }
 
 
