@@ -173,23 +173,25 @@ class IntegrationAdmin(admin.ModelAdmin):
             (obj.status,) = read_statuses([obj])
         return obj.status
 
+    def figure_badge(self, obj, figure: str, shown) -> str:
+        """One of the row's call figures as a coloured badge, "-" without it; ``shown(value, figures)``
+        gives the badge's (title, text, level)."""
+        figures = self.status_of(obj).figures
+        value = figures[figure] if figures else None
+        if value is None:
+            return "-"
+        title, text, level = shown(value, figures)
+        return format_html('<span title="{}">{}</span>', title, badge(text, LEVEL_COLOURS[level]))
+
     @admin.display(description=f"Success ({FIGURES_MINUTES} min)")
     def success_rate(self, obj):
-        stats = self.status_of(obj).figures
-        rate = stats["success_rate"] if stats else None
-        if rate is None:
-            return "-"
-        return format_html('<span title="{} of {} calls">{}</span>', stats["successes"], stats["calls"],
-                           badge(f"{rate:.1%}", LEVEL_COLOURS[success_level(rate)]))
+        return self.figure_badge(obj, "success_rate", lambda rate, figures: (
+            f"{figures['successes']} of {figures['calls']} calls", f"{rate:.1%}", success_level(rate)))
 
     @admin.display(description=f"p95 ({FIGURES_MINUTES} min)")
     def p95(self, obj):
-        stats = self.status_of(obj).figures
-        p95 = stats["latency_p95_ms"] if stats else None
-        if p95 is None:
-            return "-"
-        return format_html('<span title="slow calls: over {} ms">{}</span>', obj.slow_call_ms,
-                           badge(f"{p95:.0f} ms", LEVEL_COLOURS[latency_level(p95, obj.slow_call_ms)]))
+        return self.figure_badge(obj, "latency_p95_ms", lambda p95, figures: (
+            f"slow calls: over {obj.slow_call_ms} ms", f"{p95:.0f} ms", latency_level(p95, obj.slow_call_ms)))
 
     # the knobs' groups, in their declared order (integrations.resilience.policy), and beside the
     # cache's TTL the version a "clear cache" action bumps

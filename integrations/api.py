@@ -24,7 +24,7 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter
 from rest_framework import exceptions, generics, serializers
 from rest_framework.response import Response
 
-from .api_common import APIDefaults, IsoDateTimeField, api_operation, error_responses, validated
+from .api_common import APIDefaults, IsoDateTimeField, api_operation, error_responses, filtered, validated
 from .status import PROCESS, SHARED, IntegrationStatus, read_statuses
 from .models import BREAKER_ACTIONS, BreakerEvent, BreakerState, Integration
 from .resilience import get_engine
@@ -32,6 +32,9 @@ from .resilience.cache import CacheUnavailable
 from .resilience.breaker import STATES
 from .resilience.policy import KINDS, KNOB_NAMES, WINDOW_COUNT, WINDOW_TIME
 from .resilience.quota import CRITICAL, HEALTHY, WARNING
+
+STATE_SCOPES = (SHARED, PROCESS)  # where an integration's state is held
+CLEAR_SCOPES = ("all", "key", "prefix")  # what a cache clear cleared
 
 STATS_MINUTES = 60
 RECENT_EVENTS = 10
@@ -165,7 +168,7 @@ class BreakerSerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=STATES, help_text="What callers get: a forced mode overrides own_state.")
     own_state = serializers.ChoiceField(choices=STATES, help_text="The breaker's state machine.")
     mode = serializers.ChoiceField(choices=Integration.MODE_CHOICES)
-    scope = serializers.ChoiceField(choices=(SHARED, PROCESS),
+    scope = serializers.ChoiceField(choices=STATE_SCOPES,
                                     help_text="shared: the fleet's state in Redis; process: this process's.")
     opened_at = IsoDateTimeField(allow_null=True)
     changed_at = IsoDateTimeField(allow_null=True)
@@ -189,7 +192,7 @@ LEVELS = (HEALTHY, WARNING, CRITICAL)
 
 class QuotaSerializer(serializers.Serializer):
     integration = serializers.CharField()
-    scope = serializers.ChoiceField(choices=(SHARED, PROCESS))
+    scope = serializers.ChoiceField(choices=STATE_SCOPES)
     level = serializers.ChoiceField(choices=LEVELS, help_text="healthy < 80 % <= warning < 95 % <= critical")
     hourly = QuotaWindowSerializer()
     daily = QuotaWindowSerializer()
@@ -267,7 +270,7 @@ class CacheStatsSerializer(serializers.Serializer):
 class CacheClearedSerializer(serializers.Serializer):
     integration = serializers.CharField()
     version = serializers.IntegerField(help_text="The cache version (bumped when everything is cleared).")
-    scope = serializers.ChoiceField(choices=("all", "key", "prefix"), help_text="What was cleared.")
+    scope = serializers.ChoiceField(choices=CLEAR_SCOPES, help_text="What was cleared.")
     generation = serializers.IntegerField(help_text="The invalidation record's new generation: every process's "
                                                     "L1 stops serving the cleared entries within 1 s.")
 
@@ -326,11 +329,7 @@ class IntegrationListView(IntegrationAPIView):
                    responses={200: IntegrationSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
         query = validated(IntegrationQuery, request.query_params)
-        integrations = self.get_queryset()
-        if "kind" in query:
-            integrations = integrations.filter(kind=query["kind"])
-        if "mode" in query:
-            integrations = integrations.filter(mode=query["mode"])
+        integrations = filtered(self.get_queryset(), query, {"kind": "kind", "mode": "mode"})
         if "state" in query:
             # the live state is in the store, not the database: filter before paginating
             statuses = [status for status in read_statuses(integrations) if status.state == query["state"]]

@@ -117,6 +117,12 @@ def validated(serializer_class, data) -> dict:
     return serializer.validated_data
 
 
+def filtered(queryset, query: dict, lookups: dict[str, str]):
+    """``queryset`` narrowed by each checked query parameter given: ``{parameter: field lookup}``."""
+    given = {lookup: query[parameter] for parameter, lookup in lookups.items() if parameter in query}
+    return queryset.filter(**given) if given else queryset
+
+
 class IsoDateTimeField(serializers.DateTimeField):
     """A time as the models' ``as_dict()`` write it (``2026-11-23T02:43:51.123456+00:00``), so one
     response never mixes that with DRF's ``...Z``; strings from ``as_dict()`` pass as they are."""

@@ -13,6 +13,8 @@ ENUM_NAME_OVERRIDES = {
     "IntegrationKindEnum": "integrations.resilience.policy.KINDS",
     "BreakerStateEnum": "integrations.resilience.breaker.STATES",
     "BreakerModeEnum": "integrations.models.Integration.MODE_CHOICES",
+    "StateScopeEnum": "integrations.api.STATE_SCOPES",
+    "CacheClearScopeEnum": "integrations.api.CLEAR_SCOPES",
     "LevelEnum": "integrations.api.LEVELS",  # quota levels and the watchdog's status: healthy, warning, critical
     "AlertKindEnum": "monitoring.models.Alert.KIND_CHOICES",
     "AlertStatusEnum": "monitoring.models.Alert.STATUS_CHOICES",

@@ -90,13 +90,17 @@ def _percent(ratio: float | None) -> float | None:
 
 # -- the rules: each looks at one integration at ``now`` and returns a finding or None ----------
 
+def past(value: float, warning: float, critical: float) -> str | None:
+    """CRITICAL above the critical level, WARNING above the warning level, else None."""
+    return CRITICAL if value > critical else WARNING if value > warning else None
+
+
 def error_spike(seen: Observed, t: dict, now: datetime) -> Finding | None:
     window = seen.window
     if window["calls"] - window["rejected"] < t["min_calls"]:
         return None
     rate = 100 * window["error_rate"]
-    severity = (CRITICAL if rate > t["error_critical_percent"]
-                else WARNING if rate > t["error_warning_percent"] else None)
+    severity = past(rate, t["error_warning_percent"], t["error_critical_percent"])
     if severity is None:
         return None
     by_category = {column.removeprefix("failures_"): window[column] for column in ERROR_COLUMNS if window[column]}
@@ -190,8 +194,7 @@ def degraded_service(seen: Observed, t: dict, now: datetime) -> Finding | None:
     if window["calls"] < t["min_calls"]:
         return None
     share = 100 * window["fallback_rate"]
-    severity = (CRITICAL if share > t["fallback_critical_percent"]
-                else WARNING if share > t["fallback_warning_percent"] else None)
+    severity = past(share, t["fallback_warning_percent"], t["fallback_critical_percent"])
     if severity is None:
         return None
     return Finding(Alert.DEGRADED_SERVICE, severity,

@@ -320,8 +320,10 @@ class _Call:
 
     def next_attempt(self, rate_limited: float | None):
         """Once the attempt holds its bulkhead slot, given the outbound rate limit's last answer
-        (rate_limit_wait(): 0.0 a permit, None refused; 0.0 without a rate limit): the store's
-        permit, with the attempt's timeout, span and start set; None means stop (the slot is released)."""
+        (rate_limit_wait(): 0.0 a permit, None refused; 0.0 without a rate limit): ``[permit]``, the
+        store's permit in a list whose one entry names the attempt whose outcome is recorded (a hedge
+        may replace it), with the attempt's timeout, span and start set; None means stop (the slot is
+        released)."""
         if rate_limited is None:
             return None  # rate_limit_wait() recorded why and released the slot
         engine = self.engine
@@ -334,7 +336,7 @@ class _Call:
         if self.trace is not None:
             self.span = engine.tracing.start_attempt(self.trace, self.policy.name, self.attempts + 1, permit.trial)
         self.attempt_started = engine.clock.monotonic()
-        return permit
+        return [permit]
 
     def _end_span(self, exc: BaseException | None) -> None:
         span, self.span = self.span, None
@@ -384,6 +386,14 @@ class _Call:
             self.stopped_by = "deadline"
             return None
         return delay
+
+    def raised(self, permit, exc: BaseException) -> float | None:
+        """An attempt that raised: a failure (``failed``), or the caller going away (``abandoned``,
+        then raised on)."""
+        if isinstance(exc, Exception):
+            return self.failed(permit, exc)
+        self.abandoned(permit, exc)
+        raise exc
 
     def abandoned(self, permit, exc: BaseException) -> None:
         """The caller went away mid-attempt (KeyboardInterrupt, cancellation): free the permit."""
@@ -625,8 +635,10 @@ class Engine:
         policy, local, clock = call.policy, call.local, self.clock
         hedging = call.hedging()  # two attempts at once: both in worker threads
         inline = not hedging and (call.enforces_deadline or policy.timeout_enforcement == TIMEOUT_INLINE)
-        bulkhead = local.bulkhead
-        while True:
+        bulkhead, delay = local.bulkhead, 0.0
+        while delay is not None:  # the backoff a retry waits for (none before the first attempt)
+            if delay:
+                clock.sleep(delay)
             left = call.deadline - clock.monotonic()
             if not bulkhead.acquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
@@ -635,10 +647,9 @@ class Engine:
             while wait:
                 clock.sleep(wait)
                 wait = call.rate_limit_wait()
-            permit = call.next_attempt(wait)
-            if permit is None:
+            owner = call.next_attempt(wait)
+            if owner is None:
                 return
-            owner = [permit]  # the permit whose attempt's outcome is the one recorded below
             try:
                 if hedging:
                     value = self._hedged(call, owner, call.timeout_s)
@@ -648,16 +659,10 @@ class Engine:
                 else:
                     value = run_in_thread(local.executor(policy), call.fn, call.args, call.kwargs, call.timeout_s,
                                           bulkhead.release)
-            except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on in failed()
-                delay = call.failed(owner[0], exc)
-            except BaseException as exc:
-                call.abandoned(owner[0], exc)
-                raise
+            except BaseException as exc:  # noqa: BLE001 - every failure is classified and decided on
+                delay = call.raised(owner[0], exc)
             else:
                 delay = call.succeeded(owner[0], value)
-            if delay is None:
-                return
-            clock.sleep(delay)
 
     def _hedged(self, call: _Call, owner: list, timeout: float):
         """One attempt, and a second one alongside it if the first runs past the hedge delay: the first
@@ -758,8 +763,10 @@ class Engine:
         policy, local, clock = call.policy, call.local, self.clock
         is_coroutine = fb.is_async_callable(call.fn)
         hedging = call.hedging()
-        bulkhead = local.bulkhead
-        while True:
+        bulkhead, delay = local.bulkhead, 0.0
+        while delay is not None:
+            if delay:
+                await clock.asleep(delay)
             left = call.deadline - clock.monotonic()
             if not await bulkhead.aacquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
@@ -768,26 +775,19 @@ class Engine:
             while wait:
                 await clock.asleep(wait)
                 wait = call.rate_limit_wait()
-            permit = call.next_attempt(wait)
-            if permit is None:
+            owner = call.next_attempt(wait)
+            if owner is None:
                 return
-            owner = [permit]  # the permit whose attempt's outcome is the one recorded below
             try:
-                if hedging:
-                    value = await self._ahedged(call, owner, call.timeout_s, is_coroutine)
-                else:
+                if not hedging:
                     value = await run_async(local.executor(policy), call.fn, call.args, call.kwargs, call.timeout_s,
                                             bulkhead.release, is_coroutine)
-            except Exception as exc:  # noqa: BLE001 - every failure is classified and decided on in failed()
-                delay = call.failed(owner[0], exc)
-            except BaseException as exc:
-                call.abandoned(owner[0], exc)
-                raise
+                else:
+                    value = await self._ahedged(call, owner, call.timeout_s, is_coroutine)
+            except BaseException as exc:  # noqa: BLE001 - every failure is classified and decided on
+                delay = call.raised(owner[0], exc)
             else:
                 delay = call.succeeded(owner[0], value)
-            if delay is None:
-                return
-            await clock.asleep(delay)
 
     async def _ahedged(self, call: _Call, owner: list, timeout: float, is_coroutine: bool):
         """``_hedged`` for aexecute: the attempts are tasks (a sync operation's in worker threads), each
