@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from django.contrib.auth.models import Permission, User
 from rest_framework.test import APIClient
 
@@ -30,3 +31,9 @@ def error_of(response, status: int) -> dict:
     body = response.json()
     assert set(body) == {"error"} and {"code", "message"} <= set(body["error"]), body
     return body["error"]
+
+
+@pytest.fixture(autouse=True)
+def no_rate_limits(settings):
+    """API tests make many requests from one client: the inbound limits are off (imported, it is autouse)."""
+    settings.RESILIENCE_RATE_LIMITS = {}

@@ -8,7 +8,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from api_support import client_for, clients, error_of
+from api_support import client_for, clients, error_of, no_rate_limits  # noqa: F401 - autouse fixture
 from integrations.models import BreakerEvent, Integration
 from integrations.resilience import execute, get_engine
 from monitoring.models import CallStats
@@ -16,11 +16,6 @@ from monitoring.models import CallStats
 pytestmark = pytest.mark.django_db
 
 CHANGE = "change_integration"
-
-
-@pytest.fixture(autouse=True)
-def no_rate_limits(settings):
-    settings.RESILIENCE_RATE_LIMITS = {}
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 import pytest
 from django.core.management import CommandError, call_command
 
-from api_support import client_for, error_of
+from api_support import client_for, error_of, no_rate_limits  # noqa: F401 - autouse fixture
 from integrations.models import Integration
 from integrations.resilience import execute
 from integrations.resilience.cache import ResponseCache
@@ -21,11 +21,6 @@ from integrations.resilience.cache import ResponseCache
 pytestmark = pytest.mark.django_db
 
 KEYS = ("quotes/EUR", "quotes/USD", "rates/EUR")
-
-
-@pytest.fixture(autouse=True)
-def no_rate_limits(settings):
-    settings.RESILIENCE_RATE_LIMITS = {}
 
 
 @pytest.fixture
