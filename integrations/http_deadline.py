@@ -15,43 +15,48 @@ Outside a guarded attempt the streams behave as httpcore's own.
 
 from __future__ import annotations
 
-import typing
+import time
 
 import httpcore
 import httpx
 
-from .resilience.timeouts import attempt_time_left
+from .resilience.timeouts import ATTEMPT_DEADLINE
+
+_now = time.monotonic
+_deadline = ATTEMPT_DEADLINE.get
 
 
 def _trim(timeout: float | None, expired: type[Exception]) -> float | None:
-    left = attempt_time_left()
-    if left is None:
+    """``timeout`` cut to the attempt's time left (what ``attempt_time_left()`` says, read inline:
+    this runs for every read and write of a request)."""
+    deadline = _deadline()
+    if deadline is None:
         return timeout
+    left = deadline - _now()
     if left <= 0:
         raise expired("the guarded attempt's deadline has passed")
-    return left if timeout is None else min(timeout, left)
+    return left if timeout is None or timeout > left else timeout
 
 
 class DeadlineStream(httpcore.NetworkStream):
     def __init__(self, stream: httpcore.NetworkStream) -> None:
         self._stream = stream
+        # what needs no deadline goes straight to the stream (bound here: no wrapper call per use)
+        self.close = stream.close
+        self.get_extra_info = stream.get_extra_info
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._stream.read(max_bytes, _trim(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, _trim(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._stream.close()
+        if buffer:  # h11 ends a message with an empty write: no I/O, nothing to bound
+            self._stream.write(buffer, _trim(timeout, httpcore.WriteTimeout))
 
     def start_tls(self, ssl_context, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
         return DeadlineStream(self._stream.start_tls(ssl_context, server_hostname,
                                                      _trim(timeout, httpcore.ConnectTimeout)))
 
-    def get_extra_info(self, info: str) -> typing.Any:
-        return self._stream.get_extra_info(info)
 
 
 class DeadlineBackend(httpcore.NetworkBackend):

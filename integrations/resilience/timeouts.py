@@ -22,12 +22,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
-_attempt_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("attempt_deadline", default=None)
+# The running attempt's deadline (time.monotonic()), None outside one: read it through
+# attempt_time_left(); the http Client's transport reads it directly, once per socket operation.
+ATTEMPT_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("attempt_deadline", default=None)
 
 
 def attempt_time_left() -> float | None:
     """Seconds left in the current guarded attempt, or None outside one."""
-    deadline = _attempt_deadline.get()
+    deadline = ATTEMPT_DEADLINE.get()
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
@@ -39,20 +41,26 @@ class AttemptTimeout(TimeoutError):
 
 
 def _in_attempt(deadline: float, fn: Callable, args: tuple, kwargs: dict, release: Callable[[], None]) -> Any:
-    token = _attempt_deadline.set(deadline)
+    token = ATTEMPT_DEADLINE.set(deadline)
     try:
         return fn(*args, **kwargs)
     finally:
-        _attempt_deadline.reset(token)
+        ATTEMPT_DEADLINE.reset(token)
         release()
 
 
 def run_inline(
     fn: Callable, args: tuple, kwargs: dict, timeout_s: float, release: Callable[[], None],
-    now: Callable[[], float] = time.monotonic,
+    started: float, now: Callable[[], float] = time.monotonic,
 ) -> Any:
-    started = now()
-    value = _in_attempt(time.monotonic() + timeout_s, fn, args, kwargs, release)
+    """The attempt in the caller's thread; ``started`` (by ``now``) is when it began. An attempt
+    that returns past its timeout raises AttemptTimeout (an overrun)."""
+    token = ATTEMPT_DEADLINE.set(time.monotonic() + timeout_s)  # _in_attempt, inline: once per call
+    try:
+        value = fn(*args, **kwargs)
+    finally:
+        ATTEMPT_DEADLINE.reset(token)
+        release()
     if now() - started > timeout_s:
         raise AttemptTimeout(timeout_s, overrun=True)
     return value
@@ -99,7 +107,7 @@ async def run_async(
         except asyncio.CancelledError:  # the awaiting task was cancelled (a lost hedge, the caller): let go
             abandon(future, release)
             raise
-    token = _attempt_deadline.set(deadline)
+    token = ATTEMPT_DEADLINE.set(deadline)
     try:
         return await asyncio.wait_for(fn(*args, **kwargs), timeout_s)
     except TimeoutError as exc:
@@ -107,5 +115,5 @@ async def run_async(
             raise AttemptTimeout(timeout_s) from exc
         raise  # the operation's own TimeoutError, raised before our deadline
     finally:
-        _attempt_deadline.reset(token)
+        ATTEMPT_DEADLINE.reset(token)
         release()
