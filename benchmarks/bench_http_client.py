@@ -1,11 +1,13 @@
 """The http Client's cost per request and how far past its deadline a stalled request keeps the caller.
 
-    .venv/bin/python benchmarks/bench_http_client.py [--requests N] [--json FILE]
+    .venv/bin/python benchmarks/bench_http_client.py [--requests N] [--json FILE] [--instructions]
 
 The upstream is benchmarks/load/upstream.py in a process of its own (asyncio,
 keep-alive, a small JSON), so the CPU figures are this process's: the client's.
 
-Per request (GET /item, N requests per row, best of 5 interleaved repeats; wall
+Per request (GET /item, N requests per row in each of 5 repeats, run in chunks of
+500 that take turns between the rows, so noise falls on all rows alike; the best
+chunk is kept (wall time; CPU, the same chunk's); wall
 time and this process's CPU time per request):
 
     bare httpx          httpx.Client(timeout=5).get(): no resilience at all
@@ -27,6 +29,13 @@ its deadline the caller got its TIMEOUT, for an upstream that never answers
 (/__trickle: every read gets data, so per-read timeouts never fire; bare httpx
 with timeout=0.2 would wait forever and has no row). Median and worst, ms.
 
+--instructions adds a count that machine noise cannot move: each row's client
+process run under valgrind's callgrind twice, with 0 and with 1,000 requests
+after the same 50 warm-up requests (PYTHONHASHSEED=0), the difference / 1,000 =
+instructions per request (the upstream's are not counted: its own process).
+A wall-time difference of a few µs over a 250 µs request is within the noise
+of two processes sharing two cores; the instruction count is not.
+
 Targets (issue 14): the default path costs <= the stacked pair; the caller is
 never kept past its deadline (overrun bounded: a few ms).
 """
@@ -35,10 +44,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -56,6 +68,7 @@ from integrations.http import Client  # noqa: E402
 from integrations.resilience import Policy, use_engine  # noqa: E402
 
 REPEATS = 5
+CHUNK = 500  # requests a row runs before the next row takes its turn
 POLICY = Policy(name="bench_http", max_retries=3, hourly_limit=10**9, daily_limit=10**9, max_concurrent=100,
                 attempt_timeout_ms=5000, timeout_ms=20000, cache_ttl_s=0)
 STALL_POLICY = Policy(name="bench_stall", max_retries=0, attempt_timeout_ms=200, timeout_ms=200,
@@ -92,6 +105,32 @@ def build_rows(url: str):
     }
 
 
+CALLGRIND_REQUESTS = 1000
+
+
+def child(row: str, requests: int, url: str) -> None:
+    """--child: 50 warm-up requests of one row, then ``requests`` more (what callgrind counts)."""
+    with use_engine(build_engine(POLICY)):
+        fn = build_rows(url)[row]
+        for _ in range(50):
+            fn().raise_for_status()
+        for _ in range(requests):
+            fn()
+
+
+def instructions(row: str, url: str, requests: int = CALLGRIND_REQUESTS) -> int:
+    """Instructions per request of ``row``'s client process, counted by callgrind."""
+    def collected(count: int) -> int:
+        run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+                              __file__, "--child", row, "--requests", str(count), "--url", url],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, timeout=1800)
+        found = [line for line in run.stderr.splitlines() if "Collected :" in line]
+        if run.returncode != 0 or not found:
+            raise SystemExit(f"callgrind run of {row!r} failed (exit {run.returncode}): {run.stderr[-2000:]}")
+        return int(found[-1].split(":")[-1].strip())
+    return (collected(requests) - collected(0)) // requests
+
+
 def time_row(fn, requests: int) -> tuple[float, float]:
     """(wall µs, CPU µs) per request."""
     for _ in range(20):
@@ -121,28 +160,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--instructions", action="store_true", help="also count instructions per request "
+                        "under valgrind's callgrind (about 4 minutes)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.requests, args.url)
+    if args.instructions and shutil.which("valgrind") is None:
+        parser.error("--instructions: valgrind is not installed (Debian: apt-get install valgrind)")
     upstream, url = start_upstream()
     try:
         with use_engine(build_engine(POLICY)) as engine:
             engine.registry.put(STALL_POLICY)
             rows = build_rows(url)
             best: dict[str, tuple[float, float]] = {}
-            for _ in range(REPEATS):
+            for _ in range(REPEATS * max(args.requests // CHUNK, 1)):
                 for name, fn in rows.items():
-                    wall, cpu = time_row(fn, args.requests)
+                    wall, cpu = time_row(fn, min(CHUNK, args.requests))
                     if name not in best or wall < best[name][0]:
                         best[name] = (wall, cpu)
             stall = {"ours, Client": Client(STALL_POLICY.name, base_url=url),
                      "ours, thread": Client(STALL_POLICY.name, base_url=url, transport=httpx.HTTPTransport())}
             overruns = {f"{name}, {path}": overrun(client, path)
                         for path in ("/__hang", "/__trickle") for name, client in stall.items()}
+        counted = {}
+        if args.instructions:
+            with ThreadPoolExecutor(2) as pool:  # callgrind's count does not depend on what else runs
+                counted = dict(zip(rows, pool.map(lambda name: instructions(name, url), rows)))
     finally:
         upstream.terminate()
         upstream.wait(10)
     stacked_wall, stacked_cpu = best["tenacity+pybreaker"]
     bare_wall, bare_cpu = best["bare httpx"]
-    print(f"{args.requests} requests per row, best of {REPEATS}, upstream {url}\n")
+    print(f"{args.requests} requests per row x {REPEATS} repeats in chunks of {CHUNK}, best chunk, upstream {url}\n")
     print(f"{'row':20} {'µs/req':>8} {'CPU µs/req':>11} {'over bare':>10} {'x stacked (overhead)':>21}")
     table = {}
     for name, (wall, cpu) in best.items():
@@ -155,6 +206,14 @@ def main() -> None:
     print(f"\noverrun past a {DEADLINE_S * 1000:.0f} ms attempt deadline (10 requests each):")
     for name, figures in overruns.items():
         print(f"  {name:28} median {figures['median_ms']:6.2f} ms, worst {figures['worst_ms']:6.2f} ms")
+    if counted:
+        bare_count, stacked_count = counted["bare httpx"], counted["tenacity+pybreaker"]
+        print(f"\ninstructions per request (callgrind, {CALLGRIND_REQUESTS} requests after 50 warm-up):")
+        for name, count in counted.items():
+            extra = count - bare_count
+            ratio = "" if name == "bare httpx" else f"  {extra / (stacked_count - bare_count):.2f}x stacked"
+            table[name]["instructions_per_request"] = count
+            print(f"  {name:20} {count:>10,} ({extra:+,} over bare){ratio}")
     ours = table["ours, Client"]["us_per_request"]
     print(f"\nours, Client: {ours - bare_wall:+.1f} µs over bare httpx, against {stacked_wall - bare_wall:+.1f} µs for "
           f"the stacked pair (target <= 1x: {'PASS' if ours <= stacked_wall else 'FAIL'})")

@@ -93,3 +93,47 @@ def test_outside_a_guarded_attempt_the_transport_is_httpxs_own(upstream):
     with httpx.Client(base_url=upstream.url, transport=DeadlineTransport(), timeout=0.2) as http:
         with pytest.raises(httpx.ReadTimeout):
             http.get("/slow")  # httpx's own timeout applies as usual
+
+
+class _Recording:
+    """A network stream that records what reaches it (the real socket's part is not the point here)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[bytes, float | None]] = []
+        self.closed = False
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.writes.append((buffer, timeout))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, info: str):
+        return f"info:{info}"
+
+
+def test_a_stream_write_is_trimmed_refused_past_the_deadline_and_an_empty_one_skipped():
+    import httpcore
+
+    from integrations.http_deadline import DeadlineStream
+    from integrations.resilience.timeouts import ATTEMPT_DEADLINE
+
+    inner = _Recording()
+    stream = DeadlineStream(inner)
+    token = ATTEMPT_DEADLINE.set(time.monotonic() + 0.5)
+    try:
+        stream.write(b"GET / HTTP/1.1\r\n\r\n", timeout=5.0)
+        stream.write(b"", timeout=5.0)  # h11's end of message: no I/O
+    finally:
+        ATTEMPT_DEADLINE.reset(token)
+    assert len(inner.writes) == 1 and 0 < inner.writes[0][1] <= 0.5  # the 5 s cut to the time left
+    token = ATTEMPT_DEADLINE.set(time.monotonic() - 0.01)
+    try:
+        with pytest.raises(httpcore.WriteTimeout):
+            stream.write(b"late", timeout=5.0)
+    finally:
+        ATTEMPT_DEADLINE.reset(token)
+    assert len(inner.writes) == 1
+    assert stream.get_extra_info("socket") == "info:socket"
+    stream.close()
+    assert inner.closed
