@@ -34,7 +34,7 @@ from .http_deadline import DeadlineTransport
 from .resilience import CallOptions, get_engine
 from .resilience.options import call_options as checked_options
 from .resilience.retry import parse_retry_after
-from .resilience.timeouts import ATTEMPT_DEADLINE, attempt_time_left
+from .resilience.timeouts import attempt_time_left
 
 # Methods whose responses may be served from the cache.
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
@@ -65,21 +65,22 @@ def raise_for_category(response: httpx.Response, integration: str, url_shown: st
 _DEAD_LETTER = "resilience.dead_letter"  # request extension carrying the request's DeadLetter
 
 
-def attempt_timeout(integration: str, budget: float | None, engine=None) -> dict | None:
+def attempt_timeout(integration: str, budget: float | None) -> dict | None:
     """httpx's timeout extension for one attempt: each phase bounded by the integration's
     ``connect_timeout_ms``, ``read_timeout_ms`` and ``write_timeout_ms`` (when set) and by the
     attempt's time left; waiting for a pooled connection by the time left alone."""
     if budget is None:
         return None
-    # loaded when the call began: no query here
-    policy = (engine or get_engine()).registry.cached(integration)
+    policy = get_engine().registry.cached(integration)  # loaded when the call began: no query here
     # the dict httpx.Timeout(...).as_dict() gives, built directly: a Timeout per attempt costs 0.5 us
     if policy is None:
         return {"connect": budget, "read": budget, "write": budget, "pool": budget}
-    connect, read, write = policy.connect_timeout_ms, policy.read_timeout_ms, policy.write_timeout_ms
-    return {"connect": budget if connect is None else min(connect / 1000, budget),
-            "read": budget if read is None else min(read / 1000, budget),
-            "write": budget if write is None else min(write / 1000, budget), "pool": budget}
+    return {"connect": _phase(policy.connect_timeout_ms, budget), "read": _phase(policy.read_timeout_ms, budget),
+            "write": _phase(policy.write_timeout_ms, budget), "pool": budget}
+
+
+def _phase(limit_ms: int | None, budget: float) -> float:
+    return budget if limit_ms is None else min(limit_ms / 1000, budget)
 
 
 def _read_deadline(budget: float | None) -> float | None:
@@ -222,32 +223,27 @@ class Client(httpx.Client):
 
             client.request("POST", "/charges", json=order, dead_letter=DeadLetter("billing.charge", order))
         """
-        if dead_letter is not None or call_options is not None or idempotent is not None:
-            kwargs = _with_extras(kwargs, dead_letter, call_options, idempotent)
-        return super().request(method, url, **kwargs)
+        return super().request(method, url, **_with_extras(kwargs, dead_letter, call_options, idempotent))
 
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
-        if stream:
-            _refuse_streaming(stream)
-        # (no mounts, the common case: the client's own transport, without matching the URL)
-        enforced = isinstance(self._transport_for_url(request.url) if self._mounts else self._transport,
-                              DeadlineTransport)
-        engine = get_engine()
-        integration = self.integration
+        _refuse_streaming(stream)
+
+        enforced = isinstance(self._transport_for_url(request.url), DeadlineTransport)
 
         def attempt() -> httpx.Response:
-            deadline = ATTEMPT_DEADLINE.get()  # attempt_time_left(), read once
-            budget = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            if budget is not None:
-                request.extensions = {**request.extensions, "timeout": attempt_timeout(integration, budget, engine)}
+            budget = attempt_time_left()
+            timeout = attempt_timeout(self.integration, budget)
+            if timeout is not None:
+                request.extensions = {**request.extensions, "timeout": timeout}
             if enforced:  # every read of the body ends by the deadline already: httpx reads it as usual
-                return raise_for_category(super(Client, self).send(request, **kwargs), integration)
+                return raise_for_category(super(Client, self).send(request, **kwargs), self.integration)
             response = super(Client, self).send(request, stream=True, **kwargs)
-            return raise_for_category(read_within(response, request, _read_deadline(budget)), integration)
+            return raise_for_category(read_within(response, request, _read_deadline(budget)), self.integration)
 
-        extensions = request.extensions
-        result = engine.call(integration, attempt, cache_key=_cache_key(engine, integration, request, self.fallbacks),
-                             fallbacks=self.fallbacks, dead_letter=extensions.get(_DEAD_LETTER),
+        engine = get_engine()
+        result = engine.call(self.integration, attempt,
+                             cache_key=_cache_key(engine, self.integration, request, self.fallbacks),
+                             fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
                              enforces_deadline=enforced, call_options=_options_for(request))
         return result.unwrap()
 

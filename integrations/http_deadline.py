@@ -15,27 +15,19 @@ Outside a guarded attempt the streams behave as httpcore's own.
 
 from __future__ import annotations
 
-import time
-
 import httpcore
 import httpx
 
-from .resilience.timeouts import ATTEMPT_DEADLINE
-
-_now = time.monotonic
-_deadline = ATTEMPT_DEADLINE.get
+from .resilience.timeouts import attempt_time_left
 
 
 def _trim(timeout: float | None, expired: type[Exception]) -> float | None:
-    """``timeout`` cut to the attempt's time left (what ``attempt_time_left()`` says, read inline:
-    this runs for every read and write of a request)."""
-    deadline = _deadline()
-    if deadline is None:
+    left = attempt_time_left()
+    if left is None:
         return timeout
-    left = deadline - _now()
     if left <= 0:
         raise expired("the guarded attempt's deadline has passed")
-    return left if timeout is None or timeout > left else timeout
+    return left if timeout is None else min(timeout, left)
 
 
 class DeadlineStream(httpcore.NetworkStream):
@@ -56,7 +48,6 @@ class DeadlineStream(httpcore.NetworkStream):
                   timeout: float | None = None) -> httpcore.NetworkStream:
         return DeadlineStream(self._stream.start_tls(ssl_context, server_hostname,
                                                      _trim(timeout, httpcore.ConnectTimeout)))
-
 
 
 class DeadlineBackend(httpcore.NetworkBackend):

@@ -51,7 +51,7 @@ from .degraded import Shedder
 from .events import CallFinished, DeadLetterRequested, EventBus, StateTransition
 from .events import bus as default_bus
 from .options import CallOptions, call_options as checked_options
-from .options import CONTEXT_DEADLINE
+from .options import time_left as deadline_left
 from .policy import BULKHEAD_ADAPTIVE, TIMEOUT_INLINE, Policy
 from .registry import PolicyRegistry
 from .retry import retry_delay_s, should_retry
@@ -162,12 +162,10 @@ class _Call:
         self.dead_letter = dead_letter
         self.started = engine.clock.monotonic()
         self.deadline = self.started + policy.timeout_ms / 1000
-        ends = CONTEXT_DEADLINE.get()  # the context's deadline (an inbound request's budget): the call ends by it
-        self.budgeted = False
-        if ends is not None:  # (options.time_left(), read inline)
-            budget = ends - time.monotonic()
-            if budget < policy.timeout_ms / 1000:
-                self.budgeted, self.deadline = True, self.started + budget
+        budget = deadline_left()  # the context's deadline (an inbound request's budget): the call ends by it
+        self.budgeted = budget is not None and budget < policy.timeout_ms / 1000
+        if self.budgeted:
+            self.deadline = self.started + budget
         self.attempts, self.ok, self.source = 0, False, LIVE
         self.durations: list[float] = []  # each attempt's, ms
         self.error: ResilienceError | None = None
@@ -227,17 +225,33 @@ class _Call:
     def time_left(self) -> float:
         return self.deadline - self.engine.clock.monotonic()
 
-    def bulkhead_wait(self) -> float:
-        """How long an attempt may wait for a bulkhead slot: bulkhead_wait_ms, within the deadline."""
+    def bulkhead_wait(self, left: float) -> float:
         wait = self.policy.bulkhead_wait_ms
-        if wait == 0:
-            return 0.0
-        left = self.deadline - self.engine.clock.monotonic()
-        return 0.0 if left <= 0 else min(wait / 1000, left)
+        return 0.0 if wait == 0 or left <= 0 else min(wait / 1000, left)
 
     def bulkhead_full(self) -> None:
         self.refuse(ErrorCategory.BULKHEAD_FULL,
                     f"{self.policy.max_concurrent} calls already in flight (waited {self.policy.bulkhead_wait_ms} ms)")
+
+    def permit(self, left: float):
+        """Ask the store for this attempt; None means stop (the reason is recorded)."""
+        if left <= 0:
+            self.stop(ErrorCategory.TIMEOUT, "the deadline of the request this call serves has passed" if self.budgeted
+                      else f"overall timeout of {self.policy.timeout_ms} ms reached")
+            return None
+        is_retry = self.attempts > 0
+        permit = self.engine.store.acquire(self.policy, is_retry)
+        for transition in permit.transitions:
+            self.engine.publish_transition(transition)
+        if permit.allowed:
+            return permit
+        if permit.reason == RETRY_BUDGET:
+            self.stopped_by = "retry_budget"
+        elif is_retry:
+            self.stopped_by = permit.category.value  # the breaker opened or the quota ran out mid-call
+        else:
+            self.refuse(permit.category, permit.reason)
+        return None
 
     def rate_limit_wait(self) -> float | None:
         """An outbound rate-limit permit for the next attempt: 0.0 when taken, else how long to wait
@@ -312,30 +326,15 @@ class _Call:
         released)."""
         if rate_limited is None:
             return None  # rate_limit_wait() recorded why and released the slot
-        engine, policy = self.engine, self.policy
+        engine = self.engine
         left = self.deadline - engine.clock.monotonic()  # the waits for a slot and a permit came out of it
-        if left <= 0:
-            self.stop(ErrorCategory.TIMEOUT, "the deadline of the request this call serves has passed" if self.budgeted
-                      else f"overall timeout of {policy.timeout_ms} ms reached")
+        permit = self.permit(left)
+        if permit is None:
             self.local.bulkhead.release()
             return None
-        is_retry = self.attempts > 0
-        permit = engine.store.acquire(policy, is_retry)  # breaker, retry budget and quota, at once
-        if permit.transitions:
-            for transition in permit.transitions:
-                engine.publish_transition(transition)
-        if not permit.allowed:
-            if permit.reason == RETRY_BUDGET:
-                self.stopped_by = "retry_budget"
-            elif is_retry:
-                self.stopped_by = permit.category.value  # the breaker opened or the quota ran out mid-call
-            else:
-                self.refuse(permit.category, permit.reason)
-            self.local.bulkhead.release()
-            return None
-        self.timeout_s = min(policy.attempt_timeout_ms / 1000, left)
+        self.timeout_s = min(self.policy.attempt_timeout_ms / 1000, left)
         if self.trace is not None:
-            self.span = engine.tracing.start_attempt(self.trace, policy.name, self.attempts + 1, permit.trial)
+            self.span = engine.tracing.start_attempt(self.trace, self.policy.name, self.attempts + 1, permit.trial)
         self.attempt_started = engine.clock.monotonic()
         return [permit]
 
@@ -640,7 +639,8 @@ class Engine:
         while delay is not None:  # the backoff a retry waits for (none before the first attempt)
             if delay:
                 clock.sleep(delay)
-            if not bulkhead.try_acquire() and not bulkhead.acquire(call.bulkhead_wait()):
+            left = call.deadline - clock.monotonic()
+            if not bulkhead.acquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
             wait = 0.0 if policy.rate_limit_permits is None else call.rate_limit_wait()
@@ -767,7 +767,8 @@ class Engine:
         while delay is not None:
             if delay:
                 await clock.asleep(delay)
-            if not bulkhead.try_acquire() and not await bulkhead.aacquire(call.bulkhead_wait()):
+            left = call.deadline - clock.monotonic()
+            if not await bulkhead.aacquire(call.bulkhead_wait(left)):
                 call.bulkhead_full()
                 return
             wait = 0.0 if policy.rate_limit_permits is None else call.rate_limit_wait()

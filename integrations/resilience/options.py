@@ -36,7 +36,7 @@ _OVERRIDABLE = ("timeout_ms", "attempt_timeout_ms", "max_retries")
 _KNOBS = {knob.name: knob for knob in KNOBS if knob.name in _OVERRIDABLE}
 
 # When (time.monotonic()) the calls of the current context must have ended; None: no deadline.
-CONTEXT_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("resilience_deadline", default=None)
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("resilience_deadline", default=None)
 
 
 # Policies with a call's overrides, by (the policy's id, the overrides): a call with the same
@@ -103,15 +103,15 @@ def deadline(seconds: float):
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds != seconds:
         raise TypeError(f"deadline() takes seconds as a number, got {seconds!r}")
     ends = time.monotonic() + seconds
-    current = CONTEXT_DEADLINE.get()
-    token = CONTEXT_DEADLINE.set(ends if current is None else min(current, ends))
+    current = _deadline.get()
+    token = _deadline.set(ends if current is None else min(current, ends))
     try:
         yield
     finally:
-        CONTEXT_DEADLINE.reset(token)
+        _deadline.reset(token)
 
 
 def time_left() -> float | None:
     """Seconds left before the current context's deadline (negative once past), or None without one."""
-    ends = CONTEXT_DEADLINE.get()
+    ends = _deadline.get()
     return None if ends is None else ends - time.monotonic()

@@ -91,8 +91,7 @@ class QuotaCell:
         hourly, daily = policy.hourly_limit, policy.daily_limit
         if hourly is None and daily is None:
             return None
-        if not self._rolls_at > now >= self.hour:  # (_roll's own test, saving the call within the hour)
-            self._roll(now)
+        self._roll(now)
         if hourly is not None and self.hour_used >= hourly:
             return "hourly"
         if daily is not None and self.day_used >= daily:

@@ -140,7 +140,7 @@ class LocalStore(StateStore):
         return None
 
     def acquire(self, policy: Policy, is_retry: bool = False) -> Permit:
-        cell = self._cells.get(policy.name) or self._cell(policy)
+        cell = self._cell(policy)
         now = self.clock.time()
         with cell.lock:
             breaker = cell.breaker
@@ -165,7 +165,7 @@ class LocalStore(StateStore):
 
     def record(self, policy: Policy, permit: Permit, outcome: str, slow: bool,
                is_retry: bool) -> tuple[Transition, ...]:
-        cell = self._cells.get(policy.name) or self._cell(policy)
+        cell = self._cell(policy)
         now = self.clock.time()
         with cell.lock:
             transition = cell.breaker.record(policy, now, outcome, slow, permit.trial, is_retry)

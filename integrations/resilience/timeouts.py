@@ -22,14 +22,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
-# The running attempt's deadline (time.monotonic()), None outside one: read it through
-# attempt_time_left(); the http Client's transport reads it directly, once per socket operation.
-ATTEMPT_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("attempt_deadline", default=None)
+_attempt_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("attempt_deadline", default=None)
 
 
 def attempt_time_left() -> float | None:
     """Seconds left in the current guarded attempt, or None outside one."""
-    deadline = ATTEMPT_DEADLINE.get()
+    deadline = _attempt_deadline.get()
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
@@ -41,11 +39,11 @@ class AttemptTimeout(TimeoutError):
 
 
 def _in_attempt(deadline: float, fn: Callable, args: tuple, kwargs: dict, release: Callable[[], None]) -> Any:
-    token = ATTEMPT_DEADLINE.set(deadline)
+    token = _attempt_deadline.set(deadline)
     try:
         return fn(*args, **kwargs)
     finally:
-        ATTEMPT_DEADLINE.reset(token)
+        _attempt_deadline.reset(token)
         release()
 
 
@@ -55,12 +53,7 @@ def run_inline(
 ) -> Any:
     """The attempt in the caller's thread; ``started`` (by ``now``) is when it began. An attempt
     that returns past its timeout raises AttemptTimeout (an overrun)."""
-    token = ATTEMPT_DEADLINE.set(time.monotonic() + timeout_s)  # _in_attempt, inline: once per call
-    try:
-        value = fn(*args, **kwargs)
-    finally:
-        ATTEMPT_DEADLINE.reset(token)
-        release()
+    value = _in_attempt(time.monotonic() + timeout_s, fn, args, kwargs, release)
     if now() - started > timeout_s:
         raise AttemptTimeout(timeout_s, overrun=True)
     return value
@@ -107,7 +100,7 @@ async def run_async(
         except asyncio.CancelledError:  # the awaiting task was cancelled (a lost hedge, the caller): let go
             abandon(future, release)
             raise
-    token = ATTEMPT_DEADLINE.set(deadline)
+    token = _attempt_deadline.set(deadline)
     try:
         return await asyncio.wait_for(fn(*args, **kwargs), timeout_s)
     except TimeoutError as exc:
@@ -115,5 +108,5 @@ async def run_async(
             raise AttemptTimeout(timeout_s) from exc
         raise  # the operation's own TimeoutError, raised before our deadline
     finally:
-        ATTEMPT_DEADLINE.reset(token)
+        _attempt_deadline.reset(token)
         release()

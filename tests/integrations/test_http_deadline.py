@@ -116,7 +116,7 @@ def test_a_stream_write_is_trimmed_refused_past_the_deadline_and_an_empty_one_sk
     import httpcore
 
     from integrations.http_deadline import DeadlineStream
-    from integrations.resilience.timeouts import ATTEMPT_DEADLINE
+    from integrations.resilience.timeouts import _attempt_deadline as ATTEMPT_DEADLINE
 
     inner = _Recording()
     stream = DeadlineStream(inner)
