@@ -24,7 +24,8 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter
 from rest_framework import exceptions, generics, serializers
 from rest_framework.response import Response
 
-from .api_common import APIDefaults, IsoDateTimeField, api_operation, error_responses, filtered, validated
+from .api_common import (PAGE_PARAMETERS, APIDefaults, IsoDateTimeField, api_operation, error_responses,
+                         filtered, validated)
 from .status import PROCESS, SHARED, IntegrationStatus, read_statuses
 from .models import BREAKER_ACTIONS, BreakerEvent, BreakerState, Integration
 from .resilience import get_engine
@@ -328,7 +329,7 @@ class IntegrationListView(IntegrationAPIView):
                    parameters=[IntegrationQuery],
                    responses={200: IntegrationSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
-        query = validated(IntegrationQuery, request.query_params)
+        query = validated(IntegrationQuery, request.query_params, others=PAGE_PARAMETERS)
         integrations = filtered(self.get_queryset(), query, {"kind": "kind", "mode": "mode"})
         if "state" in query:
             # the live state is in the store, not the database: filter before paginating
@@ -373,7 +374,7 @@ class QuotaListView(IntegrationAPIView):
     @api_operation(summary="Every integration's hourly and daily quota usage",
                    parameters=[QuotaQuery], responses={200: QuotaSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
-        query = validated(QuotaQuery, request.query_params)
+        query = validated(QuotaQuery, request.query_params, others=PAGE_PARAMETERS)
         rows = [quota_view(status) for status in read_statuses(self.get_queryset(), figures_minutes=None)]
         if "level" in query:
             rows = [row for row in rows if row["level"] == query["level"]]

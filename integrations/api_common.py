@@ -11,6 +11,7 @@ staff user with the model permission. List endpoints are paged the same way
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 from drf_spectacular.openapi import AutoSchema
@@ -20,6 +21,7 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.metadata import SimpleMetadata
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import SAFE_METHODS, BasePermission
+from rest_framework.settings import api_settings
 
 from .inbound import TokenAuthentication
 
@@ -110,8 +112,22 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
-def validated(serializer_class, data) -> dict:
-    """``data`` (a body or the query string) checked by ``serializer_class``; a 400 naming the fields if bad."""
+def validated(serializer_class, data, *, others: tuple[str, ...] | None = ()) -> dict:
+    """``data`` (a body or the query string) checked by ``serializer_class``; a 400 naming the fields if bad.
+
+    A name neither the serializer nor ``others`` (what another part of the view reads: the page
+    parameters of a paged list) knows is a 400 naming it too: a misspelt filter must not pass
+    for an absent one (``DELETE /api/cache/billing/?kye=x`` would clear every entry), nor a
+    misspelt field of a body for a default. ``others=None``: the data also holds parameters
+    the view checks elsewhere (the paginator's own check). DRF's ``?format=`` is always known.
+    """
+    if others is not None and isinstance(data, Mapping):
+        known = {*serializer_class().fields, *others, api_settings.URL_FORMAT_OVERRIDE}
+        unknown = sorted(name for name in data if name not in known)
+        if unknown:
+            expected = ", ".join(sorted(known - {None})) or "none"
+            raise exceptions.ValidationError({name: [f"Unknown parameter; expected one of: {expected}."]
+                                              for name in unknown})
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
@@ -156,6 +172,8 @@ PAGE_SIZE = 50
 
 
 class PageQuery(serializers.Serializer):
+    """A paged list's own parameters: a view's query check passes ``others=PAGE_PARAMETERS``."""
+
     page = serializers.IntegerField(required=False, min_value=1)
     page_size = serializers.IntegerField(required=False, min_value=1, max_value=MAX_PAGE_SIZE)
     limit = serializers.IntegerField(required=False, min_value=1, max_value=MAX_PAGE_SIZE)
@@ -164,6 +182,9 @@ class PageQuery(serializers.Serializer):
         if "page_size" in data and "limit" in data:
             raise serializers.ValidationError({"limit": "Give page_size or limit (the same thing), not both."})
         return data
+
+
+PAGE_PARAMETERS = tuple(PageQuery._declared_fields)
 
 
 class Pagination(PageNumberPagination):
@@ -180,7 +201,7 @@ class Pagination(PageNumberPagination):
     last_page_strings = ()
 
     def paginate_queryset(self, queryset, request, view=None):
-        query = validated(PageQuery, request.query_params)
+        query = validated(PageQuery, request.query_params, others=None)  # the view checked the rest
         self.limit = query.get("limit")
         return super().paginate_queryset(queryset, request, view)
 

@@ -22,8 +22,8 @@ from rest_framework import exceptions, generics, serializers
 from rest_framework.response import Response
 
 from integrations.api import CallStatsSummary
-from integrations.api_common import (APIDefaults, api_operation, Conflict, IsoDateTimeField, error_responses,
-                                     validated)
+from integrations.api_common import (PAGE_PARAMETERS, APIDefaults, api_operation, Conflict, IsoDateTimeField,
+                                     error_responses, validated)
 from integrations.models import Integration
 
 from . import rules as user_rules
@@ -207,7 +207,7 @@ class AlertListView(AlertAPIView):
     @api_operation(summary="Alerts, most recently seen first", parameters=[AlertQuery],
                    responses={200: AlertSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
-        query = validated(AlertQuery, request.query_params)
+        query = validated(AlertQuery, request.query_params, others=PAGE_PARAMETERS)
         alerts = self.get_queryset()
         if query["active"] is not None:
             alerts = alerts.active() if query["active"] else alerts.exclude(status__in=Alert.ACTIVE)

@@ -12,8 +12,8 @@ from rest_framework import generics, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from integrations.api_common import (APIDefaults, StrictIntegerField, api_operation, error_responses, filtered,
-                                     validated)
+from integrations.api_common import (PAGE_PARAMETERS, APIDefaults, StrictIntegerField, api_operation, error_responses,
+                                     filtered, validated)
 
 from .models import STATUSES, DeadLetter, check_purgeable
 
@@ -96,7 +96,7 @@ class DeadLetterListView(DeadLetterAPIView, generics.GenericAPIView):
     @api_operation(summary="Dead letters, newest first", parameters=[ListQuery],
                    responses={200: DeadLetterSerializer(many=True), **error_responses(400, 404)})
     def get(self, request):
-        query = validated(ListQuery, request.query_params)
+        query = validated(ListQuery, request.query_params, others=PAGE_PARAMETERS)
         entries = filtered(self.get_queryset(), query, {"status": "status", "integration": "integration_name"})
         page = self.paginate_queryset(entries)
         return self.get_paginated_response([entry.as_dict() for entry in page])

@@ -5,6 +5,7 @@ from django.contrib.auth.models import Permission, User
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from api_support import error_of
 from dlq_support import enqueue
 from integrations.dlq import tasks
 from integrations.dlq.models import DeadLetter
@@ -88,6 +89,22 @@ def test_delete_purges_finished_entries_of_a_status(operator, entries):
     response = operator.delete("/api/dlq/?status=succeeded")
     assert (response.status_code, response.json()) == (200, {"deleted": 1})
     assert not DeadLetter.objects.filter(pk=entries["done"].pk).exists()
+
+
+def test_a_purge_with_an_unknown_parameter_is_a_400_naming_it_and_deletes_nothing(operator, entries):
+    # the status alone would purge every dead entry, whatever integration the caller meant
+    error = error_of(operator.delete("/api/dlq/?status=dead&integraton=billing"), 400)
+    assert error["fields"] == {"integraton": ["Unknown parameter; expected one of: format, status."]}
+    assert DeadLetter.objects.filter(pk=entries["dead"].pk).exists()
+    assert error_of(operator.get("/api/dlq/?stauts=dead"), 400)["fields"].keys() == {"stauts"}
+    assert operator.get("/api/dlq/?status=dead&page=1&limit=5").json()["count"] == 1
+
+
+def test_a_retry_body_with_an_unknown_field_is_a_400_naming_it_and_retries_nothing(operator, entries):
+    before = list(DeadLetter.objects.order_by("pk").values_list("status", "next_attempt_at"))
+    error = error_of(operator.post("/api/dlq/retry/", {"all": True, "dry_run": True}, format="json"), 400)
+    assert list(error["fields"]) == ["dry_run"]
+    assert list(DeadLetter.objects.order_by("pk").values_list("status", "next_attempt_at")) == before
 
 
 @pytest.mark.parametrize("method, url, body", [

@@ -239,6 +239,23 @@ def test_clearing_a_cache_makes_old_entries_unreachable(operator, billing, djang
     assert error_of(operator.delete("/api/cache/nope/"), 404)["message"] == 'No integration is named "nope".'
 
 
+def test_a_misspelt_clear_parameter_is_a_400_naming_it_and_clears_nothing(operator, billing,
+                                                                           django_capture_on_commit_callbacks):
+    execute("billing", lambda: "old", cache_key="k")
+    with django_capture_on_commit_callbacks(execute=True):
+        error = error_of(operator.delete("/api/cache/billing/?kye=k"), 400)
+    assert error["fields"] == {"kye": ["Unknown parameter; expected one of: format, key, prefix."]}
+    assert Integration.objects.get(name="billing").cache_version == 0
+    assert execute("billing", lambda: "new", cache_key="k").value == "old"  # still served from the cache
+
+
+def test_a_misspelt_list_filter_is_a_400_naming_it_while_paging_and_format_pass(viewer, fleet):
+    error = error_of(viewer.get("/api/integrations/", {"knid": "database"}), 400)
+    assert list(error["fields"]) == ["knid"] and "kind" in error["fields"]["knid"][0]
+    assert viewer.get("/api/integrations/", {"kind": "database", "page_size": 1, "page": 1, "format": "json"}).status_code == 200
+    assert list(error_of(viewer.get("/api/quotas/", {"lvl": "ok"}), 400)["fields"]) == ["lvl"]
+
+
 # -- who may do what ------------------------------------------------------------------------------
 
 READS = ["/api/integrations/", "/api/integrations/billing/", "/api/quotas/", "/api/cache/stats/"]

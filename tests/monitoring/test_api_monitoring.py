@@ -92,7 +92,7 @@ def test_alerts_are_paged(viewer, alerts):
 
 @pytest.mark.parametrize("query, field", [
     ({"active": "maybe"}, "active"), ({"severity": "dire"}, "severity"), ({"status": "gone"}, "status"),
-    ({"kind": "weird"}, "kind"), ({"page_size": "-1"}, "page_size"),
+    ({"kind": "weird"}, "kind"), ({"page_size": "-1"}, "page_size"), ({"sevrity": "critical"}, "sevrity"),
 ])
 def test_bad_alert_filters_are_400_naming_the_field(viewer, alerts, query, field):
     error = error_of(viewer.get("/api/alerts/", query), 400)
