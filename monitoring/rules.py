@@ -72,6 +72,11 @@ class Rule:
         """The kind of its alerts: one active alert per rule and integration."""
         return KIND_PREFIX + self.name
 
+    @property
+    def error_kind(self) -> str:
+        """The kind of the alert that its metric is failing (a name holds no ':', so no rule's kind is this)."""
+        return f"{self.kind}:error"
+
     def severity(self, value: float) -> str | None:
         def past(level):
             return level is not None and (value > level if self.direction == ABOVE else value < level)

@@ -375,6 +375,12 @@ def evaluate_rules(now: datetime, rules: list[user_rules.Rule] | None = None) ->
         except Exception as exc:  # a user's metric: reported as erroring, the watchdog goes on
             logger.exception("watchdog rule %r: its metric %r failed", rule.name, rule.metric.name)
             result.update(state=user_rules.ERROR, error=f"{type(exc).__name__}: {exc}"[:500])
+            # the rule watches nothing while its metric fails: that is an alert of its own, resolved
+            # by the first run in which the metric works again (the rule's own alerts stay as they are)
+            findings.append(Finding(rule.error_kind, WARNING,
+                                    f"{rule.name}: its metric {rule.metric.name!r} failed, so the rule watches "
+                                    f"nothing: {result['error']}"[:500], None,
+                                    {"rule": rule.name, "metric": rule.metric.name, "error": result["error"]}))
             continue
         findings.extend(rule_findings)
         result["values"] = values

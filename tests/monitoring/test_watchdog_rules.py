@@ -289,6 +289,27 @@ def test_a_failing_metric_is_logged_and_shown_and_the_other_rules_still_run(frau
     assert active("rule:broken_rule").occurrences == 1  # not resolved: its condition is unknown, not cleared
 
 
+def test_a_failing_metric_raises_a_warning_of_its_own_until_the_metric_works_again(fraud_rate):
+    rules_support.VALUES["site"] = 60
+    watchdog.run(now=NOW)
+    assert active("rule:fraud_rate_high").severity == WARNING
+    rules_support.VALUES["site"] = "n/a"  # the metric breaks: the rule watches nothing
+    for minutes in (1, 2):
+        report = watchdog.run(now=NOW + timedelta(minutes=minutes))
+    failing = active("rule:fraud_rate_high:error")
+    assert (failing.severity, failing.integration, failing.occurrences) == (WARNING, None, 2)
+    assert failing.message == ("fraud_rate_high: its metric 'fraud_rate' failed, so the rule watches nothing: "
+                               "ValueError: the metric gave the site a value that is not a finite number: 'n/a'")
+    assert failing.details == {"rule": "fraud_rate_high", "metric": "fraud_rate",
+                               "error": rule_result(report, "fraud_rate_high")["error"]}
+    assert active("rule:fraud_rate_high").occurrences == 1  # its condition's alert is left as it was
+    assert [a["kind"] for a in report["warnings"]] == ["rule:fraud_rate_high", "rule:fraud_rate_high:error"]
+    rules_support.VALUES["site"] = 10  # working again, and healthy: both resolve
+    report = watchdog.run(now=NOW + timedelta(minutes=3))
+    assert active("rule:fraud_rate_high:error") is None and active("rule:fraud_rate_high") is None
+    assert Alert.objects.get(kind="rule:fraud_rate_high:error").status == Alert.RESOLVED
+
+
 # -- where they are shown ------------------------------------------------------------------------
 
 def test_the_report_api_and_the_command_show_the_rules(fraud_rate, admin_client, capsys):
