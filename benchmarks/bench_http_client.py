@@ -29,10 +29,15 @@ its deadline the caller got its TIMEOUT, for an upstream that never answers
 (/__trickle: every read gets data, so per-read timeouts never fire; bare httpx
 with timeout=0.2 would wait forever and has no row). Median and worst, ms.
 
---instructions adds a count that machine noise cannot move: each row's client
+--instructions adds counts that machine noise cannot move: each row's client
 process run under valgrind's callgrind twice, with 0 and with 1,000 requests
 after the same 50 warm-up requests (PYTHONHASHSEED=0), the difference / 1,000 =
-instructions per request (the upstream's are not counted: its own process).
+per request: instructions, and from callgrind's cache and branch simulation
+(this machine's L1 caches and L2, read from /sys) L1 and L2 misses and branch
+mispredictions, which cost cycles that instructions do not show (the
+upstream's are not counted: its own process). Every run also counts the Python
+bytecodes one request runs outside httpx and the standard library: the
+resilience layer's own (sys.settrace).
 A wall-time difference of a few µs over a 250 µs request is within the noise
 of two processes sharing two cores; the instruction count is not.
 
@@ -118,17 +123,76 @@ def child(row: str, requests: int, url: str) -> None:
             fn()
 
 
-def instructions(row: str, url: str, requests: int = CALLGRIND_REQUESTS) -> int:
-    """Instructions per request of ``row``'s client process, counted by callgrind."""
-    def collected(count: int) -> int:
-        run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+def cache_geometry() -> list[str]:
+    """valgrind's --I1/--D1/--LL for this machine's first core (its L1 caches and, as the last level,
+    its own L2: the L3 is shared and far larger), from /sys; none where /sys does not say."""
+    found = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size, ways, line = ((index / name).read_text().strip() for name in
+                                             ("level", "type", "size", "ways_of_associativity", "coherency_line_size"))
+        except OSError:
+            continue  # an index without the geometry: valgrind's defaults stand for it
+        option = {("1", "Instruction"): "--I1", ("1", "Data"): "--D1", ("2", "Unified"): "--LL"}.get((level, kind))
+        if option and size.endswith("K"):
+            found[option] = f"{option}={int(size[:-1]) * 1024},{ways},{line}"
+    return list(found.values())
+
+
+# callgrind's events, summed into what a request costs the CPU besides its instructions
+EVENT_GROUPS = {"instructions": ("Ir",), "l1_misses": ("I1mr", "D1mr", "D1mw"),
+                "l2_misses": ("ILmr", "DLmr", "DLmw"), "branch_mispredicts": ("Bcm", "Bim")}
+
+
+def instructions(row: str, url: str, requests: int = CALLGRIND_REQUESTS) -> dict[str, int]:
+    """Per request of ``row``'s client process, counted by callgrind with its cache and branch
+    simulation: instructions, L1 and L2 misses (this machine's geometry), branch mispredictions."""
+    def collected(count: int) -> dict[str, int]:
+        run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", "--cache-sim=yes",
+                              "--branch-sim=yes", *cache_geometry(), sys.executable,
                               __file__, "--child", row, "--requests", str(count), "--url", url],
-                             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, timeout=1800)
-        found = [line for line in run.stderr.splitlines() if "Collected :" in line]
-        if run.returncode != 0 or not found:
+                             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, timeout=3600)
+        events = [line.split(":", 1)[1].split() for line in run.stderr.splitlines() if "Events    :" in line]
+        found = [line.split(":", 1)[1].split() for line in run.stderr.splitlines() if "Collected :" in line]
+        if run.returncode != 0 or not found or not events:
             raise SystemExit(f"callgrind run of {row!r} failed (exit {run.returncode}): {run.stderr[-2000:]}")
-        return int(found[-1].split(":")[-1].strip())
-    return (collected(requests) - collected(0)) // requests
+        counts = dict(zip(events[-1], map(int, found[-1])))
+        return {group: sum(counts.get(event, 0) for event in names) for group, names in EVENT_GROUPS.items()}
+    before, after = collected(0), collected(requests)
+    return {group: (after[group] - before[group]) // requests for group in EVENT_GROUPS}
+
+
+# the code that does the HTTP itself: every row runs it alike, so it is not the resilience layer's
+HTTP_CODE = ("httpx", "httpcore", "h11")
+
+
+def layer_bytecodes(fn) -> int:
+    """Python bytecodes one request runs outside httpx and the standard library (the resilience
+    layer's own: ours, or tenacity's and pybreaker's), counted with sys.settrace after a warm-up."""
+    for _ in range(20):
+        fn()
+    stdlib = os.path.dirname(os.__file__)
+
+    def layer(path: str) -> bool:
+        if "site-packages/" in path:
+            return path.split("site-packages/")[1].split("/")[0] not in HTTP_CODE
+        return not path.startswith((stdlib, "<"))  # the standard library, frozen modules
+
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode" and layer(frame.f_code.co_filename):
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return count
 
 
 def time_row(fn, requests: int) -> tuple[float, float]:
@@ -160,8 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--instructions", action="store_true", help="also count instructions per request "
-                        "under valgrind's callgrind (about 4 minutes)")
+    parser.add_argument("--instructions", action="store_true", help="also count instructions, cache misses "
+                        "and branch mispredictions per request under valgrind's callgrind (about 10 minutes)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -174,6 +238,7 @@ def main() -> None:
         with use_engine(build_engine(POLICY)) as engine:
             engine.registry.put(STALL_POLICY)
             rows = build_rows(url)
+            bytecodes = {name: layer_bytecodes(fn) for name, fn in rows.items()}
             best: dict[str, tuple[float, float]] = {}
             for _ in range(REPEATS * max(args.requests // CHUNK, 1)):
                 for name, fn in rows.items():
@@ -206,14 +271,25 @@ def main() -> None:
     print(f"\noverrun past a {DEADLINE_S * 1000:.0f} ms attempt deadline (10 requests each):")
     for name, figures in overruns.items():
         print(f"  {name:28} median {figures['median_ms']:6.2f} ms, worst {figures['worst_ms']:6.2f} ms")
+    print("\nPython bytecodes a request runs outside httpx and the standard library (the layer's own):")
+    for name, count in bytecodes.items():
+        table[name]["layer_bytecodes_per_request"] = count
+        print(f"  {name:20} {count:>6,}")
     if counted:
         bare_count, stacked_count = counted["bare httpx"], counted["tenacity+pybreaker"]
-        print(f"\ninstructions per request (callgrind, {CALLGRIND_REQUESTS} requests after 50 warm-up):")
-        for name, count in counted.items():
-            extra = count - bare_count
-            ratio = "" if name == "bare httpx" else f"  {extra / (stacked_count - bare_count):.2f}x stacked"
-            table[name]["instructions_per_request"] = count
-            print(f"  {name:20} {count:>10,} ({extra:+,} over bare){ratio}")
+        print(f"\nper request over bare httpx (callgrind, {CALLGRIND_REQUESTS} requests after 50 warm-up; "
+              f"{' '.join(cache_geometry()) or 'valgrind default caches'}):")
+        print(f"  {'row':20} " + " ".join(f"{group:>20}" for group in EVENT_GROUPS))
+        for name, counts in counted.items():
+            table[name]["callgrind_per_request"] = counts
+            if name == "bare httpx":
+                print(f"  {name:20} " + " ".join(f"{counts[group]:>20,}" for group in EVENT_GROUPS))
+                continue
+            cells = []
+            for group in EVENT_GROUPS:
+                extra, stacked_extra = counts[group] - bare_count[group], stacked_count[group] - bare_count[group]
+                cells.append(f"{extra:+,}" + (f" ({extra / stacked_extra:.2f}x)" if stacked_extra > 0 else ""))
+            print(f"  {name:20} " + " ".join(f"{cell:>20}" for cell in cells))
     ours = table["ours, Client"]["us_per_request"]
     print(f"\nours, Client: {ours - bare_wall:+.1f} µs over bare httpx, against {stacked_wall - bare_wall:+.1f} µs for "
           f"the stacked pair (target <= 1x: {'PASS' if ours <= stacked_wall else 'FAIL'})")
