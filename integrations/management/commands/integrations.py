@@ -43,9 +43,10 @@ from pathlib import Path
 
 import yaml
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.db import models, transaction
 
+from integrations.management.base import ResilienceCommand
 from integrations.models import Integration
 from integrations.resilience.policy import KINDS, KNOB_NAMES
 
@@ -268,7 +269,7 @@ def sync_integrations(entries: list, source: str, *, dry_run: bool = False) -> l
 
 # -- the command --------------------------------------------------------------------------------
 
-class Command(BaseCommand):
+class Command(ResilienceCommand):
     help = "Import or export integrations as YAML or JSON (by the file's extension, or --format)."
     stealth_options = ("stdin",)
 

@@ -45,9 +45,10 @@ import json
 import os
 import sys
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
+from integrations.management.base import ResilienceCommand
 from integrations.backup import InvalidBackup, registered_sections, restore_backup, write_backup
 from integrations.models import BREAKER_ACTIONS, Integration
 from integrations.resilience import get_engine
@@ -192,7 +193,7 @@ def import_function(path: str):
     return function
 
 
-class Command(BaseCommand):
+class Command(ResilienceCommand):
     help = ("Operate the resilience layer: status, breaker {reset,open,close} NAME, schedules, backup, restore, "
             "cache {warm,clear} NAME.")
 

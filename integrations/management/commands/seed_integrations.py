@@ -1,7 +1,6 @@
 """Create one sample integration of each kind, for a first look at the console."""
 
-from django.core.management.base import BaseCommand
-
+from integrations.management.base import ResilienceCommand
 from integrations.models import Integration
 
 SAMPLES = (
@@ -13,7 +12,7 @@ SAMPLES = (
 )
 
 
-class Command(BaseCommand):
+class Command(ResilienceCommand):
     help = "Create sample integrations (one per kind) unless they exist; existing rows are left as they are."
 
     def handle(self, *args, **options):

@@ -8,12 +8,13 @@ Steps:
 4. exit with status 1 when any checked upstream is down.
 """
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
+from integrations.management.base import ResilienceCommand
 from monitoring.models import HealthCheck
 
 
-class Command(BaseCommand):
+class Command(ResilienceCommand):
     help = "Run health checks now (all enabled ones, or those of the named integrations)."
 
     def add_arguments(self, parser):

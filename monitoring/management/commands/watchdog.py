@@ -12,8 +12,7 @@ Steps:
 
 import json
 
-from django.core.management.base import BaseCommand
-
+from integrations.management.base import ResilienceCommand
 from monitoring import watchdog
 
 
@@ -21,7 +20,7 @@ def rule_value(value, unit: str) -> str:
     return "no data" if value is None else f"{value:g}{unit}"
 
 
-class Command(BaseCommand):
+class Command(ResilienceCommand):
     help = "Run the watchdog once and print its report."
 
     def add_arguments(self, parser):

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
+from integrations.management.base import ResilienceCommand
 from integrations.dlq import spool
 from integrations.dlq.models import DEAD, FINISHED, STATUSES, WAITING, DeadLetter, check_purgeable
 from integrations.dlq.redrive import Redriver
@@ -57,7 +58,7 @@ class ProgressBar:
         self.stream.write(f"\r{line}" if self.live else line, ending="" if self.live else "\n")
 
 
-class Command(BaseCommand):
+class Command(ResilienceCommand):
     help = "Inspect and operate the dead letter queue: stats, peek, retry, purge, replay."
 
     # Which options each action takes; any other is refused, naming it.
