@@ -122,10 +122,11 @@ def validated(serializer_class, data, *, others: tuple[str, ...] | None = ()) ->
     the view checks elsewhere (the paginator's own check). DRF's ``?format=`` is always known.
     """
     if others is not None and isinstance(data, Mapping):
-        known = {*serializer_class().fields, *others, api_settings.URL_FORMAT_OVERRIDE}
+        format_override = api_settings.URL_FORMAT_OVERRIDE  # None when the host turned ?format= off
+        known = {*serializer_class().fields, *others, *([format_override] if format_override else [])}
         unknown = sorted(name for name in data if name not in known)
         if unknown:
-            expected = ", ".join(sorted(known - {None})) or "none"
+            expected = ", ".join(sorted(known)) or "none"
             raise exceptions.ValidationError({name: [f"Unknown parameter; expected one of: {expected}."]
                                               for name in unknown})
     serializer = serializer_class(data=data)

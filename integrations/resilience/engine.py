@@ -327,7 +327,7 @@ class _Call:
         if rate_limited is None:
             return None  # rate_limit_wait() recorded why and released the slot
         engine = self.engine
-        left = self.deadline - engine.clock.monotonic()  # the waits for a slot and a permit came out of it
+        left = self.time_left()  # the waits for a slot and a permit came out of it
         permit = self.permit(left)
         if permit is None:
             self.local.bulkhead.release()
@@ -639,8 +639,7 @@ class Engine:
         while delay is not None:  # the backoff a retry waits for (none before the first attempt)
             if delay:
                 clock.sleep(delay)
-            left = call.deadline - clock.monotonic()
-            if not bulkhead.acquire(call.bulkhead_wait(left)):
+            if not bulkhead.acquire(call.bulkhead_wait(call.time_left())):
                 call.bulkhead_full()
                 return
             wait = 0.0 if policy.rate_limit_permits is None else call.rate_limit_wait()
@@ -767,8 +766,7 @@ class Engine:
         while delay is not None:
             if delay:
                 await clock.asleep(delay)
-            left = call.deadline - clock.monotonic()
-            if not await bulkhead.aacquire(call.bulkhead_wait(left)):
+            if not await bulkhead.aacquire(call.bulkhead_wait(call.time_left())):
                 call.bulkhead_full()
                 return
             wait = 0.0 if policy.rate_limit_permits is None else call.rate_limit_wait()

@@ -48,8 +48,8 @@ import sys
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from integrations.management.base import ResilienceCommand
 from integrations.backup import InvalidBackup, registered_sections, restore_backup, write_backup
+from integrations.management.base import ResilienceCommand
 from integrations.models import BREAKER_ACTIONS, Integration
 from integrations.resilience import get_engine
 from integrations.resilience.breaker import CLOSED, OPEN

@@ -18,10 +18,10 @@ import json
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from integrations.management.base import ResilienceCommand
 from integrations.dlq import spool
 from integrations.dlq.models import DEAD, FINISHED, STATUSES, WAITING, DeadLetter, check_purgeable
 from integrations.dlq.redrive import Redriver
+from integrations.management.base import ResilienceCommand
 
 PEEK_LIMIT = 20
 PROGRESS_MIN_ENTRIES = 20  # a shorter run ends before a progress bar would say anything
