@@ -31,7 +31,7 @@ import httpx
 
 from .errors import ErrorCategory, ResilienceError, category_for_status
 from .http_deadline import DeadlineTransport
-from .resilience import CallOptions, get_engine
+from .resilience import CallOptions, Policy, get_engine
 from .resilience.options import call_options as checked_options
 from .resilience.retry import parse_retry_after
 from .resilience.timeouts import attempt_time_left
@@ -65,15 +65,15 @@ def raise_for_category(response: httpx.Response, integration: str, url_shown: st
 _DEAD_LETTER = "resilience.dead_letter"  # request extension carrying the request's DeadLetter
 
 
-def attempt_timeout(integration: str, budget: float | None) -> dict | None:
-    """httpx's timeout extension for one attempt: each phase bounded by the integration's
-    ``connect_timeout_ms``, ``read_timeout_ms`` and ``write_timeout_ms`` (when set) and by the
-    attempt's time left; waiting for a pooled connection by the time left alone."""
+def attempt_timeout(policy: Policy | None, budget: float | None) -> dict | None:
+    """httpx's timeout extension for one attempt of ``policy``'s integration: each phase bounded
+    by its ``connect_timeout_ms``, ``read_timeout_ms`` and ``write_timeout_ms`` (when set) and by
+    the attempt's time left; waiting for a pooled connection by the time left alone."""
     if budget is None:
         return None
-    policy = get_engine().registry.cached(integration)  # loaded when the call began: no query here
     # the dict httpx.Timeout(...).as_dict() gives, built directly: a Timeout per attempt costs 0.5 us
-    if policy is None:
+    if policy is None or (policy.connect_timeout_ms is None and policy.read_timeout_ms is None
+                          and policy.write_timeout_ms is None):
         return {"connect": budget, "read": budget, "write": budget, "pool": budget}
     return {"connect": _phase(policy.connect_timeout_ms, budget), "read": _phase(policy.read_timeout_ms, budget),
             "write": _phase(policy.write_timeout_ms, budget), "pool": budget}
@@ -184,8 +184,7 @@ def _refuse_streaming(stream: bool) -> None:
         raise ValueError("integrations.http.Client reads whole responses: streaming cannot be retried or cached")
 
 
-def _cache_key(engine, integration: str, request: httpx.Request, fallbacks: tuple):
-    policy = engine.registry.cached(integration)
+def _cache_key(policy: Policy | None, request: httpx.Request, fallbacks: tuple):
     if policy is not None and policy.cache_ttl_s <= 0 and not fallbacks:
         return False  # nothing is cached nor kept for a fallback: no key to build
     if request.method in CACHEABLE_METHODS:
@@ -214,6 +213,8 @@ class Client(httpx.Client):
         super().__init__(**kwargs)
         self.integration = integration
         self.fallbacks = tuple(fallbacks)
+        # without mounts (an environment proxy's, or the caller's) every request goes to this one
+        self._deadline_default = isinstance(self._transport, DeadlineTransport)
 
     def request(self, method: str, url, *, dead_letter=None, call_options: CallOptions | None = None,
                 idempotent: bool | None = None, **kwargs) -> httpx.Response:
@@ -223,26 +224,29 @@ class Client(httpx.Client):
 
             client.request("POST", "/charges", json=order, dead_letter=DeadLetter("billing.charge", order))
         """
-        return super().request(method, url, **_with_extras(kwargs, dead_letter, call_options, idempotent))
+        if dead_letter is not None or call_options is not None or idempotent is not None:
+            kwargs = _with_extras(kwargs, dead_letter, call_options, idempotent)
+        return super().request(method, url, **kwargs)
 
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
         _refuse_streaming(stream)
-
-        enforced = isinstance(self._transport_for_url(request.url), DeadlineTransport)
+        enforced = self._deadline_default if not self._mounts else isinstance(
+            self._transport_for_url(request.url), DeadlineTransport)
+        engine = get_engine()
+        policy = engine.registry.get(self.integration)  # the policy the call runs under (engine.call reads it again)
+        parent_send = super().send
 
         def attempt() -> httpx.Response:
             budget = attempt_time_left()
-            timeout = attempt_timeout(self.integration, budget)
+            timeout = attempt_timeout(policy, budget)
             if timeout is not None:
                 request.extensions = {**request.extensions, "timeout": timeout}
             if enforced:  # every read of the body ends by the deadline already: httpx reads it as usual
-                return raise_for_category(super(Client, self).send(request, **kwargs), self.integration)
-            response = super(Client, self).send(request, stream=True, **kwargs)
+                return raise_for_category(parent_send(request, **kwargs), self.integration)
+            response = parent_send(request, stream=True, **kwargs)
             return raise_for_category(read_within(response, request, _read_deadline(budget)), self.integration)
 
-        engine = get_engine()
-        result = engine.call(self.integration, attempt,
-                             cache_key=_cache_key(engine, self.integration, request, self.fallbacks),
+        result = engine.call(self.integration, attempt, cache_key=_cache_key(policy, request, self.fallbacks),
                              fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
                              enforces_deadline=enforced, call_options=_options_for(request))
         return result.unwrap()
@@ -270,7 +274,8 @@ class AsyncClient(httpx.AsyncClient):
 
         async def attempt() -> httpx.Response:
             budget = attempt_time_left()
-            timeout = attempt_timeout(self.integration, budget)
+            # the policy aexecute loaded when the call began: no query here
+            timeout = attempt_timeout(get_engine().registry.cached(self.integration), budget)
             if timeout is not None:
                 request.extensions = {**request.extensions, "timeout": timeout}
             response = await super(AsyncClient, self).send(request, stream=True, **kwargs)
@@ -279,7 +284,8 @@ class AsyncClient(httpx.AsyncClient):
 
         engine = get_engine()
         result = await engine.aexecute(self.integration, attempt,
-                                       cache_key=_cache_key(engine, self.integration, request, self.fallbacks),
+                                       cache_key=_cache_key(engine.registry.cached(self.integration), request,
+                                                            self.fallbacks),
                                        fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
                                        call_options=_options_for(request))
         return result.unwrap()

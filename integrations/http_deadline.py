@@ -3,7 +3,7 @@
 httpx bounds each phase (connect, each write, each read), not the request: a
 request can take several phases' timeouts in all. This transport's network
 streams trim each operation's timeout to the attempt's time left
-(``attempt_time_left()``), and refuse to start one once it is gone, so the
+(``attempt_deadline()``), and refuse to start one once it is gone, so the
 http Client can run its attempts in the caller's thread (no hand-off to a
 worker thread) and still return by the deadline. What remains of an overrun:
 the resolver (``getaddrinfo`` is not bounded by a socket timeout) and the
@@ -15,19 +15,22 @@ Outside a guarded attempt the streams behave as httpcore's own.
 
 from __future__ import annotations
 
+from time import monotonic
+
 import httpcore
 import httpx
 
-from .resilience.timeouts import attempt_time_left
+from .resilience.timeouts import attempt_deadline
 
 
 def _trim(timeout: float | None, expired: type[Exception]) -> float | None:
-    left = attempt_time_left()
-    if left is None:
+    deadline = attempt_deadline()
+    if deadline is None:
         return timeout
+    left = deadline - monotonic()
     if left <= 0:
         raise expired("the guarded attempt's deadline has passed")
-    return left if timeout is None else min(timeout, left)
+    return left if timeout is None or left < timeout else timeout
 
 
 class DeadlineStream(httpcore.NetworkStream):

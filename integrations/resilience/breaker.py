@@ -321,17 +321,19 @@ class BreakerCell:
         self.retries += is_retry
 
     def _push(self, failed: bool, slow: bool, is_retry: bool) -> None:
-        ring = self._ring
-        if self.count == len(ring):
-            old = ring[self._pos]
-            self.failures -= old & 1
-            self.slows -= (old >> 1) & 1
-            self.retries -= (old >> 2) & 1
+        ring, pos = self._ring, self._pos
+        bits = failed | (slow << 1) | (is_retry << 2)
+        if self.count == len(ring):  # full: the attempt replaces the oldest, whose flags leave the counts
+            old = ring[pos]
+            if old != bits:  # (the same flags in and out, as success after success: the counts stay)
+                self.failures += failed - (old & 1)
+                self.slows += slow - ((old >> 1) & 1)
+                self.retries += is_retry - ((old >> 2) & 1)
         else:
             self.count += 1
-        bits = failed | (slow << 1) | (is_retry << 2)
-        ring[self._pos] = bits
-        self.failures += failed
-        self.slows += slow
-        self.retries += is_retry
-        self._pos = (self._pos + 1) % len(ring)
+            self.failures += failed
+            self.slows += slow
+            self.retries += is_retry
+        ring[pos] = bits
+        pos += 1
+        self._pos = 0 if pos == len(ring) else pos

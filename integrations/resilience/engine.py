@@ -144,6 +144,11 @@ class _Call:
 
     def __init__(self, engine: Engine, policy: Policy, fn, args, kwargs, fallbacks, dead_letter, cache_key,
                  trace=None, options: CallOptions | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"execute({policy.name!r}, ...) needs a callable operation, got {fn!r}")
+        if dead_letter is not None and not (hasattr(dead_letter, "handler") and hasattr(dead_letter, "payload")):
+            raise TypeError(f"dead_letter must be integrations.dlq.DeadLetter(handler_name, payload), "
+                            f"got {dead_letter!r}")
         self.engine = engine
         self.options = options
         self.unwanted = False  # the value is one the call's retry_if_result asked to retry
@@ -158,7 +163,7 @@ class _Call:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.fallbacks = fallbacks
+        self.fallbacks = fb.check_fallbacks(fallbacks) if fallbacks else ()
         self.dead_letter = dead_letter
         self.started = engine.clock.monotonic()
         self.deadline = self.started + policy.timeout_ms / 1000
@@ -173,6 +178,7 @@ class _Call:
         self.value = self.fallback_used = self.age_s = self.stopped_by = self.cache_state = None
         self.lookup = None  # what the cache step found (cache.Lookup): a hit, this call's fill, a wait
         self.material = None
+        fallbacks = self.fallbacks
         if policy.cache_ttl_s > 0 or (fallbacks and any(f.kind in (fb.CACHE, fb.LAST_KNOWN) for f in fallbacks)):
             self.material = key_material(fn, args, kwargs, cache_key)
         if policy.fault_until and engine.faults_enabled and faults.fault_active(policy, engine.clock.time()):
@@ -545,15 +551,6 @@ class Engine:
             local.bulkhead.limit = limit
         return local
 
-    def _begin(self, policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace=None, options=None) -> _Call:
-        if not callable(fn):
-            raise TypeError(f"execute({policy.name!r}, ...) needs a callable operation, got {fn!r}")
-        if dead_letter is not None and not (hasattr(dead_letter, "handler") and hasattr(dead_letter, "payload")):
-            raise TypeError(f"dead_letter must be integrations.dlq.DeadLetter(handler_name, payload), "
-                            f"got {dead_letter!r}")
-        return _Call(self, policy, fn, args, kwargs, fb.check_fallbacks(fallbacks) if fallbacks else (), dead_letter,
-                     cache_key, trace, options)
-
     def _fail_fast(self, policy: Policy, fallbacks, dead_letter) -> CallResult | None:
         """A call that a known-open breaker refuses, answered before any per-call work.
 
@@ -610,7 +607,7 @@ class Engine:
             return refused
         if fb.is_async_callable(fn):
             raise TypeError(f"{fn!r} is a coroutine function: use aexecute({policy.name!r}, ...)")
-        call = self._begin(policy, fn, args, kwargs or {}, cache_key, fallbacks, dead_letter, trace, options)
+        call = _Call(self, policy, fn, args, kwargs or {}, fallbacks, dead_letter, cache_key, trace, options)
         call.enforces_deadline = enforces_deadline
         if not call.short_circuit() and not (
                 call.waiting and call.cached(self.cache.wait(call.lookup, call.time_left, self.clock.time))):
@@ -639,7 +636,8 @@ class Engine:
         while delay is not None:  # the backoff a retry waits for (none before the first attempt)
             if delay:
                 clock.sleep(delay)
-            if not bulkhead.acquire(call.bulkhead_wait(call.time_left())):
+            # a free slot at once, else a wait for one (bulkhead_wait_ms, within the deadline)
+            if not (bulkhead.try_acquire() or bulkhead.acquire(call.bulkhead_wait(call.time_left()))):
                 call.bulkhead_full()
                 return
             wait = 0.0 if policy.rate_limit_permits is None else call.rate_limit_wait()
@@ -736,7 +734,7 @@ class Engine:
         refused = self._fail_fast(policy, fallbacks, dead_letter)
         if refused is not None:
             return refused
-        call = self._begin(policy, fn, args, kwargs, cache_key, fallbacks, dead_letter, trace, options)
+        call = _Call(self, policy, fn, args, kwargs, fallbacks, dead_letter, cache_key, trace, options)
         if not call.short_circuit() and not (
                 call.waiting and call.cached(await self.cache.await_(call.lookup, call.time_left, self.clock.time))):
             await self._aattempts(call)
@@ -766,7 +764,7 @@ class Engine:
         while delay is not None:
             if delay:
                 await clock.asleep(delay)
-            if not await bulkhead.aacquire(call.bulkhead_wait(call.time_left())):
+            if not (bulkhead.try_acquire() or await bulkhead.aacquire(call.bulkhead_wait(call.time_left()))):
                 call.bulkhead_full()
                 return
             wait = 0.0 if policy.rate_limit_permits is None else call.rate_limit_wait()
@@ -867,7 +865,7 @@ class Engine:
         """A live call through the pipeline (no cache lookup) whose value replaces the cached one:
         what cache warming runs. Raises ValueError when the call cannot be cached."""
         policy = self.registry.get(name)
-        call = self._begin(policy, fn, args, kwargs, cache_key, (), None)
+        call = _Call(self, policy, fn, args, kwargs, (), None, cache_key)
         if call.material is None or policy.cache_ttl_s <= 0:
             raise ValueError(f"{name}: this call is not cached (cache_ttl_s is {policy.cache_ttl_s}; a cache_key "
                              f"or plain-data arguments of a named function are needed)")

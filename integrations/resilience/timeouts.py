@@ -24,6 +24,10 @@ from typing import Any, Callable
 
 _attempt_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("attempt_deadline", default=None)
 
+# When the current guarded attempt ends (time.monotonic()), or None outside one: the context
+# variable's own getter, so a caller on every socket operation pays no Python call for it.
+attempt_deadline: Callable[[], float | None] = _attempt_deadline.get
+
 
 def attempt_time_left() -> float | None:
     """Seconds left in the current guarded attempt, or None outside one."""

@@ -391,3 +391,26 @@ def test_the_retry_budget_of_a_time_window_counts_every_call_in_it():
     assert not cell.retry_allowed(policy, 3.0)  # 3 of 12 is over 20 %
     assert not cell.retry_allowed(policy, 60.0)  # the nine first calls left the window: 3 of 3
     assert cell.retry_allowed(policy, 62.0)  # every call left it: fewer than minimum_calls, no budget applies
+
+
+def test_a_count_window_counts_exactly_its_last_calls_as_they_replace_older_ones():
+    """Every mix of flags in and out of a full ring (the same flags skip the count update): the
+    window's counts are always those of its last window_size calls."""
+    import random
+
+    rng = random.Random(7)
+    size = 7
+    policy = Policy(name="ring", window_size=size, minimum_calls=10**6, failure_threshold=10**6,
+                    failure_rate_threshold=0, slow_call_rate_threshold=0)
+    cell = BreakerCell("ring", size)
+    made = []
+    for step in range(400):
+        failed, slow, retry = rng.random() < 0.3, rng.random() < 0.2, rng.random() < 0.25
+        if step % 50 < 20:  # runs of plain successes, as most traffic is
+            failed = slow = retry = False
+        cell.record(policy, float(step), br.FAILURE if failed else br.SUCCESS, slow, False, retry)
+        made.append((failed, slow, retry))
+        last = made[-size:]
+        snap = cell.snapshot(policy, float(step))
+        assert (snap.window_calls, snap.window_failures, snap.window_slow, snap.window_retries) == (
+            len(last), sum(f for f, _, _ in last), sum(s for _, s, _ in last), sum(r for _, _, r in last)), step
