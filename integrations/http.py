@@ -233,7 +233,7 @@ class Client(httpx.Client):
         enforced = self._deadline_default if not self._mounts else isinstance(
             self._transport_for_url(request.url), DeadlineTransport)
         engine = get_engine()
-        policy = engine.registry.get(self.integration)  # the policy the call runs under (engine.call reads it again)
+        policy = engine.registry.get(self.integration)  # the policy the call runs under
         parent_send = super().send
 
         def attempt() -> httpx.Response:
@@ -248,7 +248,7 @@ class Client(httpx.Client):
 
         result = engine.call(self.integration, attempt, cache_key=_cache_key(policy, request, self.fallbacks),
                              fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
-                             enforces_deadline=enforced, call_options=_options_for(request))
+                             enforces_deadline=enforced, call_options=_options_for(request), policy=policy)
         return result.unwrap()
 
 

@@ -112,6 +112,7 @@ class BreakerCell:
         "failures",
         "slows",
         "retries",
+        "_fitted",
     )
 
     # A count window's ring slot packs one attempt: bit 0 failed, bit 1 slow, bit 2 retry. A time
@@ -126,6 +127,7 @@ class BreakerCell:
         self.consecutive_successes = 0
         self.half_open_in_flight = 0
         self.retries_in_flight = 0  # admitted retries not yet recorded: they count against the budget now
+        self._fitted: Policy | None = None  # the policy the window was last made to fit
         self._reset_window(window_size, window_duration_s)
 
     # -- decisions -----------------------------------------------------------
@@ -264,6 +266,9 @@ class BreakerCell:
     def _fit_window(self, policy: Policy) -> bool:
         """Make the window the policy's (a saved policy may change it: the counts start again);
         True for a time window."""
+        if policy is self._fitted:  # the same policy as the last call's: the window fits it
+            return policy.window_type == WINDOW_TIME
+        self._fitted = policy
         if policy.window_type == WINDOW_TIME:
             if self._duration != policy.window_duration_s:
                 self._reset_window(policy.window_size, policy.window_duration_s)

@@ -99,7 +99,7 @@ class _Local:
     """What one process keeps per integration whatever the store: bulkhead, shedder, pool, cache counts."""
 
     __slots__ = ("bulkhead", "shedder", "_executor", "_executor_size", "lock", "cache_hits", "cache_misses",
-                 "adaptive", "latencies")
+                 "adaptive", "latencies", "fitted")
 
     def __init__(self, policy: Policy) -> None:
         self.bulkhead = Bulkhead(policy.max_concurrent)
@@ -111,6 +111,7 @@ class _Local:
         self.lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
+        self.fitted: Policy | None = None  # the policy the bulkhead's limit was last set for
 
     def executor(self, policy: Policy) -> ThreadPoolExecutor:
         executor = self._executor
@@ -537,6 +538,8 @@ class Engine:
         if local is None:
             with self._locals_lock:
                 local = self._locals.setdefault(policy.name, _Local(policy))
+        if local.fitted is policy:  # the same policy as the last call's: its limit is set (and kept by _record)
+            return local
         limit = policy.max_concurrent
         if policy.bulkhead_mode == BULKHEAD_ADAPTIVE:
             adaptive = local.adaptive
@@ -549,6 +552,7 @@ class Engine:
             local.adaptive = None
         if local.bulkhead.limit != limit:
             local.bulkhead.limit = limit
+        local.fitted = policy
         return local
 
     def _fail_fast(self, policy: Policy, fallbacks, dead_letter) -> CallResult | None:
@@ -577,15 +581,20 @@ class Engine:
 
     def call(self, name: str, fn: Callable, args: tuple = (), kwargs: dict | None = None, *, cache_key=None,
              fallbacks=(), dead_letter=None, enforces_deadline: bool = False,
-             call_options: CallOptions | None = None) -> CallResult:
+             call_options: CallOptions | None = None, policy: Policy | None = None) -> CallResult:
         """``execute`` with the operation's arguments passed explicitly.
 
         ``enforces_deadline``: the operation ends by its attempt's deadline on its own (it reads
         ``attempt_time_left()``, as the http Client's transport does), so its attempts run in the
         caller's thread whatever the integration's ``timeout_enforcement``: no thread hand-off.
         ``call_options``: this call's overrides of the policy and what else to retry (options.py).
+        ``policy``: ``registry.get(name)``, read by the caller already (the http Client reads it for
+        its timeouts), so the call runs under the same one.
         """
-        policy = self.registry.get(name)
+        if policy is None:
+            policy = self.registry.get(name)
+        elif policy.name != name:
+            raise ValueError(f"call({name!r}, ...) was given the policy of {policy.name!r}")
         if call_options is not None:
             policy = checked_options(call_options).applied_to(policy)
         if self.tracing is None:

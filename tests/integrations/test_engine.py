@@ -1,6 +1,7 @@
 """The pipeline through execute / aexecute / @resilient, as docs/reference.md describes it."""
 
 import asyncio
+import dataclasses
 import hashlib
 import threading
 import time
@@ -56,6 +57,22 @@ def test_execute_refuses_a_coroutine_function(make_engine):
 
     with pytest.raises(TypeError, match="aexecute"):
         execute("svc", coro)
+
+
+def test_call_runs_under_the_policy_its_caller_read_and_refuses_another_integrations(make_engine):
+    engine = make_engine(max_retries=0)
+    policy = engine.registry.get("svc")
+    tighter = dataclasses.replace(policy, max_retries=2)  # as if saved since: the caller's copy is the one used
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        raise ResilienceError(ErrorCategory.SERVER_ERROR, "503")
+
+    assert engine.call("svc", flaky, policy=tighter).attempts == 3
+    with pytest.raises(ValueError, match="'svc'.*'other'"):
+        engine.call("svc", flaky, policy=dataclasses.replace(policy, name="other"))
+    assert len(attempts) == 3
 
 
 # -- timeouts --------------------------------------------------------------------
