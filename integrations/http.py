@@ -72,8 +72,7 @@ def attempt_timeout(policy: Policy | None, budget: float | None) -> dict | None:
     if budget is None:
         return None
     # the dict httpx.Timeout(...).as_dict() gives, built directly: a Timeout per attempt costs 0.5 us
-    if policy is None or (policy.connect_timeout_ms is None and policy.read_timeout_ms is None
-                          and policy.write_timeout_ms is None):
+    if policy is None:
         return {"connect": budget, "read": budget, "write": budget, "pool": budget}
     return {"connect": _phase(policy.connect_timeout_ms, budget), "read": _phase(policy.read_timeout_ms, budget),
             "write": _phase(policy.write_timeout_ms, budget), "pool": budget}
@@ -213,8 +212,6 @@ class Client(httpx.Client):
         super().__init__(**kwargs)
         self.integration = integration
         self.fallbacks = tuple(fallbacks)
-        # without mounts (an environment proxy's, or the caller's) every request goes to this one
-        self._deadline_default = isinstance(self._transport, DeadlineTransport)
 
     def request(self, method: str, url, *, dead_letter=None, call_options: CallOptions | None = None,
                 idempotent: bool | None = None, **kwargs) -> httpx.Response:
@@ -224,14 +221,11 @@ class Client(httpx.Client):
 
             client.request("POST", "/charges", json=order, dead_letter=DeadLetter("billing.charge", order))
         """
-        if dead_letter is not None or call_options is not None or idempotent is not None:
-            kwargs = _with_extras(kwargs, dead_letter, call_options, idempotent)
-        return super().request(method, url, **kwargs)
+        return super().request(method, url, **_with_extras(kwargs, dead_letter, call_options, idempotent))
 
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
         _refuse_streaming(stream)
-        enforced = self._deadline_default if not self._mounts else isinstance(
-            self._transport_for_url(request.url), DeadlineTransport)
+        enforced = isinstance(self._transport_for_url(request.url), DeadlineTransport)
         engine = get_engine()
         policy = engine.registry.get(self.integration)  # the policy the call runs under
         parent_send = super().send
