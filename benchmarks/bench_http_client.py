@@ -5,14 +5,19 @@
 The upstream is benchmarks/load/upstream.py in a process of its own (asyncio,
 keep-alive, a small JSON), so the CPU figures are this process's: the client's.
 
-Per request (GET /item): N requests per row in each of 5 repeats, run in rounds:
-each round runs a chunk of 200 requests of every row in turn (the order rotated
-round by round), so a row's overhead is measured against bare httpx's chunk of
-the same round, a fraction of a second apart; what the machine does meanwhile
-falls on both. The figures are medians over the rounds (wall time and this
-process's CPU time per request, and each round's difference to bare httpx), and
-"rounds <= stacked" says in how many rounds a row's overhead was at most the
-stacked pair's of the same round:
+Per request (GET /item): N requests per row, run in rounds: each round runs a
+chunk of 20 requests of every row in turn (the order rotated round by round), so
+a row's overhead is measured against bare httpx's chunk of the same round, a few
+ms apart; what the machine does meanwhile falls on both. Every row is built 5
+times over (its own client, connection and breaker each), and round r runs
+instance r mod 5 of every row: two instances of one and the same row differ by
+up to 5 µs a request (which connection, where its objects lie in memory), as
+much as the rows differ, so one instance per row cannot tell them apart. A
+row's overhead is the mean over its instances of the median difference to bare
+httpx of the rounds that ran it, shown with its standard error (over the
+instances) and the lowest and highest instance; wall and CPU time per request
+are medians over all rounds, and "rounds <= stacked" says in how many rounds a
+row's overhead was at most the stacked pair's of the same round:
 
     bare httpx          httpx.Client(timeout=5).get(): no resilience at all
     tenacity+pybreaker  the same get() inside pybreaker's CircuitBreaker.call, in
@@ -42,8 +47,9 @@ mispredictions, which cost cycles that instructions do not show (the
 upstream's are not counted: its own process). Every run also counts the Python
 bytecodes one request runs outside httpx and the standard library: the
 resilience layer's own (sys.settrace).
-A wall-time difference of a few µs over a 250 µs request is within the noise
-of two processes sharing two cores; the instruction count is not.
+A wall-time difference of a few µs over a 400 µs request is within the noise
+of two processes sharing two cores (the standard error says how much); the
+instruction count is not.
 
 Targets (issue 14): the default path costs <= the stacked pair; the caller is
 never kept past its deadline (overrun bounded: a few ms).
@@ -76,8 +82,8 @@ from integrations.errors import ErrorCategory, ResilienceError  # noqa: E402
 from integrations.http import Client  # noqa: E402
 from integrations.resilience import Policy, use_engine  # noqa: E402
 
-REPEATS = 5
-CHUNK = 200  # requests a row runs before the next row takes its turn
+CHUNK = 20  # requests a row runs before the next row takes its turn
+INSTANCES = 5  # copies of every row, each with its own client and connection, taken in turn round by round
 POLICY = Policy(name="bench_http", max_retries=3, hourly_limit=10**9, daily_limit=10**9, max_concurrent=100,
                 attempt_timeout_ms=5000, timeout_ms=20000, cache_ttl_s=0)
 STALL_POLICY = Policy(name="bench_stall", max_retries=0, attempt_timeout_ms=200, timeout_ms=200,
@@ -199,10 +205,13 @@ def layer_bytecodes(fn) -> int:
     return count
 
 
+def warm_up(fn) -> None:
+    for _ in range(50):
+        fn().raise_for_status()
+
+
 def time_row(fn, requests: int) -> tuple[float, float]:
     """(wall µs, CPU µs) per request."""
-    for _ in range(20):
-        fn().raise_for_status()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(requests):
         fn()
@@ -226,7 +235,7 @@ def overrun(client: Client, path: str, calls: int = 10) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--requests", type=int, default=40000)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--instructions", action="store_true", help="also count instructions, cache misses "
                         "and branch mispredictions per request under valgrind's callgrind (about 10 minutes)")
@@ -241,13 +250,17 @@ def main() -> None:
     try:
         with use_engine(build_engine(POLICY)) as engine:
             engine.registry.put(STALL_POLICY)
-            rows = build_rows(url)
+            instances = [build_rows(url) for _ in range(INSTANCES)]
+            rows = instances[0]
             bytecodes = {name: layer_bytecodes(fn) for name, fn in rows.items()}
+            for built in instances:
+                for fn in built.values():
+                    warm_up(fn)
             names = list(rows)
             rounds: list[dict[str, tuple[float, float]]] = []
-            for number in range(REPEATS * max(args.requests // CHUNK, 1)):
-                shift = number % len(names)
-                rounds.append({name: time_row(rows[name], min(CHUNK, args.requests))
+            for number in range(max(args.requests // CHUNK, INSTANCES)):
+                shift, built = number % len(names), instances[number % INSTANCES]
+                rounds.append({name: time_row(built[name], min(CHUNK, args.requests))
                                for name in names[shift:] + names[:shift]})
             stall = {"ours, Client": Client(STALL_POLICY.name, base_url=url),
                      "ours, thread": Client(STALL_POLICY.name, base_url=url, transport=httpx.HTTPTransport())}
@@ -262,24 +275,32 @@ def main() -> None:
         upstream.wait(10)
     median = statistics.median
     per_row = {name: (median(r[name][0] for r in rounds), median(r[name][1] for r in rounds)) for name in rows}
-    over = {name: (median(r[name][0] - r["bare httpx"][0] for r in rounds),
-                   median(r[name][1] - r["bare httpx"][1] for r in rounds)) for name in rows}
+    # per instance: the median difference to bare httpx over the rounds that ran it (wall, CPU)
+    by_instance = {name: [(median(r[name][0] - r["bare httpx"][0] for r in rounds[k::INSTANCES]),
+                           median(r[name][1] - r["bare httpx"][1] for r in rounds[k::INSTANCES]))
+                          for k in range(INSTANCES)] for name in rows}
+    over = {name: (statistics.fmean(w for w, _ in found), statistics.fmean(c for _, c in found))
+            for name, found in by_instance.items()}
     stacked_over = over["tenacity+pybreaker"]
-    print(f"{args.requests * REPEATS} requests per row in {len(rounds)} rounds of {CHUNK}, medians over the rounds, "
-          f"upstream {url}\n")
-    print(f"{'row':20} {'µs/req':>8} {'CPU µs/req':>11} {'over bare':>10} {'CPU over bare':>14} "
-          f"{'x stacked':>10} {'rounds <= stacked':>18}")
+    print(f"{len(rounds) * CHUNK} requests per row in {len(rounds)} rounds of {CHUNK}, {INSTANCES} instances of "
+          f"every row, upstream {url}\n")
+    print(f"{'row':20} {'µs/req':>8} {'CPU µs/req':>11} {'over bare':>10} {'SE':>5} {'instances':>13} "
+          f"{'CPU over bare':>14} {'x stacked':>10} {'rounds <= stacked':>18}")
     table = {}
     for name, (wall, cpu) in per_row.items():
         extra, cpu_extra = over[name]
+        walls = [w for w, _ in by_instance[name]]
+        error = statistics.stdev(walls) / INSTANCES ** 0.5
+        spread = f"{min(walls):+.1f}..{max(walls):+.1f}"
         ratio = extra / stacked_over[0] if name != "bare httpx" else None
         beaten = sum((r[name][0] - r["bare httpx"][0]) <= (r["tenacity+pybreaker"][0] - r["bare httpx"][0])
                      for r in rounds)
         table[name] = {"us_per_request": round(wall, 1), "cpu_us_per_request": round(cpu, 1),
-                       "overhead_us": round(extra, 1), "cpu_overhead_us": round(cpu_extra, 1),
+                       "overhead_us": round(extra, 1), "overhead_standard_error_us": round(error, 2),
+                       "overhead_by_instance_us": [round(w, 1) for w in walls], "cpu_overhead_us": round(cpu_extra, 1),
                        "overhead_x_stacked": None if ratio is None else round(ratio, 2),
                        "rounds_at_most_stacked": None if ratio is None else f"{beaten}/{len(rounds)}"}
-        print(f"{name:20} {wall:8.1f} {cpu:11.1f} {extra:+10.1f} {cpu_extra:+14.1f} "
+        print(f"{name:20} {wall:8.1f} {cpu:11.1f} {extra:+10.1f} {error:5.1f} {spread:>13} {cpu_extra:+14.1f} "
               f"{'' if ratio is None else f'{ratio:.2f}x':>10} {'' if ratio is None else f'{beaten}/{len(rounds)}':>18}")
     print(f"\noverrun past a {DEADLINE_S * 1000:.0f} ms attempt deadline (10 requests each):")
     for name, figures in overruns.items():
@@ -304,11 +325,11 @@ def main() -> None:
                 cells.append(f"{extra:+,}" + (f" ({extra / stacked_extra:.2f}x)" if stacked_extra > 0 else ""))
             print(f"  {name:20} " + " ".join(f"{cell:>20}" for cell in cells))
     ours = over["ours, Client"][0]
-    print(f"\nours, Client: {ours:+.1f} µs over bare httpx (median of the rounds), against {stacked_over[0]:+.1f} µs for "
+    print(f"\nours, Client: {ours:+.1f} µs over bare httpx (mean of its instances' medians), against {stacked_over[0]:+.1f} µs for "
           f"the stacked pair (target <= 1x: {'PASS' if ours <= stacked_over[0] else 'FAIL'})")
     if args.json:
-        args.json.write_text(json.dumps({"benchmark": "http client", "requests": args.requests * REPEATS,
-                                         "rounds": len(rounds), "chunk": CHUNK, "rows": table,
+        args.json.write_text(json.dumps({"benchmark": "http client", "requests": len(rounds) * CHUNK,
+                                         "rounds": len(rounds), "chunk": CHUNK, "instances": INSTANCES, "rows": table,
                                          "overrun": overruns, "machine": machine()}, indent=2) + "\n")
 
 
