@@ -72,13 +72,11 @@ def attempt_timeout(policy: Policy | None, budget: float | None) -> dict | None:
     if budget is None:
         return None
     # the dict httpx.Timeout(...).as_dict() gives, built directly: a Timeout per attempt costs 0.5 us
-    if policy is None:
+    if policy is None or (policy.connect_timeout_ms is None and policy.read_timeout_ms is None
+                          and policy.write_timeout_ms is None):  # no phase limit: the time left bounds each
         return {"connect": budget, "read": budget, "write": budget, "pool": budget}
-    connect, read, write = policy.connect_timeout_ms, policy.read_timeout_ms, policy.write_timeout_ms
-    if connect is None and read is None and write is None:  # no phase limit: the time left bounds each
-        return {"connect": budget, "read": budget, "write": budget, "pool": budget}
-    return {"connect": _phase(connect, budget), "read": _phase(read, budget), "write": _phase(write, budget),
-            "pool": budget}
+    return {"connect": _phase(policy.connect_timeout_ms, budget), "read": _phase(policy.read_timeout_ms, budget),
+            "write": _phase(policy.write_timeout_ms, budget), "pool": budget}
 
 
 def _phase(limit_ms: int | None, budget: float) -> float:
@@ -224,13 +222,10 @@ class Client(httpx.Client):
 
             client.request("POST", "/charges", json=order, dead_letter=DeadLetter("billing.charge", order))
         """
-        if dead_letter is None and call_options is None and idempotent is None:
-            return super().request(method, url, **kwargs)  # nothing of ours to carry
         return super().request(method, url, **_with_extras(kwargs, dead_letter, call_options, idempotent))
 
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
-        if stream:
-            _refuse_streaming(stream)
+        _refuse_streaming(stream)
         # httpx's _transport_for_url, without its URL matching when nothing is mounted (the usual case)
         transport = self._transport_for_url(request.url) if self._mounts else self._transport
         enforced = isinstance(transport, DeadlineTransport)
@@ -247,8 +242,7 @@ class Client(httpx.Client):
                 response = parent_send(request, **kwargs)
             else:
                 response = read_within(parent_send(request, stream=True, **kwargs), request, _read_deadline(budget))
-            # a success needs no classifying: only a status of 400 or more stands for an error
-            return response if response.status_code < 400 else raise_for_category(response, integration)
+            return raise_for_category(response, integration)
 
         result = engine.call(integration, attempt, cache_key=_cache_key(policy, request, self.fallbacks),
                              fallbacks=self.fallbacks, dead_letter=request.extensions.get(_DEAD_LETTER),
